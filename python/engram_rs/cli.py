@@ -1,0 +1,64 @@
+"""The ``engram-rs`` command: ``demo`` and ``bench`` sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from .bench import PRESET_VOCAB, bench_hashing, environment, format_table
+from .config import PRESETS, EngramConfig
+from .hashing import NgramHasher
+
+
+def _demo(args: argparse.Namespace) -> int:
+    print(f"engram_rs demo on {environment()}\n")
+    for name in PRESETS:
+        cfg = EngramConfig.preset(name)
+        h = NgramHasher(cfg, PRESET_VOCAB[name])
+        ids = np.random.default_rng(0).integers(0, PRESET_VOCAB[name], size=(2, 6))
+        out = h.hash(ids)
+        layer = cfg.layer_ids[0]
+        print(f"{name}: layers {cfg.layer_ids}, table rows {h.table_rows}")
+        print(f"  compressed ids[0]      {ids[0].tolist()}")
+        print(f"  layer {layer} hash ids[0, -1] {out[layer][0, -1].tolist()}")
+    print()
+    rows = bench_hashing(list(PRESETS), args.batch, args.seqlen, args.repeats)
+    print(f"hashing throughput, B={args.batch}, T={args.seqlen}, best of {args.repeats} warm runs")
+    print(format_table(rows))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    print(f"machine: {environment()}")
+    if args.what == "hash":
+        rows = bench_hashing(args.preset or list(PRESETS), args.batch, args.seqlen, args.repeats)
+        print(
+            f"hashing throughput, B={args.batch}, T={args.seqlen}, best of {args.repeats} warm runs"
+        )
+        print(format_table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``engram-rs`` command."""
+    parser = argparse.ArgumentParser(prog="engram-rs", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="hash a generated batch with both presets and time it")
+    demo.add_argument("--batch", type=int, default=16)
+    demo.add_argument("--seqlen", type=int, default=8192)
+    demo.add_argument("--repeats", type=int, default=5)
+    demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="throughput benchmarks against baselines")
+    bench.add_argument("what", choices=["hash"])
+    bench.add_argument("--preset", action="append", choices=list(PRESETS))
+    bench.add_argument("--batch", type=int, default=16)
+    bench.add_argument("--seqlen", type=int, default=8192)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    for opt in ("batch", "seqlen", "repeats"):
+        if getattr(args, opt) < 1:
+            parser.error(f"--{opt} must be >= 1, got {getattr(args, opt)}")
+    result: int = args.func(args)
+    return result

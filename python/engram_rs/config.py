@@ -1,0 +1,144 @@
+"""Engram hash configuration (SPEC section 2) and the built-in presets (SPEC section 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["PRESETS", "EngramConfig"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "engram_vocab_size": [646400, 646400],
+        "max_ngram_size": 3,
+        "n_embed_per_ngram": 512,
+        "n_head_per_ngram": 8,
+        "layer_ids": [1, 15],
+        "pad_id": 2,
+        "seed": 0,
+        "kernel_size": 4,
+        "hidden_size": 1024,
+        "hc_mult": 4,
+        "short_conv": True,
+    },
+    "deepseek-v4.1-flash": {
+        "engram_vocab_size": [16000000, 16000000, 16000000],
+        "max_ngram_size": 4,
+        "n_embed_per_ngram": 2048,
+        "n_head_per_ngram": 8,
+        "layer_ids": [1, 14],
+        "pad_id": 2,
+        "seed": 0,
+        "kernel_size": 4,
+        "hidden_size": 5120,
+        "hc_mult": 4,
+        "short_conv": False,
+    },
+}
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class EngramConfig:
+    """Hash and module sizes of one Engram model; field names follow the official demo."""
+
+    engram_vocab_size: list[int] = field(default_factory=lambda: [646400, 646400])
+    max_ngram_size: int = 3
+    n_embed_per_ngram: int = 512
+    n_head_per_ngram: int = 8
+    layer_ids: list[int] = field(default_factory=lambda: [1, 15])
+    pad_id: int = 2
+    seed: int = 0
+    kernel_size: int = 4
+    hidden_size: int = 1024
+    hc_mult: int = 4
+    short_conv: bool = True
+
+    def __post_init__(self) -> None:
+        n = _check_int("max_ngram_size", self.max_ngram_size, 2)
+        h = _check_int("n_head_per_ngram", self.n_head_per_ngram, 1)
+        sizes = self.engram_vocab_size
+        if not isinstance(sizes, (list, tuple)):
+            raise TypeError(f"engram_vocab_size must be a list of ints, got {sizes!r}")
+        if len(sizes) != n - 1:
+            raise ValueError(
+                f"engram_vocab_size must have max_ngram_size - 1 = {n - 1} entries "
+                f"(one per n-gram order 2..{n}), got {len(sizes)}: {list(sizes)}"
+            )
+        for i, size in enumerate(sizes):
+            _check_int(f"engram_vocab_size[{i}]", size, 1)
+        embed = _check_int("n_embed_per_ngram", self.n_embed_per_ngram, 1)
+        if embed % h:
+            raise ValueError(
+                f"n_embed_per_ngram ({embed}) must be a multiple of n_head_per_ngram ({h})"
+            )
+        layers = self.layer_ids
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ValueError(f"layer_ids must be a non-empty list of ints, got {layers!r}")
+        for i, layer in enumerate(layers):
+            _check_int(f"layer_ids[{i}]", layer, 0)
+        dup = sorted({x for x in layers if list(layers).count(x) > 1})
+        if dup:
+            raise ValueError(f"layer_ids must be distinct, got {list(layers)} (repeated: {dup})")
+        _check_int("pad_id", self.pad_id, 0)
+        _check_int("seed", self.seed, 0)
+        _check_int("kernel_size", self.kernel_size, 1)
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("hc_mult", self.hc_mult, 1)
+        if not isinstance(self.short_conv, bool):
+            raise TypeError(f"short_conv must be a bool, got {self.short_conv!r}")
+        # Lists are copied so that a frozen config cannot be changed through the caller's list.
+        object.__setattr__(self, "engram_vocab_size", list(sizes))
+        object.__setattr__(self, "layer_ids", list(layers))
+
+    @classmethod
+    def preset(cls, name: str) -> EngramConfig:
+        """A built-in config: "demo" (the official demo) or "deepseek-v4.1-flash"."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngramConfig:
+        """Builds a config from a dict, rejecting unknown keys; missing keys take demo defaults."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown config field(s) {unknown}; known fields: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> EngramConfig:
+        """Reads a config from a JSON file (an object of config fields)."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        """Writes the config as JSON (atomically: a temporary file renamed into place)."""
+        tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)

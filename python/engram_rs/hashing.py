@@ -1,0 +1,233 @@
+"""Multi-head n-gram hashing (SPEC section 3): batches, ragged batches and streaming decode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _engram_rs
+from .config import EngramConfig
+
+__all__ = ["HashState", "NgramHasher", "layer_multipliers"]
+
+
+def layer_multipliers(config: EngramConfig, compressed_vocab_size: int) -> dict[int, np.ndarray]:
+    """Odd multipliers per layer, drawn from numpy's PCG64 stream exactly as the demo does."""
+    bound = max(1, (2**63 - 1) // compressed_vocab_size // 2)
+    out = {}
+    for layer in config.layer_ids:
+        rng = np.random.default_rng(config.seed + 10007 * layer)
+        r = rng.integers(0, bound, size=config.max_ngram_size, dtype=np.int64)
+        out[layer] = r * 2 + 1
+    return out
+
+
+class HashState:
+    """Per-sequence history (the last ``max_ngram_size - 1`` compressed ids) for decoding."""
+
+    def __init__(self, batch_size: int, history_len: int, pad_id: int) -> None:
+        self.pad_id = pad_id
+        self.history = np.full((batch_size, history_len), pad_id, dtype=np.int64)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.history.shape[0])
+
+    def reset(self, rows: npt.ArrayLike | None = None) -> None:
+        """Starts the given rows (all rows if None) over as fresh sequences."""
+        if rows is None:
+            self.history[:] = self.pad_id
+        else:
+            self.history[np.asarray(rows, dtype=np.int64)] = self.pad_id
+
+    def __repr__(self) -> str:
+        return f"HashState(batch_size={self.batch_size}, history_len={self.history.shape[1]})"
+
+
+def _as_ids(ids: Any) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(
+            f"ids must be integers, got dtype {arr.dtype}: convert with ids.astype(numpy.int64)"
+        )
+    return np.ascontiguousarray(arr)
+
+
+class NgramHasher:
+    """Computes Engram hash ids from compressed token ids, bit for bit as the official demo."""
+
+    def __init__(
+        self, config: EngramConfig, compressed_vocab_size: int, pad_id: int | None = None
+    ) -> None:
+        if not isinstance(config, EngramConfig):
+            raise TypeError(f"config must be an EngramConfig, got {type(config).__name__}")
+        if isinstance(compressed_vocab_size, bool) or not isinstance(compressed_vocab_size, int):
+            raise TypeError(f"compressed_vocab_size must be an int, got {compressed_vocab_size!r}")
+        if compressed_vocab_size < 1:
+            raise ValueError(f"compressed_vocab_size must be >= 1, got {compressed_vocab_size}")
+        pad = config.pad_id if pad_id is None else pad_id
+        if isinstance(pad, bool) or not isinstance(pad, int):
+            raise TypeError(f"pad_id must be an int, got {pad!r}")
+        if not 0 <= pad < compressed_vocab_size:
+            raise ValueError(
+                f"pad_id {pad} is outside the compressed vocabulary [0, {compressed_vocab_size}): "
+                "pass the compressed pad id (comp.lookup_table[raw_pad_id])"
+            )
+        self.config = config
+        self.compressed_vocab_size = compressed_vocab_size
+        self.pad_id = pad
+        n, h = config.max_ngram_size, config.n_head_per_ngram
+        self.layer_ids: list[int] = list(config.layer_ids)
+        self.cols = (n - 1) * h
+        self.multipliers = layer_multipliers(config, compressed_vocab_size)
+        primes = _engram_rs.layer_primes(config.engram_vocab_size, h, len(self.layer_ids))
+        self.primes: dict[int, list[list[int]]] = dict(zip(self.layer_ids, primes, strict=True))
+        self._core = _engram_rs.HasherCore(
+            n,
+            h,
+            compressed_vocab_size,
+            pad,
+            [self.multipliers[layer].tolist() for layer in self.layer_ids],
+            [[p for order in primes[i] for p in order] for i in range(len(self.layer_ids))],
+        )
+        self._index = {layer: i for i, layer in enumerate(self.layer_ids)}
+        self.offsets = {
+            layer: np.asarray(self._core.offsets(i), dtype=np.int64)
+            for layer, i in self._index.items()
+        }
+        self.table_rows = {layer: self._core.table_rows(i) for layer, i in self._index.items()}
+
+    def __repr__(self) -> str:
+        return (
+            f"NgramHasher(layers={self.layer_ids}, max_ngram_size={self.config.max_ngram_size}, "
+            f"heads={self.config.n_head_per_ngram}, compressed_vocab_size="
+            f"{self.compressed_vocab_size}, pad_id={self.pad_id})"
+        )
+
+    def _layers(self, layer_ids: Any) -> list[int]:
+        if layer_ids is None:
+            return list(self.layer_ids)
+        if isinstance(layer_ids, int):
+            layer_ids = [layer_ids]
+        bad = [x for x in layer_ids if x not in self._index]
+        if bad:
+            raise ValueError(
+                f"layer_ids {bad} are not Engram layers of this config {self.layer_ids}"
+            )
+        return list(layer_ids)
+
+    def _run(
+        self,
+        ids: np.ndarray,
+        bounds: list[int],
+        layer_ids: Any,
+        dtype: Any,
+        flat: bool,
+        history: np.ndarray | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> dict[int, np.ndarray]:
+        dt = np.dtype(dtype)
+        if dt not in (np.dtype(np.int64), np.dtype(np.int32)):
+            raise ValueError(f"dtype must be numpy.int64 or numpy.int32, got {dt}")
+        layers = self._layers(layer_ids)
+        int32 = dt == np.int32
+        if int32:
+            for layer in layers:
+                top = self._core.max_value(self._index[layer], flat)
+                if top > np.iinfo(np.int32).max:
+                    raise ValueError(
+                        f"layer {layer} has ids up to {top}, which do not fit int32"
+                        f"{' with flat=True' if flat else ''}: use dtype=numpy.int64"
+                    )
+        outs = self._core.hash(
+            ids, bounds, [self._index[x] for x in layers], int32, bool(flat), history
+        )
+        out_shape = (*(ids.shape if shape is None else shape), self.cols)
+        return {layer: out.reshape(out_shape) for layer, out in zip(layers, outs, strict=True)}
+
+    def hash(
+        self,
+        ids: npt.ArrayLike,
+        layer_ids: int | list[int] | None = None,
+        dtype: Any = np.int64,
+        flat: bool = False,
+    ) -> dict[int, np.ndarray]:
+        """Hash ids of compressed tokens ``[B, T]`` (or ``[T]``) -> ``{layer: [B, T, cols]}``.
+
+        Each row is its own sequence, starting with pad history. ``flat=True`` adds the column
+        offsets, giving rows of the layer's single flat table.
+        """
+        arr = _as_ids(ids)
+        if arr.ndim not in (1, 2):
+            raise ValueError(f"ids must be 1-D [T] or 2-D [B, T], got shape {arr.shape}")
+        rows, length = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape
+        bounds = list(range(0, rows * length + 1, length)) if length else [0] * (rows + 1)
+        return self._run(arr, bounds, layer_ids, dtype, flat)
+
+    def hash_ragged(
+        self,
+        ids: npt.ArrayLike,
+        cu_seqlens: npt.ArrayLike,
+        layer_ids: int | list[int] | None = None,
+        dtype: Any = np.int64,
+        flat: bool = False,
+    ) -> dict[int, np.ndarray]:
+        """Hash concatenated sequences; ``cu_seqlens`` = [0, len0, len0+len1, ..., total]."""
+        arr = _as_ids(ids)
+        if arr.ndim != 1:
+            raise ValueError(f"ids must be 1-D (concatenated sequences), got shape {arr.shape}")
+        cu = np.asarray(cu_seqlens)
+        if cu.ndim != 1 or cu.dtype.kind not in "iu" or cu.size < 1:
+            raise ValueError(
+                f"cu_seqlens must be a 1-D integer array [0, ..., {arr.size}], got {cu!r}"
+            )
+        if cu[0] != 0 or cu[-1] != arr.size:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at len(ids) = {arr.size}, "
+                f"got {int(cu[0])} .. {int(cu[-1])}"
+            )
+        steps = np.diff(cu.astype(np.int64))
+        if (steps < 0).any():
+            i = int(np.argmax(steps < 0))
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing: cu_seqlens[{i}] = {int(cu[i])} > "
+                f"cu_seqlens[{i + 1}] = {int(cu[i + 1])}"
+            )
+        return self._run(arr, cu.astype(np.int64).tolist(), layer_ids, dtype, flat)
+
+    def new_state(self, batch_size: int) -> HashState:
+        """A decode state for ``batch_size`` fresh sequences (pad history)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")
+        return HashState(batch_size, self.config.max_ngram_size - 1, self.pad_id)
+
+    def hash_step(
+        self,
+        new_ids: npt.ArrayLike,
+        state: HashState,
+        layer_ids: int | list[int] | None = None,
+        dtype: Any = np.int64,
+        flat: bool = False,
+    ) -> dict[int, np.ndarray]:
+        """Hash the next ``k`` tokens of each sequence, ``[B, k]`` (or ``[B]`` for one token).
+
+        Equals hashing each whole history at once; ``state`` is advanced past the new ids.
+        """
+        if not isinstance(state, HashState):
+            raise TypeError(f"state must come from new_state(), got {type(state).__name__}")
+        if state.history.shape[1] != self.config.max_ngram_size - 1:
+            raise ValueError(
+                f"state holds {state.history.shape[1]} ids per sequence but this hasher needs "
+                f"{self.config.max_ngram_size - 1}: create it with this hasher's new_state()"
+            )
+        arr = _as_ids(new_ids)
+        if arr.ndim not in (1, 2) or arr.shape[0] != state.batch_size:
+            raise ValueError(
+                f"new_ids must be [B, k] or [B] with B = state.batch_size = {state.batch_size}, "
+                f"got shape {arr.shape}"
+            )
+        rows, k = (arr.shape[0], 1) if arr.ndim == 1 else arr.shape
+        bounds = list(range(0, rows * k + 1, k)) if k else [0] * (rows + 1)
+        return self._run(arr, bounds, layer_ids, dtype, flat, history=state.history)

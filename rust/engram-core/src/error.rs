@@ -1,0 +1,27 @@
+//! The one error type of the core crate; the extension maps each variant to one Python exception.
+
+use thiserror::Error;
+
+/// Everything that can go wrong in the core, with the value at fault and what to do about it.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum EngramError {
+    /// A configuration field has an invalid value (maps to `ValueError`).
+    #[error("invalid config: {field} = {value}: {reason}")]
+    Config {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// An argument is malformed: shape, dtype, lengths (maps to `ValueError`).
+    #[error("{0}")]
+    Invalid(String),
+    /// A token id outside `[0, vocab)` at flat position `index` (maps to `IndexError`).
+    #[error("id {value} at flat position {index} is out of range [0, {vocab})")]
+    IdOutOfRange {
+        value: i128,
+        index: usize,
+        vocab: u64,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, EngramError>;

@@ -1,0 +1,11 @@
+//! engram-core: the pure-Rust algorithms of engram_rs (no Python here).
+//!
+//! - [`hashing`]: exact multi-head n-gram hashing of DeepSeek's Engram (SPEC sections 2-3).
+//! - [`primes`]: the distinct per-head table sizes.
+
+pub mod error;
+pub mod hashing;
+pub mod primes;
+
+pub use error::{EngramError, Result};
+pub use hashing::{Backend, IdElem, LayerSpec, NgramHasher, OutElem};
