@@ -411,3 +411,22 @@ def test_gil_is_released_while_hashing(golden: dict) -> None:
         (a, b) for a in intervals for b in intervals if a[2] != b[2] and a[0] < b[1] and b[0] < a[1]
     ]
     assert overlapping, f"the two threads' calls never overlapped: {intervals}"
+
+
+def test_outputs_recycle_pooled_buffers(golden: dict) -> None:
+    h = make_hasher(golden, "demo")
+    ids = np.random.default_rng(0).integers(0, h.compressed_vocab_size, size=(8, 4096))
+    er.clear_buffer_pool()
+    first = h.hash(ids)
+    kept = first[1].copy()
+    address = first[1].ctypes.data
+    assert address % 64 == 0, "outputs are 64-byte aligned"
+    view = first[1][2:4]
+    del first
+    second = h.hash(ids)
+    assert second[1].ctypes.data != address, "a live view keeps its buffer out of the pool"
+    np.testing.assert_array_equal(view, kept[2:4])
+    del view, second
+    third = h.hash(ids)
+    np.testing.assert_array_equal(third[1], kept)
+    assert er.clear_buffer_pool() > 0

@@ -1,6 +1,6 @@
 """engram_rs: Rust-accelerated DeepSeek Engram conditional memory."""
 
-from ._engram_rs import __version__, simd_available
+from ._engram_rs import __version__, clear_buffer_pool, simd_available
 from .config import PRESETS, EngramConfig
 from .hashing import HashState, NgramHasher, layer_multipliers
 
@@ -10,6 +10,7 @@ __all__ = [
     "HashState",
     "NgramHasher",
     "__version__",
+    "clear_buffer_pool",
     "layer_multipliers",
     "simd_available",
 ]

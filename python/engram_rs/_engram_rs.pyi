@@ -2,13 +2,24 @@ from typing import Any, final
 
 import numpy as np
 
-__all__ = ["HasherCore", "__version__", "layer_primes", "simd_available"]
+__all__ = [
+    "HasherCore",
+    "PooledBuffer",
+    "__version__",
+    "clear_buffer_pool",
+    "layer_primes",
+    "simd_available",
+]
 __version__: str
 
 def layer_primes(
     engram_vocab_size: list[int], n_head: int, num_layers: int
 ) -> list[list[list[int]]]: ...
 def simd_available() -> bool: ...
+def clear_buffer_pool() -> int: ...
+
+@final
+class PooledBuffer: ...
 
 @final
 class HasherCore:
@@ -30,7 +41,9 @@ class HasherCore:
         flat: bool = False,
         history: np.ndarray[Any, Any] | None = None,
         scalar: bool = False,
+        raw: bool = False,
     ) -> list[np.ndarray[Any, Any]]: ...
+    def set_lookup(self, table: list[int]) -> None: ...
     def offsets(self, layer: int) -> list[int]: ...
     def table_rows(self, layer: int) -> int: ...
     def max_value(self, layer: int, flat: bool) -> int: ...

@@ -1,7 +1,7 @@
 //! Criterion benches of the hashing kernels (scalar Barrett against the AVX-512 path).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use engram_core::hashing::{Backend, LayerSpec, NgramHasher, OutElem};
+use engram_core::hashing::{Backend, HashRequest, LayerSpec, NgramHasher, OutElem};
 use engram_core::primes::layer_primes;
 
 fn demo_hasher() -> NgramHasher {
@@ -32,9 +32,11 @@ fn bench_out<O: OutElem>(c: &mut Criterion, name: &str) {
                 bench.iter(|| {
                     let mut outs: Vec<&mut [O]> =
                         bufs.iter_mut().map(|v| v.as_mut_slice()).collect();
-                    hasher
-                        .hash_segments(&ids, &bounds, None, &[0, 1], false, &mut outs, backend)
-                        .unwrap();
+                    let req = HashRequest {
+                        backend,
+                        ..HashRequest::new(&ids, &bounds, &[0, 1])
+                    };
+                    hasher.hash_segments(&req, &mut outs).unwrap();
                 })
             },
         );

@@ -15,12 +15,14 @@ pub enum EngramError {
     /// An argument is malformed: shape, dtype, lengths (maps to `ValueError`).
     #[error("{0}")]
     Invalid(String),
-    /// A token id outside `[0, vocab)` at flat position `index` (maps to `IndexError`).
+    /// A token id outside `[0, vocab)` at flat position `index` (maps to `IndexError`); `raw`
+    /// when the ids were raw token ids and `vocab` the tokenizer's vocabulary size.
     #[error("id {value} at flat position {index} is out of range [0, {vocab})")]
     IdOutOfRange {
         value: i128,
         index: usize,
         vocab: u64,
+        raw: bool,
     },
 }
 

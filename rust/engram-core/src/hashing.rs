@@ -16,9 +16,12 @@ use rayon::prelude::*;
 /// scratch copy stays in L1 and both threads get work on small batches.
 const CHUNK: usize = 2048;
 
-/// The float-quotient SIMD reduction is exact when `mix / p < 2**50` (see `reduce8`): every prime
-/// must be at least `2**13` since mixes are below `2**63`.
+/// The float-quotient SIMD reduction is exact when `mix / p < 2**50` (see `avx512::reduce8`):
+/// every prime must be at least `2**13` since mixes are below `2**63`.
 const SIMD_MIN_PRIME: u64 = 1 << 13;
+
+/// Outputs at least this large are written with streaming (non-temporal) stores.
+const STREAM_MIN_BYTES: usize = 8 << 20;
 
 /// Which implementation runs the per-head reduction; `Auto` picks the fastest the CPU supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +79,39 @@ impl OutElem for i32 {
     }
 }
 
+/// One hashing call: which ids, how they are cut into sequences, and what to produce.
+#[derive(Clone, Copy, Debug)]
+pub struct HashRequest<'a, I> {
+    /// Flat ids of all sequences.
+    pub ids: &'a [I],
+    /// Sequence bounds: `bounds[0] == 0`, non-decreasing, last `== ids.len()`.
+    pub bounds: &'a [usize],
+    /// `N - 1` ids per sequence (oldest first) that precede it; `None` means pad history.
+    pub history: Option<&'a [i64]>,
+    /// Indices (into the hasher's layers) of the layers to hash, one output each.
+    pub layers: &'a [usize],
+    /// Add the column offsets (rows of one flat table per layer).
+    pub flat: bool,
+    /// `ids` are raw token ids, mapped through the hasher's lookup table on the fly.
+    pub raw: bool,
+    pub backend: Backend,
+}
+
+impl<'a, I> HashRequest<'a, I> {
+    /// A request for fresh sequences (pad history) of compressed ids, all given layers.
+    pub fn new(ids: &'a [I], bounds: &'a [usize], layers: &'a [usize]) -> Self {
+        Self {
+            ids,
+            bounds,
+            history: None,
+            layers,
+            flat: false,
+            raw: false,
+            backend: Backend::Auto,
+        }
+    }
+}
+
 /// Multipliers and primes of one layer, as produced by the config (SPEC section 2).
 #[derive(Clone, Debug)]
 pub struct LayerSpec {
@@ -91,8 +127,10 @@ struct LayerPlan {
     primes: Vec<u64>,
     /// `floor(2**64 / p)` per column, for the Barrett reduction.
     barrett: Vec<u64>,
-    /// `1.0 / p` per column, for the SIMD quotient estimate.
+    /// `1.0 / p`, `p` and the offsets as f64 per column, for the SIMD reduction.
     inverse: Vec<f64>,
+    primes_f: Vec<f64>,
+    offsets_f: Vec<f64>,
     offsets: Vec<u64>,
     table_rows: u64,
     simd_ok: bool,
@@ -106,6 +144,8 @@ pub struct NgramHasher {
     vocab: u64,
     pad: i64,
     layers: Vec<LayerPlan>,
+    /// Raw token id -> compressed id, for hashing raw ids in one pass.
+    lookup: Option<Vec<i64>>,
 }
 
 /// `x mod p` for `x < 2**64`, `p >= 2`, with `m = floor(2**64 / p)`: the estimate `q` is the true
@@ -202,8 +242,12 @@ impl NgramHasher {
                     .map(|&p| ((1u128 << 64) / p as u128) as u64)
                     .collect(),
                 inverse: spec.primes.iter().map(|&p| 1.0 / p as f64).collect(),
+                primes_f: spec.primes.iter().map(|&p| p as f64).collect(),
+                offsets_f: offsets.iter().map(|&o| o as f64).collect(),
+                // f64 lanes hold every prime, offset and table row exactly below 2**53.
                 simd_ok: n_head.is_multiple_of(8)
-                    && spec.primes.iter().all(|&p| p >= SIMD_MIN_PRIME),
+                    && spec.primes.iter().all(|&p| p >= SIMD_MIN_PRIME)
+                    && running < 1 << 53,
                 multipliers: spec.multipliers,
                 primes: spec.primes,
                 offsets,
@@ -216,7 +260,26 @@ impl NgramHasher {
             vocab,
             pad,
             layers: plans,
+            lookup: None,
         })
+    }
+
+    /// Installs the raw -> compressed id table used by requests with `raw` set; every entry
+    /// must be a compressed id in `[0, vocab)`.
+    pub fn set_lookup(&mut self, table: Vec<i64>) -> Result<()> {
+        if let Some(i) = table.iter().position(|&v| v < 0 || v as u64 >= self.vocab) {
+            return Err(EngramError::Invalid(format!(
+                "lookup table maps raw id {i} to {}, outside the compressed vocabulary [0, {})",
+                table[i], self.vocab
+            )));
+        }
+        self.lookup = Some(table);
+        Ok(())
+    }
+
+    /// The raw -> compressed table, if one was installed.
+    pub fn lookup(&self) -> Option<&[i64]> {
+        self.lookup.as_deref()
     }
 
     /// Hash columns per token and layer, `(N - 1) * H`.
@@ -260,21 +323,26 @@ impl NgramHasher {
         }
     }
 
-    /// Hashes `ids`, cut into segments by `bounds` (`bounds[0] == 0`, non-decreasing, last
-    /// `== ids.len()`), into one `[ids.len(), cols]` row-major output per entry of `layers`.
-    /// `history`, if given, holds `N - 1` ids per segment (oldest first) that precede it;
-    /// otherwise each segment starts with pad history. `flat` adds the column offsets.
-    #[allow(clippy::too_many_arguments)]
+    /// Hashes a request into one `[ids.len(), cols]` row-major output per requested layer.
     pub fn hash_segments<I: IdElem, O: OutElem>(
         &self,
-        ids: &[I],
-        bounds: &[usize],
-        history: Option<&[i64]>,
-        layers: &[usize],
-        flat: bool,
+        req: &HashRequest<'_, I>,
         outs: &mut [&mut [O]],
-        backend: Backend,
     ) -> Result<()> {
+        let HashRequest {
+            ids,
+            bounds,
+            history,
+            layers,
+            flat,
+            raw,
+            backend,
+        } = *req;
+        if raw && self.lookup.is_none() {
+            return Err(EngramError::Invalid(
+                "raw token ids need a lookup table: build the hasher from a tokenizer".into(),
+            ));
+        }
         let cols = self.cols();
         let hist_len = self.max_ngram - 1;
         self.check_bounds(ids.len(), bounds)?;
@@ -327,6 +395,16 @@ impl NgramHasher {
             return Ok(());
         }
         let use_simd = backend == Backend::Auto && simd_available();
+        let map = if raw { self.lookup.as_deref() } else { None };
+        // Streaming stores pay off for outputs far larger than the caches; every 8-head group
+        // store must then be aligned, which a 64-byte aligned output guarantees (cols % 8 == 0
+        // on the SIMD path).
+        let out_bytes: usize = outs.iter().map(|o| std::mem::size_of_val(&**o)).sum();
+        let stream = use_simd
+            && out_bytes >= STREAM_MIN_BYTES
+            && outs
+                .iter()
+                .all(|o| (o.as_ptr() as usize).is_multiple_of(64));
 
         // Split every layer's output at the same token boundaries, then regroup per chunk.
         let mut per_chunk: Vec<Vec<&mut [O]>> = Vec::new();
@@ -344,22 +422,13 @@ impl NgramHasher {
             .map(|(c, mut chunk_outs)| {
                 let start = c * CHUNK;
                 let end = (start + CHUNK).min(ids.len());
-                self.hash_chunk(
-                    ids,
-                    bounds,
-                    history,
-                    layers,
-                    flat,
-                    start..end,
-                    &mut chunk_outs,
-                    use_simd,
-                )
+                self.hash_chunk(req, map, start..end, &mut chunk_outs, use_simd, stream)
             })
             .all(|ok| ok);
         if ok {
             Ok(())
         } else {
-            Err(self.first_bad_id(ids))
+            Err(self.first_bad_id(ids, map))
         }
     }
 
@@ -383,31 +452,38 @@ impl NgramHasher {
         Ok(())
     }
 
-    fn first_bad_id<I: IdElem>(&self, ids: &[I]) -> EngramError {
+    fn first_bad_id<I: IdElem>(&self, ids: &[I], map: Option<&[i64]>) -> EngramError {
+        let vocab = map.map_or(self.vocab, |m| m.len() as u64);
         let index = ids
             .iter()
-            .position(|v| v.bits() >= self.vocab)
+            .position(|v| v.bits() >= vocab)
             .expect("a chunk reported an out-of-range id");
         EngramError::IdOutOfRange {
             value: ids[index].wide(),
             index,
-            vocab: self.vocab,
+            vocab,
+            raw: map.is_some(),
         }
     }
 
     /// Hashes tokens `range` (all segments overlapping it); returns false on an out-of-range id.
-    #[allow(clippy::too_many_arguments)]
     fn hash_chunk<I: IdElem, O: OutElem>(
         &self,
-        ids: &[I],
-        bounds: &[usize],
-        history: Option<&[i64]>,
-        layers: &[usize],
-        flat: bool,
+        req: &HashRequest<'_, I>,
+        map: Option<&[i64]>,
         range: std::ops::Range<usize>,
         outs: &mut [&mut [O]],
         use_simd: bool,
+        stream: bool,
     ) -> bool {
+        let HashRequest {
+            ids,
+            bounds,
+            history,
+            layers,
+            flat,
+            ..
+        } = *req;
         let hist_len = self.max_ngram - 1;
         let cols = self.cols();
         let mut scratch: Vec<i64> = Vec::with_capacity(CHUNK + hist_len);
@@ -424,7 +500,12 @@ impl NgramHasher {
             scratch.clear();
             for back in (1..=hist_len).rev() {
                 let v = if pos >= seg_start + back {
-                    ids[pos - back].bits() as i64
+                    let b = ids[pos - back].bits();
+                    match map {
+                        // An invalid id here belongs to the previous chunk, which reports it.
+                        Some(m) => m.get(b as usize).copied().unwrap_or(self.pad),
+                        None => b as i64,
+                    }
                 } else {
                     match history {
                         Some(h) => h[seg * hist_len + hist_len - (seg_start + back - pos)],
@@ -434,11 +515,21 @@ impl NgramHasher {
                 scratch.push(v);
             }
             let mut bad = false;
-            scratch.extend(ids[pos..piece_end].iter().map(|&v| {
-                let b = v.bits();
-                bad |= b >= self.vocab;
-                b as i64
-            }));
+            let new = &ids[pos..piece_end];
+            match map {
+                None => scratch.extend(new.iter().map(|&v| {
+                    let b = v.bits();
+                    bad |= b >= self.vocab;
+                    b as i64
+                })),
+                Some(m) => scratch.extend(new.iter().map(|&v| match m.get(v.bits() as usize) {
+                    Some(&c) => c,
+                    None => {
+                        bad = true;
+                        self.pad
+                    }
+                })),
+            }
             if bad {
                 // Never hash an out-of-range id: its product could overflow.
                 valid = false;
@@ -453,27 +544,43 @@ impl NgramHasher {
                     // SAFETY: `use_simd` is only true when `simd_available()` detected AVX-512F
                     // and AVX-512DQ at run time; `out` holds `cols` values per scratch token.
                     unsafe {
-                        avx512::hash_layer(plan, self.max_ngram, self.n_head, &scratch, out, flat)
+                        avx512::hash_layer(
+                            plan,
+                            self.max_ngram,
+                            self.n_head,
+                            &scratch,
+                            out,
+                            flat,
+                            stream,
+                        )
                     };
                     continue;
                 }
-                let _ = use_simd;
+                let _ = (use_simd, stream);
                 hash_layer_scalar(plan, self.max_ngram, self.n_head, &scratch, out, flat);
             }
             pos = piece_end;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if stream {
+            // SAFETY: SSE2 is baseline on x86_64. Streaming stores are weakly ordered: fence them
+            // before rayon reports this chunk done to the thread that returns the output.
+            unsafe { std::arch::x86_64::_mm_sfence() };
         }
         valid
     }
 }
 
-/// After hashing a decode step, keeps the last `hist_len` ids of each segment's full history
-/// (`history` row followed by the segment's new ids) in `history`. Ids must have been validated
-/// by a successful [`NgramHasher::hash_segments`] call on the same arguments.
+/// After hashing a decode step, keeps the last `hist_len` compressed ids of each segment's full
+/// history (`history` row followed by the segment's new ids) in `history`. `map` is the raw ->
+/// compressed table when the ids are raw. Ids must have been validated by a successful
+/// [`NgramHasher::hash_segments`] call on the same arguments.
 pub fn advance_history<I: IdElem>(
     history: &mut [i64],
     hist_len: usize,
     ids: &[I],
     bounds: &[usize],
+    map: Option<&[i64]>,
 ) {
     for (row, w) in history.chunks_exact_mut(hist_len).zip(bounds.windows(2)) {
         let new = &ids[w[0]..w[1]];
@@ -483,7 +590,8 @@ pub fn advance_history<I: IdElem>(
             .iter_mut()
             .zip(&new[new.len() - keep..])
         {
-            *dst = src.bits() as i64;
+            let b = src.bits();
+            *dst = map.map_or(b as i64, |m| m[b as usize]);
         }
     }
 }
@@ -535,10 +643,8 @@ mod avx512 {
     use super::{LayerPlan, OutElem};
     use std::arch::x86_64::*;
 
-    /// Eight heads at once. `q = trunc(mix * (1/p))` in f64 has a relative error below
-    /// `4 * 2**-53`; with `mix < 2**63` and `p >= 2**13` the quotient is below `2**50`, so the
-    /// estimate is off by less than one and `r = mix - q*p` (exact in wrapping i64) lies in
-    /// `[-p, 2p)`; one conditional add and one conditional subtract make it exact.
+    /// Dispatches to a kernel specialised for the n-gram size, so that the orders of one token
+    /// are unrolled into independent instruction streams.
     #[target_feature(enable = "avx512f,avx512dq")]
     pub(super) unsafe fn hash_layer<O: OutElem>(
         plan: &LayerPlan,
@@ -547,34 +653,137 @@ mod avx512 {
         scratch: &[i64],
         out: &mut [O],
         flat: bool,
+        stream: bool,
+    ) {
+        // SAFETY (all arms): same contract as `hash_layer_n`, forwarded unchanged.
+        macro_rules! arms {
+            ($($n:literal),*) => {
+                match (n, flat, stream) {
+                    $(
+                        ($n, false, false) => hash_layer_n::<$n, false, false, O>(plan, h, scratch, out),
+                        ($n, true, false) => hash_layer_n::<$n, true, false, O>(plan, h, scratch, out),
+                        ($n, false, true) => hash_layer_n::<$n, false, true, O>(plan, h, scratch, out),
+                        ($n, true, true) => hash_layer_n::<$n, true, true, O>(plan, h, scratch, out),
+                    )*
+                    _ => hash_layer_any(plan, n, h, scratch, out, flat),
+                }
+            };
+        }
+        arms!(2, 3, 4)
+    }
+
+    /// Eight heads at once, entirely in f64 lanes (no 64-bit integer multiply, whose latency
+    /// dominated). `mix_d` is `mix` rounded to f64 and `e = mix - mix_d` its exact residue
+    /// (|e| <= 2**9). The quotient estimate `q = trunc(mix_d * (1/p))` has a relative error below
+    /// `3 * 2**-53`; with `mix < 2**63` and `p >= 2**13` it is within one of `floor(mix / p)`, so
+    /// `mix_d - q*p` is an integer of magnitude below `2**53`, which the fused multiply-add
+    /// computes exactly. Adding `e` gives `mix - q*p` in `[-p, 2p)`; one conditional add and one
+    /// conditional subtract make it exact.
+    #[inline(always)]
+    unsafe fn reduce8<const FLAT: bool, const STREAM: bool, O: OutElem>(
+        plan: &LayerPlan,
+        c: usize,
+        mix: i64,
+        dst: *mut O,
+    ) {
+        let mix_d = mix as f64;
+        let residue = mix.wrapping_sub(mix_d as u64 as i64) as f64;
+        let fmix = _mm512_set1_pd(mix_d);
+        // SAFETY: the caller guarantees `c + 8 <= cols` (`h % 8 == 0`, checked in `simd_ok`); the
+        // per-column vectors hold `cols` elements and `dst` points at 8 writable outputs.
+        let p = _mm512_loadu_pd(plan.primes_f.as_ptr().add(c));
+        let inv = _mm512_loadu_pd(plan.inverse.as_ptr().add(c));
+        let q = _mm512_roundscale_pd::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm512_mul_pd(
+            fmix, inv,
+        ));
+        let mut r = _mm512_add_pd(_mm512_fnmadd_pd(q, p, fmix), _mm512_set1_pd(residue));
+        let zero = _mm512_setzero_pd();
+        r = _mm512_mask_add_pd(r, _mm512_cmp_pd_mask::<_CMP_LT_OQ>(r, zero), r, p);
+        r = _mm512_mask_sub_pd(r, _mm512_cmp_pd_mask::<_CMP_GE_OQ>(r, p), r, p);
+        if FLAT {
+            r = _mm512_add_pd(r, _mm512_loadu_pd(plan.offsets_f.as_ptr().add(c)));
+        }
+        // Streaming stores skip the read-for-ownership of output lines that will not be read
+        // back soon; `STREAM` is only set when `dst` is 32 (i32) or 64 (i64) byte aligned.
+        match (O::IS_I32, STREAM) {
+            (true, false) => _mm256_storeu_si256(dst as *mut __m256i, _mm512_cvttpd_epi32(r)),
+            (true, true) => _mm256_stream_si256(dst as *mut __m256i, _mm512_cvttpd_epi32(r)),
+            (false, false) => _mm512_storeu_si512(dst as *mut _, _mm512_cvttpd_epi64(r)),
+            (false, true) => _mm512_stream_si512(dst as *mut _, _mm512_cvttpd_epi64(r)),
+        }
+    }
+
+    /// `scratch` holds `N - 1` history ids then one id per output row of `(N - 1) * h` values.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn hash_layer_n<const N: usize, const FLAT: bool, const STREAM: bool, O: OutElem>(
+        plan: &LayerPlan,
+        h: usize,
+        scratch: &[i64],
+        out: &mut [O],
+    ) {
+        const TOKENS: usize = 4;
+        let cols = (N - 1) * h;
+        let mut m = [0i64; N];
+        m.copy_from_slice(&plan.multipliers[..N]);
+        let mixes_of = |t: usize| {
+            let window: &[i64; N] = scratch[t..t + N].try_into().unwrap();
+            let mut mixes = [0i64; N];
+            let mut mix = window[N - 1] * m[0];
+            for k in 1..N {
+                mix ^= window[N - 1 - k] * m[k];
+                mixes[k] = mix;
+            }
+            mixes
+        };
+        // Four tokens per step: independent reduction chains side by side, so the long
+        // latency of one chain is hidden behind the others.
+        let mut blocks = out.chunks_exact_mut(cols * TOKENS);
+        let mut t = 0;
+        for block in &mut blocks {
+            let mixes: [[i64; N]; TOKENS] = std::array::from_fn(|i| mixes_of(t + i));
+            let dst = block.as_mut_ptr();
+            for k in 1..N {
+                for c in ((k - 1) * h..k * h).step_by(8) {
+                    for (i, mix) in mixes.iter().enumerate() {
+                        reduce8::<FLAT, STREAM, O>(plan, c, mix[k], dst.add(i * cols + c));
+                    }
+                }
+            }
+            t += TOKENS;
+        }
+        for row in blocks.into_remainder().chunks_exact_mut(cols) {
+            let mixes = mixes_of(t);
+            let dst = row.as_mut_ptr();
+            for (k, &mix) in mixes.iter().enumerate().skip(1) {
+                for c in ((k - 1) * h..k * h).step_by(8) {
+                    reduce8::<FLAT, STREAM, O>(plan, c, mix, dst.add(c));
+                }
+            }
+            t += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn hash_layer_any<O: OutElem>(
+        plan: &LayerPlan,
+        n: usize,
+        h: usize,
+        scratch: &[i64],
+        out: &mut [O],
+        flat: bool,
     ) {
         let cols = (n - 1) * h;
-        let zero = _mm512_setzero_si512();
         for (t, row) in out.chunks_exact_mut(cols).enumerate() {
             let window = &scratch[t..t + n];
             let mut mix = window[n - 1] * plan.multipliers[0];
+            let dst = row.as_mut_ptr();
             for k in 1..n {
                 mix ^= window[n - 1 - k] * plan.multipliers[k];
-                let vmix = _mm512_set1_epi64(mix);
-                let fmix = _mm512_set1_pd(mix as f64);
                 for c in ((k - 1) * h..k * h).step_by(8) {
-                    // SAFETY: `c + 8 <= cols` because `h % 8 == 0` (checked in `simd_ok`), and the
-                    // per-column vectors and `row` hold `cols` elements.
-                    let p = _mm512_loadu_si512(plan.primes.as_ptr().add(c) as *const _);
-                    let inv = _mm512_loadu_pd(plan.inverse.as_ptr().add(c));
-                    let q = _mm512_cvttpd_epi64(_mm512_mul_pd(fmix, inv));
-                    let mut r = _mm512_sub_epi64(vmix, _mm512_mullo_epi64(q, p));
-                    r = _mm512_mask_add_epi64(r, _mm512_cmplt_epi64_mask(r, zero), r, p);
-                    r = _mm512_mask_sub_epi64(r, _mm512_cmpge_epi64_mask(r, p), r, p);
                     if flat {
-                        let off = _mm512_loadu_si512(plan.offsets.as_ptr().add(c) as *const _);
-                        r = _mm512_add_epi64(r, off);
-                    }
-                    let dst = row.as_mut_ptr().add(c);
-                    if O::IS_I32 {
-                        _mm256_storeu_si256(dst as *mut __m256i, _mm512_cvtepi64_epi32(r));
+                        reduce8::<true, false, O>(plan, c, mix, dst.add(c));
                     } else {
-                        _mm512_storeu_si512(dst as *mut _, r);
+                        reduce8::<false, false, O>(plan, c, mix, dst.add(c));
                     }
                 }
             }
@@ -641,7 +850,12 @@ mod tests {
             .map(|_| vec![O::default(); ids.len() * cols])
             .collect();
         let mut outs: Vec<&mut [O]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
-        hasher.hash_segments(ids, bounds, None, &layers, flat, &mut outs, backend)?;
+        let req = HashRequest {
+            flat,
+            backend,
+            ..HashRequest::new(ids, bounds, &layers)
+        };
+        hasher.hash_segments(&req, &mut outs)?;
         Ok(bufs
             .into_iter()
             .map(|b| b.into_iter().map(Into::into).collect())
@@ -708,9 +922,9 @@ mod tests {
             let history = history[history.len() - 3..].to_vec();
             let tail = &row[split..];
             let mut out = vec![0i64; tail.len() * cols];
-            hasher
-                .hash_segments(tail, &[0, tail.len()], Some(&history), &[0], false, &mut [&mut out[..]], Backend::Auto)
-                .unwrap();
+            let bounds = [0, tail.len()];
+            let req = HashRequest { history: Some(&history), ..HashRequest::new(tail, &bounds, &[0]) };
+            hasher.hash_segments(&req, &mut [&mut out[..]]).unwrap();
             prop_assert_eq!(&out[..], &whole[0][split * cols..]);
         }
     }
@@ -727,28 +941,63 @@ mod tests {
             EngramError::IdOutOfRange {
                 value: 1000,
                 index: 7000,
-                vocab: 1000
+                vocab: 1000,
+                raw: false,
             }
         );
         let ids = vec![u64::MAX; 3];
         let mut out = vec![0i64; 3 * 16];
         let err = hasher
-            .hash_segments(
-                &ids,
-                &[0, 3],
-                None,
-                &[0],
-                false,
-                &mut [&mut out[..]],
-                Backend::Auto,
-            )
+            .hash_segments(&HashRequest::new(&ids, &[0, 3], &[0]), &mut [&mut out[..]])
             .unwrap_err();
         assert_eq!(
             err,
             EngramError::IdOutOfRange {
                 value: u64::MAX as i128,
                 index: 0,
-                vocab: 1000
+                vocab: 1000,
+                raw: false,
+            }
+        );
+    }
+
+    #[test]
+    fn raw_ids_go_through_the_lookup_table() {
+        let mut hasher =
+            NgramHasher::new(3, 8, 1000, 2, specs(&[646_400; 2], 8, 1000, 3, 1)).unwrap();
+        let raw: Vec<u32> = (0..5000).map(|i| (i * 7919) % 1500).collect();
+        let lookup: Vec<i64> = (0..1500).map(|i| (i * 31) % 1000).collect();
+        let mapped: Vec<i64> = raw.iter().map(|&r| lookup[r as usize]).collect();
+        let bounds = [0, 1234, 1234, 5000];
+        let req = HashRequest {
+            raw: true,
+            ..HashRequest::new(&raw[..], &bounds, &[0])
+        };
+        let mut out = vec![0i64; 5000 * 16];
+        let err = hasher.hash_segments(&req, &mut [&mut out[..]]).unwrap_err();
+        assert!(err.to_string().contains("lookup table"), "{err}");
+        assert!(
+            hasher.set_lookup(vec![0, 1000]).is_err(),
+            "entries must be compressed ids"
+        );
+        hasher.set_lookup(lookup).unwrap();
+        hasher.hash_segments(&req, &mut [&mut out[..]]).unwrap();
+        let expected = run::<i64>(&hasher, &mapped, &bounds, false, Backend::Auto).unwrap();
+        assert_eq!(out, expected[0]);
+        let mut bad = raw.clone();
+        bad[3000] = 1500;
+        let req = HashRequest {
+            raw: true,
+            ..HashRequest::new(&bad[..], &bounds, &[0])
+        };
+        let err = hasher.hash_segments(&req, &mut [&mut out[..]]).unwrap_err();
+        assert_eq!(
+            err,
+            EngramError::IdOutOfRange {
+                value: 1500,
+                index: 3000,
+                vocab: 1500,
+                raw: true
             }
         );
     }
@@ -759,29 +1008,13 @@ mod tests {
         let hasher =
             NgramHasher::new(4, 8, 99_092, 2, specs(&[200_000_000; 3], 8, 99_092, 1, 1)).unwrap();
         let mut out = vec![0i32; 16 * 24];
+        let req = HashRequest::new(&[1i64; 16], &[0, 16], &[0]);
+        let flat = HashRequest { flat: true, ..req };
         let err = hasher
-            .hash_segments(
-                &[1i64; 16],
-                &[0, 16],
-                None,
-                &[0],
-                true,
-                &mut [&mut out[..]],
-                Backend::Auto,
-            )
+            .hash_segments(&flat, &mut [&mut out[..]])
             .unwrap_err();
         assert!(err.to_string().contains("use int64 output"), "{err}");
-        hasher
-            .hash_segments(
-                &[1i64; 16],
-                &[0, 16],
-                None,
-                &[0],
-                false,
-                &mut [&mut out[..]],
-                Backend::Auto,
-            )
-            .unwrap();
+        hasher.hash_segments(&req, &mut [&mut out[..]]).unwrap();
     }
 
     #[test]
@@ -790,17 +1023,8 @@ mod tests {
         let hasher = NgramHasher::new(3, 2, 50, 2, specs.clone()).unwrap();
         let mut out = [0i64; 4 * 4];
         for bounds in [&[0usize, 3][..], &[1, 4], &[0, 3, 2, 4]] {
-            assert!(hasher
-                .hash_segments(
-                    &[1i64; 4],
-                    bounds,
-                    None,
-                    &[0],
-                    false,
-                    &mut [&mut out[..]],
-                    Backend::Auto
-                )
-                .is_err());
+            let req = HashRequest::new(&[1i64; 4], bounds, &[0]);
+            assert!(hasher.hash_segments(&req, &mut [&mut out[..]]).is_err());
         }
         assert!(NgramHasher::new(1, 2, 50, 2, specs.clone()).is_err());
         assert!(NgramHasher::new(3, 2, 50, 50, specs.clone()).is_err());

@@ -3,6 +3,7 @@
 //! - [`hashing`]: exact multi-head n-gram hashing of DeepSeek's Engram (SPEC sections 2-3).
 //! - [`primes`]: the distinct per-head table sizes.
 
+pub mod buffer;
 pub mod error;
 pub mod hashing;
 pub mod primes;

@@ -1,9 +1,11 @@
 //! PyO3 bindings of engram-core: type conversion, error mapping and GIL release only.
 
+use engram_core::buffer::{AlignedBuf, OUTPUT_POOL};
 use engram_core::hashing::{
-    advance_history, simd_available, Backend, IdElem, LayerSpec, NgramHasher, OutElem,
+    advance_history, simd_available, Backend, HashRequest, IdElem, LayerSpec, NgramHasher, OutElem,
 };
 use engram_core::EngramError;
+use numpy::ndarray::ArrayView2;
 use numpy::{
     Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadwriteArray2, PyUntypedArrayMethods,
 };
@@ -17,6 +19,7 @@ fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
             value,
             index,
             vocab,
+            raw,
         } => {
             let mut pos = Vec::with_capacity(shape.len());
             let mut rest = index;
@@ -30,14 +33,68 @@ fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
                 .map(|p| p.to_string())
                 .collect::<Vec<_>>()
                 .join(", ");
+            let hint = if raw {
+                "raw token ids must be below the tokenizer's vocab_size"
+            } else {
+                "pass compressed token ids (map raw ids through CompressedTokenizer first)"
+            };
             PyIndexError::new_err(format!(
-                "id {value} at position ({pos}{}) is out of range [0, {vocab}): \
-                 pass compressed token ids (map raw ids through CompressedTokenizer first)",
+                "{}id {value} at position ({pos}{}) is out of range [0, {vocab}): {hint}",
+                if raw { "raw token " } else { "" },
                 if shape.len() == 1 { "," } else { "" }
             ))
         }
         other => PyValueError::new_err(other.to_string()),
     }
+}
+
+/// Owner of a pooled output buffer: numpy arrays keep it as their base, and when the last one
+/// goes away the (already page-faulted) memory returns to the pool for the next call.
+#[pyclass(module = "engram_rs._engram_rs", frozen)]
+struct PooledBuffer {
+    buf: Option<AlignedBuf>,
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            OUTPUT_POOL.give(buf);
+        }
+    }
+}
+
+/// A new, uninitialised C-contiguous `[rows, cols]` array on a 64-byte aligned pooled buffer.
+///
+/// # Safety
+/// The caller must write every element before Python code can read the array.
+unsafe fn pooled_array<'py, T: Element>(
+    py: Python<'py>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    let bytes = rows
+        .checked_mul(cols)
+        .and_then(|n| n.checked_mul(std::mem::size_of::<T>()))
+        .ok_or_else(|| {
+            PyValueError::new_err(format!("output of {rows} x {cols} elements is too large"))
+        })?;
+    let buf = OUTPUT_POOL.take(bytes);
+    let ptr = buf.as_ptr() as *const T;
+    let owner = Bound::new(py, PooledBuffer { buf: Some(buf) })?;
+    // SAFETY: the buffer holds `rows * cols` elements of `T`, is aligned for `T` (64 bytes), and
+    // lives as long as `owner`, which numpy keeps as the array's base object.
+    unsafe {
+        let view = ArrayView2::from_shape_ptr((rows, cols), ptr);
+        Ok(PyArray2::borrow_from_array(&view, owner.into_any()))
+    }
+}
+
+/// Frees the idle pooled output buffers; returns how many bytes they held.
+#[pyfunction]
+fn clear_buffer_pool() -> usize {
+    let idle = OUTPUT_POOL.idle_bytes();
+    OUTPUT_POOL.clear();
+    idle
 }
 
 /// Distinct primes per layer, order and head (SPEC section 2).
@@ -58,31 +115,37 @@ fn py_simd_available() -> bool {
 }
 
 /// The Rust hasher behind `engram_rs.NgramHasher` (which validates config and shapes).
-#[pyclass(module = "engram_rs._engram_rs", frozen)]
+#[pyclass(module = "engram_rs._engram_rs")]
 struct HasherCore {
     inner: NgramHasher,
 }
 
+/// Per-call options of `HasherCore.hash`, forwarded to the core request.
+struct CallOptions<'a> {
+    shape: &'a [usize],
+    bounds: &'a [usize],
+    layers: &'a [usize],
+    flat: bool,
+    raw: bool,
+    backend: Backend,
+}
+
 impl HasherCore {
-    #[allow(clippy::too_many_arguments)]
     fn run<'py, I: IdElem, O: OutElem + Element>(
         &self,
         py: Python<'py>,
         ids: &[I],
-        shape: &[usize],
-        bounds: &[usize],
+        opts: &CallOptions<'_>,
         mut history: Option<PyReadwriteArray2<'py, i64>>,
-        layers: &[usize],
-        flat: bool,
-        backend: Backend,
-    ) -> PyResult<Vec<Bound<'py, PyArray2<O>>>> {
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let cols = self.inner.cols();
-        // SAFETY: the arrays are fresh and every element is written by `hash_segments` before
-        // they are returned; on error they are dropped unread.
-        let arrays: Vec<Bound<'py, PyArray2<O>>> = layers
+        // SAFETY: every element is written by `hash_segments` before the arrays are returned;
+        // on error they are dropped unread.
+        let arrays = opts
+            .layers
             .iter()
-            .map(|_| unsafe { PyArray2::<O>::new(py, [ids.len(), cols], false) })
-            .collect();
+            .map(|_| unsafe { pooled_array::<O>(py, ids.len(), cols) })
+            .collect::<PyResult<Vec<_>>>()?;
         let mut guards = arrays
             .iter()
             .map(|a| a.try_readwrite())
@@ -94,23 +157,25 @@ impl HasherCore {
         let hist = history.as_mut().map(|h| h.as_slice_mut()).transpose()?;
         let hist_len = self.inner.max_ngram() - 1;
         py.detach(|| {
-            self.inner.hash_segments(
+            let req = HashRequest {
                 ids,
-                bounds,
-                hist.as_deref(),
-                layers,
-                flat,
-                &mut outs,
-                backend,
-            )?;
+                bounds: opts.bounds,
+                history: hist.as_deref(),
+                layers: opts.layers,
+                flat: opts.flat,
+                raw: opts.raw,
+                backend: opts.backend,
+            };
+            self.inner.hash_segments(&req, &mut outs)?;
             if let Some(h) = hist {
-                advance_history(h, hist_len, ids, bounds);
+                let map = if opts.raw { self.inner.lookup() } else { None };
+                advance_history(h, hist_len, ids, opts.bounds, map);
             }
             Ok(())
         })
-        .map_err(|e| to_pyerr(e, shape))?;
+        .map_err(|e| to_pyerr(e, opts.shape))?;
         drop(guards);
-        Ok(arrays)
+        Ok(arrays.into_iter().map(|a| a.into_any()).collect())
     }
 }
 
@@ -159,8 +224,9 @@ impl HasherCore {
 
     /// Hashes a C-contiguous integer array cut into segments by `bounds`; returns one
     /// `[ids.size, cols]` array per entry of `layers`. `history` ([segments, N-1] int64) is read
-    /// as each segment's past and then advanced past the new ids.
-    #[pyo3(signature = (ids, bounds, layers, int32=false, flat=false, history=None, scalar=false))]
+    /// as each segment's past and then advanced past the new ids. `raw` maps the ids through
+    /// the lookup table installed by `set_lookup`.
+    #[pyo3(signature = (ids, bounds, layers, int32=false, flat=false, history=None, scalar=false, raw=false))]
     #[allow(clippy::too_many_arguments)]
     fn hash<'py>(
         &self,
@@ -172,28 +238,31 @@ impl HasherCore {
         flat: bool,
         history: Option<PyReadwriteArray2<'py, i64>>,
         scalar: bool,
+        raw: bool,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let backend = if scalar {
-            Backend::Scalar
-        } else {
-            Backend::Auto
-        };
         let shape: Vec<usize> = ids
             .cast::<numpy::PyUntypedArray>()
             .map_err(|_| PyTypeError::new_err("ids must be a numpy array"))?
             .shape()
             .to_vec();
-        fn erase<'py, O>(v: Vec<Bound<'py, PyArray2<O>>>) -> Vec<Bound<'py, PyAny>> {
-            v.into_iter().map(|a| a.into_any()).collect()
-        }
+        let opts = CallOptions {
+            shape: &shape,
+            bounds: &bounds,
+            layers: &layers,
+            flat,
+            raw,
+            backend: if scalar {
+                Backend::Scalar
+            } else {
+                Backend::Auto
+            },
+        };
         dispatch_ids!(
             ids,
             |slice| if int32 {
-                self.run::<_, i32>(py, slice, &shape, &bounds, history, &layers, flat, backend)
-                    .map(erase)
+                self.run::<_, i32>(py, slice, &opts, history)
             } else {
-                self.run::<_, i64>(py, slice, &shape, &bounds, history, &layers, flat, backend)
-                    .map(erase)
+                self.run::<_, i64>(py, slice, &opts, history)
             },
             i64,
             i32,
@@ -204,6 +273,11 @@ impl HasherCore {
             i8,
             u64
         )
+    }
+
+    /// Installs the raw -> compressed id table used by `hash(..., raw=True)`.
+    fn set_lookup(&mut self, table: Vec<i64>) -> PyResult<()> {
+        self.inner.set_lookup(table).map_err(|e| to_pyerr(e, &[]))
     }
 
     fn offsets(&self, layer: usize) -> PyResult<Vec<u64>> {
@@ -239,6 +313,8 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(layer_primes, m)?)?;
     m.add_function(wrap_pyfunction!(py_simd_available, m)?)?;
+    m.add_function(wrap_pyfunction!(clear_buffer_pool, m)?)?;
+    m.add_class::<PooledBuffer>()?;
     m.add_class::<HasherCore>()?;
     Ok(())
 }

@@ -1,0 +1,156 @@
+//! Aligned output buffers and the pool that recycles them.
+//!
+//! Fresh multi-megabyte allocations are page-faulted and zeroed by the kernel on first touch,
+//! which costs as much as the hashing itself. Buffers handed out by [`BufferPool::take`] are
+//! 64-byte aligned (so kernels may use streaming stores), advised for transparent huge pages when
+//! large, and come back to the pool when their owner drops them, already faulted in.
+
+use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
+use std::ptr::NonNull;
+use std::sync::{LazyLock, Mutex};
+
+const ALIGN: usize = 64;
+const HUGE_PAGE: usize = 2 << 20;
+/// Buffers smaller than this are not worth pooling (malloc recycles them well).
+const MIN_POOLED: usize = 1 << 20;
+
+/// An uninitialised, 64-byte aligned allocation of `len` bytes.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: `AlignedBuf` uniquely owns its allocation, like `Box<[u8]>`.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only expose the pointer value; writes need `&mut`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates `len` bytes (at least one), huge-page aligned and advised when large.
+    pub fn new(len: usize) -> Self {
+        let align = if len >= HUGE_PAGE { HUGE_PAGE } else { ALIGN };
+        let layout = Layout::from_size_align(len.max(1), align).expect("buffer size overflows");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc(layout) };
+        let Some(ptr) = NonNull::new(ptr) else {
+            handle_alloc_error(layout)
+        };
+        #[cfg(target_os = "linux")]
+        if align == HUGE_PAGE {
+            // SAFETY: the range is our own fresh allocation; madvise is only a hint.
+            unsafe {
+                libc::madvise(ptr.as_ptr().cast(), layout.size(), libc::MADV_HUGEPAGE);
+            }
+        }
+        Self { ptr, layout }
+    }
+
+    /// Capacity in bytes.
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this exact layout.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// A bounded pool of large buffers, shared by every call of the process.
+pub struct BufferPool {
+    free: Mutex<Vec<AlignedBuf>>,
+    limit: usize,
+}
+
+/// The pool behind hashing (and gather) outputs: keeps at most 1 GiB of idle buffers.
+pub static OUTPUT_POOL: LazyLock<BufferPool> = LazyLock::new(|| BufferPool::new(1 << 30));
+
+impl BufferPool {
+    pub const fn new(limit: usize) -> Self {
+        Self {
+            free: Mutex::new(Vec::new()),
+            limit,
+        }
+    }
+
+    /// A buffer of at least `len` bytes: a pooled one no more than twice as large, or a new one.
+    pub fn take(&self, len: usize) -> AlignedBuf {
+        if len >= MIN_POOLED {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let best = (0..free.len())
+                .filter(|&i| (len..=2 * len).contains(&free[i].len()))
+                .min_by_key(|&i| free[i].len());
+            if let Some(i) = best {
+                return free.swap_remove(i);
+            }
+        }
+        AlignedBuf::new(len)
+    }
+
+    /// Returns a buffer for reuse; the oldest idle buffers are freed beyond the pool's limit.
+    pub fn give(&self, buf: AlignedBuf) {
+        if buf.len() < MIN_POOLED || buf.len() > self.limit {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.push(buf);
+        let mut held: usize = free.iter().map(AlignedBuf::len).sum();
+        while held > self.limit {
+            held -= free.remove(0).len();
+        }
+    }
+
+    /// Bytes held by idle buffers.
+    pub fn idle_bytes(&self) -> usize {
+        let free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.iter().map(AlignedBuf::len).sum()
+    }
+
+    /// Frees every idle buffer.
+    pub fn clear(&self) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_and_recycled_within_limits() {
+        let pool = BufferPool::new(8 << 20);
+        let a = pool.take(3 << 20);
+        assert_eq!(a.as_ptr() as usize % HUGE_PAGE, 0);
+        assert_eq!(AlignedBuf::new(100).as_ptr() as usize % ALIGN, 0);
+        let addr = a.as_ptr();
+        pool.give(a);
+        assert_eq!(pool.idle_bytes(), 3 << 20);
+        // Too small a request for this buffer (it would waste more than half): a new one.
+        let small = pool.take(1 << 20);
+        assert_ne!(small.as_ptr(), addr);
+        let again = pool.take(2 << 20);
+        assert_eq!(
+            again.as_ptr(),
+            addr,
+            "a buffer up to twice the request is reused"
+        );
+        pool.give(again);
+        pool.give(pool.take(5 << 20));
+        pool.give(pool.take(4 << 20));
+        assert!(pool.idle_bytes() <= 8 << 20);
+        pool.give(AlignedBuf::new(1000));
+        assert!(pool.idle_bytes() <= 8 << 20);
+        pool.clear();
+        assert_eq!(pool.idle_bytes(), 0);
+    }
+}
