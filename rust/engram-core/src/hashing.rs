@@ -16,9 +16,9 @@ use rayon::prelude::*;
 /// scratch copy stays in L1 and both threads get work on small batches.
 const CHUNK: usize = 2048;
 
-/// The float-quotient SIMD reduction is exact when `mix / p < 2**50` (see `avx512::reduce8`):
-/// every prime must be at least `2**13` since mixes are below `2**63`.
-const SIMD_MIN_PRIME: u64 = 1 << 13;
+/// The float-quotient SIMD reduction is exact when `mix / p < 2**49` (see `avx512::reduce8`):
+/// every prime must be at least `2**14` since mixes are below `2**63`.
+const SIMD_MIN_PRIME: u64 = 1 << 14;
 
 /// Outputs at least this large are written with streaming (non-temporal) stores.
 const STREAM_MIN_BYTES: usize = 8 << 20;
@@ -127,7 +127,8 @@ struct LayerPlan {
     primes: Vec<u64>,
     /// `floor(2**64 / p)` per column, for the Barrett reduction.
     barrett: Vec<u64>,
-    /// `1.0 / p`, `p` and the offsets as f64 per column, for the SIMD reduction.
+    /// `1/p` rounded below (so quotient estimates never exceed the true quotient), `p` and the
+    /// offsets, as f64 per column, for the SIMD reduction.
     inverse: Vec<f64>,
     primes_f: Vec<f64>,
     offsets_f: Vec<f64>,
@@ -241,7 +242,11 @@ impl NgramHasher {
                     .iter()
                     .map(|&p| ((1u128 << 64) / p as u128) as u64)
                     .collect(),
-                inverse: spec.primes.iter().map(|&p| 1.0 / p as f64).collect(),
+                inverse: spec
+                    .primes
+                    .iter()
+                    .map(|&p| 1.0 / p as f64 * (1.0 - 4.0 * f64::EPSILON))
+                    .collect(),
                 primes_f: spec.primes.iter().map(|&p| p as f64).collect(),
                 offsets_f: offsets.iter().map(|&o| o as f64).collect(),
                 // f64 lanes hold every prime, offset and table row exactly below 2**53.
@@ -542,7 +547,8 @@ impl NgramHasher {
                 #[cfg(target_arch = "x86_64")]
                 if use_simd && plan.simd_ok {
                     // SAFETY: `use_simd` is only true when `simd_available()` detected AVX-512F
-                    // and AVX-512DQ at run time; `out` holds `cols` values per scratch token.
+                    // and AVX-512DQ at run time; `plan.simd_ok` holds; `out` holds `cols` values
+                    // per scratch token; `stream` is only set for 64-byte aligned outputs.
                     unsafe {
                         avx512::hash_layer(
                             plan,
@@ -673,12 +679,13 @@ mod avx512 {
     }
 
     /// Eight heads at once, entirely in f64 lanes (no 64-bit integer multiply, whose latency
-    /// dominated). `mix_d` is `mix` rounded to f64 and `e = mix - mix_d` its exact residue
-    /// (|e| <= 2**9). The quotient estimate `q = trunc(mix_d * (1/p))` has a relative error below
-    /// `3 * 2**-53`; with `mix < 2**63` and `p >= 2**13` it is within one of `floor(mix / p)`, so
-    /// `mix_d - q*p` is an integer of magnitude below `2**53`, which the fused multiply-add
-    /// computes exactly. Adding `e` gives `mix - q*p` in `[-p, 2p)`; one conditional add and one
-    /// conditional subtract make it exact.
+    /// dominated). `mix = hi + lo` with `hi` its bits above 32 and `lo` the 32 below, both exact
+    /// in f64; `x = fl(mix)` estimates the quotient `q = trunc(x * inv)` with `inv` rounded
+    /// *below* `1/p` (see `LayerPlan::inverse`): the relative error stays within
+    /// `[-2**-49, 0)`, so with `mix < 2**63` and `p >= 2**14` (quotient `< 2**49`) `q` is
+    /// `floor(mix / p)` or one less. `hi - q*p` is an integer below `2**53` in magnitude, which
+    /// the fused multiply-add gives exactly; adding `lo` gives `mix - q*p` in `[0, 2p)`, and one
+    /// conditional subtraction makes it exact.
     #[inline(always)]
     unsafe fn reduce8<const FLAT: bool, const STREAM: bool, O: OutElem>(
         plan: &LayerPlan,
@@ -686,19 +693,18 @@ mod avx512 {
         mix: i64,
         dst: *mut O,
     ) {
-        let mix_d = mix as f64;
-        let residue = mix.wrapping_sub(mix_d as u64 as i64) as f64;
-        let fmix = _mm512_set1_pd(mix_d);
+        let hi = (mix & !0xFFFF_FFFF) as f64;
+        let lo = (mix & 0xFFFF_FFFF) as f64;
         // SAFETY: the caller guarantees `c + 8 <= cols` (`h % 8 == 0`, checked in `simd_ok`); the
         // per-column vectors hold `cols` elements and `dst` points at 8 writable outputs.
         let p = _mm512_loadu_pd(plan.primes_f.as_ptr().add(c));
         let inv = _mm512_loadu_pd(plan.inverse.as_ptr().add(c));
         let q = _mm512_roundscale_pd::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm512_mul_pd(
-            fmix, inv,
+            _mm512_set1_pd(hi + lo),
+            inv,
         ));
-        let mut r = _mm512_add_pd(_mm512_fnmadd_pd(q, p, fmix), _mm512_set1_pd(residue));
-        let zero = _mm512_setzero_pd();
-        r = _mm512_mask_add_pd(r, _mm512_cmp_pd_mask::<_CMP_LT_OQ>(r, zero), r, p);
+        let r = _mm512_fnmadd_pd(q, p, _mm512_set1_pd(hi));
+        let mut r = _mm512_add_pd(r, _mm512_set1_pd(lo));
         r = _mm512_mask_sub_pd(r, _mm512_cmp_pd_mask::<_CMP_GE_OQ>(r, p), r, p);
         if FLAT {
             r = _mm512_add_pd(r, _mm512_loadu_pd(plan.offsets_f.as_ptr().add(c)));
@@ -905,6 +911,26 @@ mod tests {
                 let narrow = run::<i32>(&hasher, &ids, &bounds, flat, Backend::Auto).unwrap();
                 prop_assert_eq!(&narrow, &auto);
             }
+        }
+
+        #[test]
+        fn extreme_mixes_reduce_exactly(
+            vocab in 2u64..8,
+            base in prop::sample::select(vec![16_384u64, 16_385, 646_400, 16_000_000, 1 << 40]),
+            slack in prop::collection::vec(0u64..1000, 4),
+            ids in prop::collection::vec(0u64..8, 1..200),
+        ) {
+            // Multipliers at the top of their range push mixes towards 2**63, where f64 rounds.
+            let bound = i64::MAX as u64 / vocab;
+            let multipliers: Vec<i64> = slack.iter().map(|&s| (bound - s) as i64).collect();
+            let primes = layer_primes(&[base; 3], 8, 1).unwrap().remove(0).concat();
+            let spec = LayerSpec { multipliers, primes };
+            let hasher = NgramHasher::new(4, 8, vocab, 0, vec![spec.clone()]).unwrap();
+            let ids: Vec<i64> = ids.iter().map(|&v| (v % vocab) as i64).collect();
+            let auto = run::<i64>(&hasher, &ids, &[0, ids.len()], false, Backend::Auto).unwrap();
+            let expected: Vec<i64> =
+                reference(&spec, 4, 8, 0, &ids).into_iter().map(|v| v as i64).collect();
+            prop_assert_eq!(&auto[0], &expected);
         }
 
         #[test]
