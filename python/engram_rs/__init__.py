@@ -3,12 +3,15 @@
 from ._engram_rs import __version__, clear_buffer_pool, simd_available
 from .config import PRESETS, EngramConfig
 from .hashing import HashState, NgramHasher, layer_multipliers
+from .table import HostTable, Prefetch
 
 __all__ = [
     "PRESETS",
     "EngramConfig",
     "HashState",
+    "HostTable",
     "NgramHasher",
+    "Prefetch",
     "__version__",
     "clear_buffer_pool",
     "layer_multipliers",

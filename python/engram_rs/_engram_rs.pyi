@@ -5,9 +5,13 @@ import numpy as np
 __all__ = [
     "HasherCore",
     "PooledBuffer",
+    "PrefetchCore",
+    "TableCore",
     "__version__",
+    "cast_f32",
     "clear_buffer_pool",
     "layer_primes",
+    "quantize_fp8",
     "simd_available",
 ]
 __version__: str
@@ -47,3 +51,79 @@ class HasherCore:
     def offsets(self, layer: int) -> list[int]: ...
     def table_rows(self, layer: int) -> int: ...
     def max_value(self, layer: int, flat: bool) -> int: ...
+
+def cast_f32(values: np.ndarray[Any, Any], dtype: str) -> np.ndarray[Any, Any]: ...
+def quantize_fp8(
+    values: np.ndarray[Any, Any],
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]: ...
+
+@final
+class PrefetchCore:
+    def done(self) -> bool: ...
+    def wait(self) -> Any: ...
+
+@final
+class TableCore:
+    @staticmethod
+    def open(
+        path: str,
+        name: str | None = None,
+        scales: str | None = None,
+        mode: str = "mmap",
+        writable: bool = False,
+    ) -> TableCore: ...
+    @staticmethod
+    def create(
+        path: str,
+        rows: int,
+        dim: int,
+        dtype: str,
+        init: str,
+        std: float,
+        seed: int,
+        name: str,
+        progress: bool = False,
+    ) -> TableCore: ...
+    @staticmethod
+    def from_buffers(
+        values: np.ndarray[Any, Any],
+        scales: np.ndarray[Any, Any] | None,
+        rows: int,
+        dim: int,
+        dtype: str,
+    ) -> TableCore: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def writable(self) -> bool: ...
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def closed(self) -> bool: ...
+    def gather(
+        self,
+        idx: np.ndarray[Any, Any],
+        out: np.ndarray[Any, Any],
+        out_dtype: str,
+        scalar: bool = False,
+    ) -> None: ...
+    def gather_new(self, idx: np.ndarray[Any, Any], out_dtype: str) -> np.ndarray[Any, Any]: ...
+    def prefetch(
+        self, idx: np.ndarray[Any, Any], out_dtype: str, out: np.ndarray[Any, Any] | None = None
+    ) -> PrefetchCore: ...
+    def write_rows(
+        self,
+        idx: np.ndarray[Any, Any],
+        values: np.ndarray[Any, Any],
+        scales: np.ndarray[Any, Any] | None = None,
+    ) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...

@@ -12,6 +12,26 @@ pub enum EngramError {
         value: String,
         reason: String,
     },
+    /// A table row index outside `[0, rows)` at flat position `index` (maps to `IndexError`).
+    #[error("row index {value} at flat position {index} is out of range [0, {rows})")]
+    IndexOutOfRange {
+        value: i128,
+        index: usize,
+        rows: usize,
+    },
+    /// A file is missing or unreadable (maps to `FileNotFoundError` / `OSError`).
+    #[error("{path}: {message}")]
+    Io {
+        path: String,
+        kind: std::io::ErrorKind,
+        message: String,
+    },
+    /// A file's content is corrupt or not what was expected (maps to `ValueError`).
+    #[error("{0}")]
+    Format(String),
+    /// A write to a read-only table (maps to `PermissionError`).
+    #[error("{0}")]
+    ReadOnly(String),
     /// An argument is malformed: shape, dtype, lengths (maps to `ValueError`).
     #[error("{0}")]
     Invalid(String),
@@ -24,6 +44,17 @@ pub enum EngramError {
         vocab: u64,
         raw: bool,
     },
+}
+
+impl EngramError {
+    /// An I/O error on `path`, keeping its kind so that a missing file stays distinguishable.
+    pub fn io(path: &std::path::Path, err: std::io::Error) -> Self {
+        EngramError::Io {
+            path: path.display().to_string(),
+            kind: err.kind(),
+            message: err.to_string(),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, EngramError>;

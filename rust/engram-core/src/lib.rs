@@ -4,9 +4,14 @@
 //! - [`primes`]: the distinct per-head table sizes.
 
 pub mod buffer;
+pub mod dtype;
 pub mod error;
+pub mod gather;
 pub mod hashing;
+pub mod prefetch;
 pub mod primes;
+pub mod safetensors;
+pub mod table;
 
 pub use error::{EngramError, Result};
 pub use hashing::{Backend, IdElem, LayerSpec, NgramHasher, OutElem};

@@ -9,42 +9,63 @@ use numpy::ndarray::ArrayView2;
 use numpy::{
     Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadwriteArray2, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyIndexError, PyOSError, PyPermissionError, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
 
+mod table;
+
+/// Formats flat position `index` as a tuple over `shape` ("(1, 5)", "(7,)").
+fn unravel(index: usize, shape: &[usize]) -> String {
+    let mut pos = Vec::with_capacity(shape.len());
+    let mut rest = index;
+    for &dim in shape.iter().rev() {
+        pos.push(rest % dim.max(1));
+        rest /= dim.max(1);
+    }
+    pos.reverse();
+    let pos = pos
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("({pos}{})", if shape.len() == 1 { "," } else { "" })
+}
+
 /// Maps a core error to the Python exception users expect; `shape` unravels flat id positions.
-fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
-    match err {
+pub(crate) fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
+    match &err {
         EngramError::IdOutOfRange {
             value,
             index,
             vocab,
             raw,
         } => {
-            let mut pos = Vec::with_capacity(shape.len());
-            let mut rest = index;
-            for &dim in shape.iter().rev() {
-                pos.push(rest % dim.max(1));
-                rest /= dim.max(1);
-            }
-            pos.reverse();
-            let pos = pos
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            let hint = if raw {
+            let hint = if *raw {
                 "raw token ids must be below the tokenizer's vocab_size"
             } else {
                 "pass compressed token ids (map raw ids through CompressedTokenizer first)"
             };
             PyIndexError::new_err(format!(
-                "{}id {value} at position ({pos}{}) is out of range [0, {vocab}): {hint}",
-                if raw { "raw token " } else { "" },
-                if shape.len() == 1 { "," } else { "" }
+                "{}id {value} at position {} is out of range [0, {vocab}): {hint}",
+                if *raw { "raw token " } else { "" },
+                unravel(*index, shape)
             ))
         }
-        other => PyValueError::new_err(other.to_string()),
+        EngramError::IndexOutOfRange { value, index, rows } => PyIndexError::new_err(format!(
+            "row index {value} at position {} is out of range for a table of {rows} rows",
+            unravel(*index, shape)
+        )),
+        EngramError::Io { kind, .. } if *kind == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(err.to_string())
+        }
+        EngramError::Io { kind, .. } if *kind == std::io::ErrorKind::PermissionDenied => {
+            PyPermissionError::new_err(err.to_string())
+        }
+        EngramError::Io { .. } => PyOSError::new_err(err.to_string()),
+        EngramError::ReadOnly(msg) => PyPermissionError::new_err(msg.clone()),
+        _ => PyValueError::new_err(err.to_string()),
     }
 }
 
@@ -67,7 +88,7 @@ impl Drop for PooledBuffer {
 ///
 /// # Safety
 /// The caller must write every element before Python code can read the array.
-unsafe fn pooled_array<'py, T: Element>(
+pub(crate) unsafe fn pooled_array<'py, T: Element>(
     py: Python<'py>,
     rows: usize,
     cols: usize,
@@ -315,6 +336,10 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_simd_available, m)?)?;
     m.add_function(wrap_pyfunction!(clear_buffer_pool, m)?)?;
     m.add_class::<PooledBuffer>()?;
+    m.add_class::<table::TableCore>()?;
+    m.add_function(wrap_pyfunction!(table::cast_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(table::quantize_fp8, m)?)?;
+    m.add_class::<table::PrefetchCore>()?;
     m.add_class::<HasherCore>()?;
     Ok(())
 }

@@ -1,0 +1,373 @@
+"""Host embedding tables: memory-mapped safetensors, FP8 rows, fast gathers, async prefetch."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _engram_rs
+
+__all__ = ["HostTable", "Prefetch"]
+
+_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3")
+_OUT_DTYPES = ("float32", "float16", "bfloat16")
+_NUMPY_OF = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is a test dependency
+        raise ImportError("this needs PyTorch: pip install torch") from e
+    return torch
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def _dtype_name(dtype: Any, what: str, allowed: tuple[str, ...]) -> str:
+    """Normalizes "bfloat16", np.float32, torch.float16, ... to one of ``allowed``."""
+    if isinstance(dtype, str):
+        name = {"float8_e4m3fn": "float8_e4m3"}.get(dtype, dtype)
+    else:
+        text = str(dtype)
+        name = text.removeprefix("torch.").removeprefix("<class 'numpy.").rstrip("'>")
+        name = {"float8_e4m3fn": "float8_e4m3"}.get(name, name)
+    if name not in allowed:
+        raise ValueError(f"unsupported {what} {dtype!r}: use one of {', '.join(allowed)}")
+    return name
+
+
+def _indices(idx: npt.ArrayLike) -> np.ndarray:
+    if _is_torch(idx):
+        idx = idx.cpu().numpy()  # type: ignore[union-attr]
+    arr = np.asarray(idx)
+    if arr.dtype.kind not in "iu" or arr.dtype not in (np.int32, np.int64, np.uint32):
+        if arr.dtype.kind in "iu" and arr.size == 0:
+            return arr.astype(np.int64)
+        raise TypeError(
+            f"indices must be int32 or int64, got dtype {arr.dtype}: "
+            "convert with idx.astype(numpy.int64)"
+        )
+    if arr.dtype == np.uint32:
+        arr = arr.astype(np.int64)
+    # Not np.ascontiguousarray: it would turn a 0-d index into a 1-d one.
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+class Prefetch:
+    """A gather started in the background; ``wait()`` returns its result."""
+
+    def __init__(self, core: Any, finish: Any) -> None:
+        self._core = core
+        self._finish = finish
+
+    def done(self) -> bool:
+        """Whether the gather has finished."""
+        return bool(self._core.done())
+
+    def wait(self) -> Any:
+        """Blocks until the gather has finished (without the GIL); returns the rows."""
+        return self._finish(self._core.wait())
+
+
+class HostTable:
+    """Rows of an embedding table in host memory or on disk, gathered by index."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+
+    # -- constructors ----------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        rows: int,
+        dim: int,
+        dtype: str = "bfloat16",
+        init: str = "normal",
+        std: float = 0.02,
+        seed: int = 0,
+        name: str = "weight",
+        progress: bool | None = None,
+    ) -> HostTable:
+        """Writes a new safetensors table atomically (tmp + rename), initialised in parallel.
+
+        FP8 tables get per-block UE8M0 scales in a tensor ``{name}_scale``. ``progress`` (default:
+        tables over 1 GiB on a terminal) prints rows done to stderr.
+        """
+        dt = _dtype_name(dtype, "dtype", _DTYPES)
+        for label, value in (("rows", rows), ("dim", dim), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{label} must be a non-negative int, got {value!r}")
+        if dim < 1:
+            raise ValueError(f"dim must be at least 1, got {dim}")
+        if not std >= 0:
+            raise ValueError(f"std must be >= 0, got {std}")
+        if progress is None:
+            progress = rows * dim * 2 > 1 << 30 and sys.stderr.isatty()
+        core = _engram_rs.TableCore.create(
+            os.fspath(path), rows, dim, dt, init, float(std), seed, name, bool(progress)
+        )
+        return cls(core)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        scales: str | None = None,
+        mode: str = "mmap",
+        writable: bool = False,
+    ) -> HostTable:
+        """Opens a table in any safetensors file (a checkpoint shard, say).
+
+        ``name`` picks the tensor (required if several); ``scales`` names the UE8M0 tensor of an
+        FP8 table; ``mode`` is "mmap" (lazy, page cache, larger than RAM) or "resident" (copied
+        into huge-page memory, prefaulted); ``writable`` allows ``write_rows`` and ``flush``.
+        """
+        core = _engram_rs.TableCore.open(os.fspath(path), name, scales, mode, writable)
+        return cls(core)
+
+    @classmethod
+    def from_numpy(
+        cls, arr: np.ndarray, scales: np.ndarray | None = None, dtype: str | None = None
+    ) -> HostTable:
+        """Wraps a C-contiguous 2-D array without copying (the table keeps it alive).
+
+        ``dtype="float8_e4m3"`` takes uint8 ``arr`` [rows, dim] and uint8 ``scales``
+        [rows, dim // 32]; ``dtype="bfloat16"`` takes a uint16 array.
+        """
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"from_numpy needs a numpy array, got {type(arr).__name__}")
+        if arr.ndim != 2:
+            raise ValueError(f"a table must be 2-D [rows, dim], got shape {arr.shape}")
+        expected = {
+            "float32": np.float32,
+            "float16": np.float16,
+            "bfloat16": np.uint16,
+            "float8_e4m3": np.uint8,
+        }
+        if dtype is None:
+            inferred = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+            if arr.dtype not in inferred:
+                raise ValueError(
+                    f"cannot infer the table dtype of a {arr.dtype} array: pass "
+                    'dtype="bfloat16" (uint16 bits) or dtype="float8_e4m3" (uint8 codes)'
+                )
+            dt = inferred[arr.dtype]
+        else:
+            dt = _dtype_name(dtype, "dtype", _DTYPES)
+        if arr.dtype != expected[dt]:
+            raise ValueError(
+                f"a {dt} table needs a {np.dtype(expected[dt])} array, got {arr.dtype}"
+            )
+        if scales is not None:
+            if not isinstance(scales, np.ndarray) or scales.dtype != np.uint8:
+                raise ValueError("scales must be a uint8 numpy array [rows, dim // 32]")
+        if not arr.flags.c_contiguous:
+            raise ValueError("the array must be C-contiguous: pass numpy.ascontiguousarray(arr)")
+        core = _engram_rs.TableCore.from_buffers(arr, scales, arr.shape[0], arr.shape[1], dt)
+        return cls(core)
+
+    @classmethod
+    def from_torch(cls, tensor: Any, scales: Any = None) -> HostTable:
+        """Wraps a CPU tensor (float32, float16, bfloat16, float8_e4m3fn) without copying."""
+        torch = _torch()
+        if not _is_torch(tensor):
+            raise TypeError(f"from_torch needs a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.device.type != "cpu":
+            raise ValueError(f"the tensor must be on the CPU, got {tensor.device}")
+        if tensor.dim() != 2 or not tensor.is_contiguous():
+            raise ValueError(
+                f"a table must be a contiguous 2-D tensor, got shape {tuple(tensor.shape)}"
+                f"{'' if tensor.is_contiguous() else ' (not contiguous)'}"
+            )
+        dt = _dtype_name(tensor.dtype, "tensor dtype", _DTYPES)
+        view = {"bfloat16": torch.uint16, "float8_e4m3": torch.uint8}.get(dt)
+        arr = (tensor.view(view) if view is not None else tensor).numpy()
+        sc = None
+        if scales is not None:
+            if not _is_torch(scales) or scales.device.type != "cpu":
+                raise TypeError("scales must be a CPU torch tensor [rows, dim // 32]")
+            sc = scales.contiguous().view(torch.uint8).numpy()
+        return cls.from_numpy(arr, sc, dt)
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        return int(self._core.rows)
+
+    @property
+    def dim(self) -> int:
+        return int(self._core.dim)
+
+    @property
+    def dtype(self) -> str:
+        return str(self._core.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows (and FP8 scales)."""
+        return int(self._core.nbytes)
+
+    @property
+    def path(self) -> str | None:
+        p = self._core.path
+        return None if p is None else os.fspath(p)
+
+    @property
+    def mode(self) -> str:
+        return str(self._core.mode)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self._core.writable)
+
+    def __repr__(self) -> str:
+        if self._core.closed:
+            return "HostTable(closed)"
+        return (
+            f"HostTable(rows={self.rows}, dim={self.dim}, dtype={self.dtype}, mode={self.mode}, "
+            f"path={self.path!r})"
+        )
+
+    # -- gathers ---------------------------------------------------------------------------
+
+    def _default_out_dtype(self) -> str:
+        return self.dtype if self.dtype in ("float32", "float16") else "float32"
+
+    def _plan(self, idx: npt.ArrayLike, out: Any, out_dtype: Any) -> tuple[Any, ...]:
+        """Checks arguments; returns (indices, out as numpy bytes or None, dtype, result)."""
+        ids = _indices(idx)
+        shape = (*ids.shape, self.dim)
+        if out is None:
+            od = (
+                self._default_out_dtype()
+                if out_dtype is None
+                else _dtype_name(out_dtype, "out_dtype", _OUT_DTYPES)
+            )
+            return ids, None, od, shape
+        if _is_torch(out):
+            torch = _torch()
+            if out.device.type != "cpu":
+                raise ValueError(f"out must be a CPU tensor (pinned or not), got {out.device}")
+            od = _dtype_name(out.dtype, "out dtype", _OUT_DTYPES)
+            if not out.is_contiguous():
+                raise ValueError("out must be C-contiguous: pass a tensor from torch.empty(...)")
+            arr = (out.view(torch.uint16) if od == "bfloat16" else out).numpy()
+        elif isinstance(out, np.ndarray):
+            if out.dtype == np.uint16 and out_dtype is not None:
+                od = _dtype_name(out_dtype, "out_dtype", ("bfloat16",))
+            else:
+                od = _dtype_name(out.dtype, "out dtype", ("float32", "float16"))
+            if not out.flags.c_contiguous:
+                raise ValueError("out must be C-contiguous: pass numpy.empty(...)")
+            arr = out
+        else:
+            raise TypeError(f"out must be a numpy array or a torch tensor, got {type(out)}")
+        if out_dtype is not None and _dtype_name(out_dtype, "out_dtype", _OUT_DTYPES) != od:
+            raise ValueError(f"out_dtype={out_dtype!r} does not match out's dtype {od}")
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"out has shape {tuple(arr.shape)}, expected {shape}")
+        if not arr.flags.writeable:
+            raise ValueError("out is read-only")
+        return ids, arr, od, out
+
+    def _wrap(self, raw: np.ndarray, od: str, shape: tuple[int, ...]) -> Any:
+        """Views a pooled uint8 result as the output dtype (a torch tensor for bfloat16)."""
+        arr = raw.view(_NUMPY_OF[od]).reshape(shape)
+        if od == "bfloat16":
+            torch = _torch()
+            return torch.from_numpy(arr).view(torch.bfloat16)
+        return arr
+
+    def gather(self, idx: npt.ArrayLike, out: Any = None, out_dtype: Any = None) -> Any:
+        """Rows ``idx`` (int32/int64, any shape) -> ``[*idx.shape, dim]``.
+
+        Without ``out``: numpy float32/float16 for those tables, float32 for bfloat16 and FP8
+        tables, or a torch bfloat16 tensor with ``out_dtype="bfloat16"``. ``out`` may be a numpy
+        array or a (pinned) CPU tensor, C-contiguous, float32/float16/bfloat16.
+        """
+        ids, arr, od, result = self._plan(idx, out, out_dtype)
+        if arr is None:
+            return self._wrap(self._core.gather_new(ids.reshape(-1), od), od, result)
+        self._core.gather(ids, arr, od)
+        return result
+
+    def prefetch(self, idx: npt.ArrayLike, out: Any = None, out_dtype: Any = None) -> Prefetch:
+        """Starts the same gather on a background pool and returns at once.
+
+        Do not touch ``out`` until ``wait()``; several prefetches may be in flight.
+        """
+        ids, arr, od, result = self._plan(idx, out, out_dtype)
+        core = self._core.prefetch(ids, od, arr)
+        if arr is None:
+            return Prefetch(core, lambda raw: self._wrap(raw, od, result))
+        return Prefetch(core, lambda _raw: result)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def write_rows(self, idx: npt.ArrayLike, values: Any, scales: Any = None) -> None:
+        """Overwrites rows ``idx`` with ``values`` [len(idx), dim] of the table's dtype.
+
+        float32 values are accepted for float16/bfloat16 tables (rounded to nearest even). FP8
+        tables take uint8 codes and uint8 ``scales`` [len(idx), dim // 32].
+        """
+        ids = _indices(idx).astype(np.int64).reshape(-1)
+        vals = values
+        if _is_torch(vals):
+            torch = _torch()
+            vals = vals.detach().cpu()
+            if vals.dtype == torch.bfloat16:
+                vals = vals.view(torch.uint16)
+            elif vals.dtype == torch.float8_e4m3fn:
+                vals = vals.view(torch.uint8)
+            vals = vals.numpy()
+        vals = np.asarray(vals)
+        want = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+        if self.dtype == "float8_e4m3":
+            if vals.dtype == np.float32 and scales is None and vals.ndim == 2:
+                codes, fp8_scales = _engram_rs.quantize_fp8(np.ascontiguousarray(vals))
+                vals, scales = codes.reshape(vals.shape), fp8_scales
+            elif vals.dtype != np.uint8 or scales is None:
+                raise ValueError(
+                    "an FP8 table takes float32 values (quantized with UE8M0 block scales) or "
+                    "uint8 E4M3 codes with uint8 scales [n, dim // 32]"
+                )
+        elif vals.dtype == np.float32 and self.dtype != "float32":
+            vals = (
+                _engram_rs.cast_f32(np.ascontiguousarray(vals), self.dtype)
+                .view(want[self.dtype])
+                .reshape(vals.shape)
+            )
+        elif vals.dtype != want[self.dtype]:
+            raise ValueError(
+                f"values for a {self.dtype} table must be {np.dtype(want[self.dtype])}"
+                f" (or float32), got {vals.dtype}"
+            )
+        if vals.shape != (ids.size, self.dim):
+            raise ValueError(f"values have shape {vals.shape}, expected {(ids.size, self.dim)}")
+        sc = None if scales is None else np.ascontiguousarray(np.asarray(scales), dtype=np.uint8)
+        self._core.write_rows(ids, np.ascontiguousarray(vals), sc)
+
+    def flush(self) -> None:
+        """Makes written rows durable (msync, or a write-back of a resident copy)."""
+        self._core.flush()
+
+    def close(self) -> None:
+        """Releases the table (waits for gathers still running on it)."""
+        self._core.close()
+
+    def __enter__(self) -> HostTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

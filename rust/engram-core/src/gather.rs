@@ -1,0 +1,346 @@
+//! Row gathers from host tables: `out[i] = table[idx[i]]`, converted to the output dtype.
+//!
+//! Rows are split over rayon threads; each thread prefetches the rows it will need a few
+//! iterations ahead (random rows miss every cache level, so overlapping the misses is what sets
+//! the throughput), then copies or converts with AVX-512 where the CPU has it. Indices are all
+//! checked before anything is written. A scalar path, selected with `Backend::Scalar`, is the
+//! reference the SIMD path is tested against.
+
+use crate::dtype::{self, DType, FP8_BLOCK};
+use crate::error::{EngramError, Result};
+use crate::hashing::{Backend, IdElem};
+use crate::table::HostTable;
+use rayon::prelude::*;
+
+/// Rows per unit of parallel work.
+const CHUNK: usize = 512;
+/// How many rows ahead to prefetch.
+const AHEAD: usize = 12;
+
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Checks every index against `rows`; the error names the first bad one.
+pub fn check_indices<I: IdElem>(idx: &[I], rows: usize) -> Result<()> {
+    let bad = idx
+        .par_chunks(1 << 16)
+        .any(|c| c.iter().any(|v| v.bits() >= rows as u64));
+    if bad {
+        let index = idx
+            .iter()
+            .position(|v| v.bits() >= rows as u64)
+            .expect("a bad index");
+        return Err(EngramError::IndexOutOfRange {
+            value: idx[index].wide(),
+            index,
+            rows,
+        });
+    }
+    Ok(())
+}
+
+/// Gathers rows `idx` of `table` into `out` (`idx.len() * dim` values of `out_dtype`, as bytes).
+pub fn gather<I: IdElem>(
+    table: &HostTable,
+    idx: &[I],
+    out: &mut [u8],
+    out_dtype: DType,
+    backend: Backend,
+) -> Result<()> {
+    if !out_dtype.is_output() {
+        return Err(EngramError::Invalid(
+            "gathers write float32, float16 or bfloat16, not FP8".into(),
+        ));
+    }
+    let out_row = table.dim * out_dtype.size();
+    if out.len() != idx.len() * out_row {
+        return Err(EngramError::Invalid(format!(
+            "output holds {} bytes, expected {} rows x {} {} values",
+            out.len(),
+            idx.len(),
+            table.dim,
+            out_dtype.name()
+        )));
+    }
+    check_indices(idx, table.rows)?;
+    if idx.is_empty() {
+        return Ok(());
+    }
+    let fast = backend == Backend::Auto && simd();
+    out.par_chunks_mut(CHUNK * out_row)
+        .zip(idx.par_chunks(CHUNK))
+        .for_each(|(out, idx)| {
+            let mut scratch = vec![0f32; table.dim];
+            for (i, (dst, &r)) in out.chunks_exact_mut(out_row).zip(idx).enumerate() {
+                if let Some(&ahead) = idx.get(i + AHEAD) {
+                    prefetch_row(table, ahead.bits() as usize);
+                }
+                // SAFETY: every index was checked against `table.rows` above.
+                unsafe { copy_row(table, r.bits() as usize, dst, out_dtype, fast, &mut scratch) };
+            }
+        });
+    Ok(())
+}
+
+#[inline(always)]
+fn prefetch_row(table: &HostTable, r: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: `r` was checked against `table.rows`; prefetching never faults anyway.
+        unsafe {
+            let p = table.row_ptr(r);
+            for off in (0..table.row_bytes()).step_by(64) {
+                _mm_prefetch(p.add(off) as *const i8, _MM_HINT_T0);
+            }
+            if table.scale_bytes() > 0 {
+                _mm_prefetch(table.scale_ptr(r) as *const i8, _MM_HINT_T0);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (table, r);
+}
+
+/// Copies or converts row `r` into `dst`.
+///
+/// # Safety
+/// `r < table.rows`; `dst` holds one output row; with `fast`, AVX-512F/BW are available.
+#[inline(always)]
+unsafe fn copy_row(
+    table: &HostTable,
+    r: usize,
+    dst: &mut [u8],
+    out: DType,
+    fast: bool,
+    scratch: &mut [f32],
+) {
+    let src = std::slice::from_raw_parts(table.row_ptr(r), table.row_bytes());
+    let scales: &[u8] = if table.scale_bytes() > 0 {
+        std::slice::from_raw_parts(table.scale_ptr(r), table.scale_bytes())
+    } else {
+        &[]
+    };
+    #[cfg(target_arch = "x86_64")]
+    if fast && avx512::convert(table.dtype, src, scales, out, dst) {
+        return;
+    }
+    let _ = fast;
+    if table.dtype == out {
+        dst.copy_from_slice(src);
+    } else {
+        dtype::row_to_f32(table.dtype, src, scales, scratch);
+        dtype::f32_to_row(out, scratch, dst);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{DType, FP8_BLOCK};
+    use std::arch::x86_64::*;
+
+    /// Converts one row with AVX-512 when the pair of dtypes has a kernel; false otherwise.
+    ///
+    /// # Safety
+    /// AVX-512F/BW available; `src`/`scales` hold one row of the table dtype, `dst` one row of
+    /// `out`.
+    #[inline(always)]
+    pub(super) unsafe fn convert(
+        dt: DType,
+        src: &[u8],
+        scales: &[u8],
+        out: DType,
+        dst: &mut [u8],
+    ) -> bool {
+        match (dt, out) {
+            (a, b) if a == b => copy(src, dst),
+            (DType::BF16, DType::F32) => widen::<false>(src, dst),
+            (DType::F16, DType::F32) => widen::<true>(src, dst),
+            (DType::F8E4M3, _) => fp8(src, scales, out, dst),
+            _ => return false,
+        }
+        true
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn copy(src: &[u8], dst: &mut [u8]) {
+        let n = src.len();
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        let mut i = 0;
+        while i + 64 <= n {
+            _mm512_storeu_si512(d.add(i) as *mut _, _mm512_loadu_si512(s.add(i) as *const _));
+            i += 64;
+        }
+        if i < n {
+            let mask = (1u64 << (n - i)) - 1;
+            _mm512_mask_storeu_epi8(
+                d.add(i) as *mut _,
+                mask,
+                _mm512_maskz_loadu_epi8(mask, s.add(i) as *const _),
+            );
+        }
+    }
+
+    /// 16-bit floats (IEEE half with `HALF`, else bfloat16) -> f32, 16 at a time.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn widen<const HALF: bool>(src: &[u8], dst: &mut [u8]) {
+        let n = src.len() / 2;
+        let (s, d) = (src.as_ptr() as *const u16, dst.as_mut_ptr() as *mut f32);
+        let mut i = 0;
+        while i < n {
+            let k = (n - i).min(16);
+            let mask = ((1u32 << k) - 1) as u16;
+            let v = _mm256_maskz_loadu_epi16(mask, s.add(i) as *const _);
+            let w = if HALF {
+                _mm512_cvtph_ps(v)
+            } else {
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+            };
+            _mm512_mask_storeu_ps(d.add(i), mask, w);
+            i += 16;
+        }
+    }
+
+    /// 16 E4M3 bytes -> f32 times `scale`: the 7 magnitude bits go to f32 bits 20..27 and the
+    /// product with 2**120 rebiases them exactly (subnormal codes too); `S.1111.111` is NaN.
+    #[inline(always)]
+    unsafe fn dequant16(bytes: __m128i, scale: __m512) -> __m512 {
+        let b = _mm512_cvtepu8_epi32(bytes);
+        let mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+        let v = _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_slli_epi32::<20>(mag)),
+            _mm512_castsi512_ps(_mm512_set1_epi32(0x7B80_0000)),
+        );
+        let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F));
+        let v = _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(f32::NAN));
+        let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80)));
+        let v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+        // NaN codes stay themselves (see `dtype::dequant`).
+        _mm512_mask_mov_ps(_mm512_mul_ps(v, scale), nan, v)
+    }
+
+    /// f32 -> bf16 bits, round to nearest even, NaN quietened (as `dtype::f32_to_bf16`).
+    #[inline(always)]
+    unsafe fn to_bf16(v: __m512) -> __m256i {
+        let bits = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+            bits,
+            _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
+        ));
+        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn fp8(src: &[u8], scales: &[u8], out: DType, dst: &mut [u8]) {
+        for (block, &s) in scales.iter().enumerate() {
+            let scale = _mm512_set1_ps(crate::dtype::ue8m0_to_f32(s));
+            for half in 0..FP8_BLOCK / 16 {
+                let i = block * FP8_BLOCK + half * 16;
+                let v = dequant16(_mm_loadu_si128(src.as_ptr().add(i) as *const _), scale);
+                match out {
+                    DType::F32 => _mm512_storeu_ps(dst.as_mut_ptr().add(i * 4) as *mut f32, v),
+                    DType::BF16 => {
+                        _mm256_storeu_si256(dst.as_mut_ptr().add(i * 2) as *mut _, to_bf16(v))
+                    }
+                    _ => _mm256_storeu_si256(
+                        dst.as_mut_ptr().add(i * 2) as *mut _,
+                        _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v),
+                    ),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table_of(
+        dtype: DType,
+        rows: usize,
+        dim: usize,
+        bytes: &mut [u8],
+        scales: &mut [u8],
+    ) -> HostTable {
+        // SAFETY: the buffers outlive the table within each test.
+        unsafe {
+            HostTable::from_raw(
+                bytes.as_mut_ptr(),
+                scales.as_mut_ptr(),
+                rows,
+                dim,
+                dtype,
+                false,
+            )
+            .unwrap()
+        }
+    }
+
+    #[test]
+    fn simd_gathers_match_scalar_for_every_dtype_pair() {
+        let (rows, dim) = (300, 96);
+        let mut state = 0x1234_5678_9ABC_DEF0u64;
+        let mut bytes: Vec<u8> = (0..rows * dim * 4)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        // Scale bytes over the whole range, 0 and 254 and the NaN byte included.
+        let mut scales: Vec<u8> = (0..rows * dim / FP8_BLOCK)
+            .map(|i| (i * 37 % 256) as u8)
+            .collect();
+        let idx: Vec<i64> = (0..2000).map(|i| (i * 7919 % rows) as i64).collect();
+        for dt in [DType::F32, DType::F16, DType::BF16, DType::F8E4M3] {
+            let table = table_of(dt, rows, dim, &mut bytes, &mut scales);
+            for out in [DType::F32, DType::F16, DType::BF16] {
+                let n = idx.len() * dim * out.size();
+                let (mut fast, mut slow) = (vec![0u8; n], vec![1u8; n]);
+                gather(&table, &idx, &mut fast, out, Backend::Auto).unwrap();
+                gather(&table, &idx, &mut slow, out, Backend::Scalar).unwrap();
+                assert!(fast == slow, "{dt:?} -> {out:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_indices_write_nothing() {
+        let mut bytes = vec![0u8; 10 * 4 * 4];
+        let table = table_of(DType::F32, 10, 4, &mut bytes, &mut []);
+        let mut out = vec![7u8; 3 * 16];
+        let err = gather(&table, &[1i64, 10, -1], &mut out, DType::F32, Backend::Auto).unwrap_err();
+        assert_eq!(
+            err,
+            EngramError::IndexOutOfRange {
+                value: 10,
+                index: 1,
+                rows: 10
+            }
+        );
+        assert!(out.iter().all(|&b| b == 7));
+        let err = gather(&table, &[1i64, 2, -1], &mut out, DType::F32, Backend::Auto).unwrap_err();
+        assert_eq!(
+            err,
+            EngramError::IndexOutOfRange {
+                value: -1,
+                index: 2,
+                rows: 10
+            }
+        );
+    }
+}

@@ -1,0 +1,497 @@
+//! Bindings of host tables: `TableCore` (open/create/wrap, gather, write) and `PrefetchCore`.
+
+use crate::{pooled_array, to_pyerr};
+use engram_core::dtype::DType;
+use engram_core::gather::gather;
+use engram_core::hashing::{Backend, IdElem};
+use engram_core::prefetch::{spawn, Ticket};
+use engram_core::table::{HostTable, Init, Mode};
+use engram_core::EngramError;
+use numpy::{
+    PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+/// A table and the Python objects whose memory it uses (kept alive while any job runs).
+struct Shared {
+    table: RwLock<HostTable>,
+    _owners: Vec<Py<PyAny>>,
+}
+
+fn dtype(name: &str) -> PyResult<DType> {
+    DType::parse(name).map_err(|e| to_pyerr(e, &[]))
+}
+
+/// A C-contiguous numpy array's data pointer and byte length.
+fn raw_bytes(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(*mut u8, usize, bool)> {
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be C-contiguous: pass numpy.ascontiguousarray(...) / tensor.contiguous()"
+        )));
+    }
+    let nbytes = arr.len() * arr.dtype().itemsize();
+    // SAFETY: reading the numpy struct fields of a live array (GIL held).
+    let (ptr, flags) = unsafe {
+        let raw = arr.as_array_ptr();
+        ((*raw).fields.data as *mut u8, (*raw).fields.flags)
+    };
+    Ok((ptr, nbytes, flags & numpy::npyffi::NPY_ARRAY_WRITEABLE != 0))
+}
+
+/// Indices as a slice of i32 or i64, or a TypeError.
+macro_rules! with_indices {
+    ($idx:expr, |$slice:ident| $body:expr) => {{
+        if let Ok(a) = $idx.cast::<PyArrayDyn<i64>>() {
+            let ro = a.try_readonly()?;
+            let $slice = ro.as_slice()?;
+            $body
+        } else if let Ok(a) = $idx.cast::<PyArrayDyn<i32>>() {
+            let ro = a.try_readonly()?;
+            let $slice = ro.as_slice()?;
+            $body
+        } else {
+            Err(PyTypeError::new_err(
+                "indices must be an int32 or int64 numpy array",
+            ))
+        }
+    }};
+}
+
+#[pyclass(module = "engram_rs._engram_rs")]
+pub struct TableCore {
+    shared: Option<Arc<Shared>>,
+}
+
+impl TableCore {
+    fn shared(&self) -> PyResult<&Arc<Shared>> {
+        self.shared
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err("this HostTable is closed"))
+    }
+
+    fn wrap(table: HostTable, owners: Vec<Py<PyAny>>) -> Self {
+        Self {
+            shared: Some(Arc::new(Shared {
+                table: RwLock::new(table),
+                _owners: owners,
+            })),
+        }
+    }
+
+    fn with_table<R>(&self, f: impl FnOnce(&HostTable) -> R) -> PyResult<R> {
+        let t = self
+            .shared()?
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(f(&t))
+    }
+}
+
+fn gather_into<I: IdElem>(
+    shared: &Shared,
+    idx: &[I],
+    out: &mut [u8],
+    out_dtype: DType,
+    backend: Backend,
+) -> Result<(), EngramError> {
+    let t = shared.table.read().unwrap_or_else(|e| e.into_inner());
+    gather(&t, idx, out, out_dtype, backend)
+}
+
+#[pymethods]
+impl TableCore {
+    #[staticmethod]
+    #[pyo3(signature = (path, name=None, scales=None, mode="mmap", writable=false))]
+    fn open(
+        py: Python<'_>,
+        path: PathBuf,
+        name: Option<String>,
+        scales: Option<String>,
+        mode: &str,
+        writable: bool,
+    ) -> PyResult<Self> {
+        let mode = Mode::parse(mode).map_err(|e| to_pyerr(e, &[]))?;
+        let table = py
+            .detach(|| HostTable::open(&path, name.as_deref(), scales.as_deref(), mode, writable))
+            .map_err(|e| to_pyerr(e, &[]))?;
+        Ok(Self::wrap(table, Vec::new()))
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (path, rows, dim, dtype, init, std, seed, name, progress=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        py: Python<'_>,
+        path: PathBuf,
+        rows: usize,
+        dim: usize,
+        dtype: &str,
+        init: &str,
+        std: f32,
+        seed: u64,
+        name: &str,
+        progress: bool,
+    ) -> PyResult<Self> {
+        let dt = self::dtype(dtype)?;
+        let init = match init {
+            "zeros" => Init::Zeros,
+            "normal" => Init::Normal { std, seed },
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown init {other:?}: use \"normal\" (with std, seed) or \"zeros\""
+                )))
+            }
+        };
+        let report = move |done: usize| {
+            if progress {
+                eprint!("\rengram_rs: initialising {done}/{rows} rows");
+                if done == rows {
+                    eprintln!();
+                }
+            }
+        };
+        let table = py
+            .detach(|| HostTable::create(&path, rows, dim, dt, init, name, Some(&report)))
+            .map_err(|e| to_pyerr(e, &[]))?;
+        Ok(Self::wrap(table, Vec::new()))
+    }
+
+    /// Wraps `values` (and `scales`) without copying; the arrays stay referenced by the table.
+    #[staticmethod]
+    #[pyo3(signature = (values, scales, rows, dim, dtype))]
+    fn from_buffers(
+        values: &Bound<'_, PyUntypedArray>,
+        scales: Option<&Bound<'_, PyUntypedArray>>,
+        rows: usize,
+        dim: usize,
+        dtype: &str,
+    ) -> PyResult<Self> {
+        let dt = self::dtype(dtype)?;
+        let (vptr, vlen, vw) = raw_bytes(values, "values")?;
+        if vlen != rows * dim * dt.size() {
+            return Err(PyValueError::new_err(format!(
+                "values hold {vlen} bytes, a {rows} x {dim} {} table needs {}",
+                dt.name(),
+                rows * dim * dt.size()
+            )));
+        }
+        let mut owners = vec![values.clone().into_any().unbind()];
+        let (sptr, sw) = match (dt, scales) {
+            (DType::F8E4M3, Some(s)) => {
+                let (p, len, w) = raw_bytes(s, "scales")?;
+                let need = rows * (dim / engram_core::dtype::FP8_BLOCK);
+                if len != need || !dim.is_multiple_of(engram_core::dtype::FP8_BLOCK) {
+                    return Err(PyValueError::new_err(format!(
+                        "scales hold {len} bytes; an FP8 {rows} x {dim} table needs one UE8M0 byte \
+                         per 32 values: [{rows}, {}] uint8",
+                        dim / engram_core::dtype::FP8_BLOCK
+                    )));
+                }
+                owners.push(s.clone().into_any().unbind());
+                (p, w)
+            }
+            (DType::F8E4M3, None) => {
+                return Err(PyValueError::new_err(
+                    "an FP8 table needs scales: uint8 [rows, dim // 32] UE8M0 bytes",
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(PyValueError::new_err(format!(
+                    "scales are only for FP8 tables, this one is {}",
+                    dt.name()
+                )))
+            }
+            (_, None) => (std::ptr::null_mut(), true),
+        };
+        // SAFETY: the arrays' memory holds the checked byte counts and stays alive as long as
+        // the table, because `owners` keeps the arrays referenced inside `Shared`.
+        let table = unsafe { HostTable::from_raw(vptr, sptr, rows, dim, dt, vw && sw) }
+            .map_err(|e| to_pyerr(e, &[]))?;
+        Ok(Self::wrap(table, owners))
+    }
+
+    #[getter]
+    fn rows(&self) -> PyResult<usize> {
+        self.with_table(|t| t.rows)
+    }
+
+    #[getter]
+    fn dim(&self) -> PyResult<usize> {
+        self.with_table(|t| t.dim)
+    }
+
+    #[getter]
+    fn dtype(&self) -> PyResult<&'static str> {
+        self.with_table(|t| t.dtype.name())
+    }
+
+    #[getter]
+    fn nbytes(&self) -> PyResult<usize> {
+        self.with_table(|t| t.nbytes())
+    }
+
+    #[getter]
+    fn mode(&self) -> PyResult<&'static str> {
+        self.with_table(|t| t.mode.name())
+    }
+
+    #[getter]
+    fn writable(&self) -> PyResult<bool> {
+        self.with_table(|t| t.writable())
+    }
+
+    #[getter]
+    fn path(&self) -> PyResult<Option<PathBuf>> {
+        self.with_table(|t| t.path().map(|p| p.to_path_buf()))
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.shared.is_none()
+    }
+
+    /// Gathers rows `idx` (int32/int64, C-contiguous, any shape) into `out`, a C-contiguous
+    /// array of `idx.size * dim` values of `out_dtype` (viewed as bytes).
+    #[pyo3(signature = (idx, out, out_dtype, scalar=false))]
+    fn gather(
+        &self,
+        py: Python<'_>,
+        idx: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyUntypedArray>,
+        out_dtype: &str,
+        scalar: bool,
+    ) -> PyResult<()> {
+        let shared = self.shared()?.clone();
+        let od = dtype(out_dtype)?;
+        let (ptr, len, writable) = raw_bytes(out, "out")?;
+        if !writable {
+            return Err(PyValueError::new_err("out is read-only"));
+        }
+        let shape = idx.cast::<PyUntypedArray>()?.shape().to_vec();
+        let backend = if scalar {
+            Backend::Scalar
+        } else {
+            Backend::Auto
+        };
+        with_indices!(idx, |slice| {
+            // SAFETY: `out` is a live, writable, C-contiguous array of `len` bytes, borrowed for
+            // this call (callers must not use it from another thread meanwhile).
+            let out = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+            py.detach(|| gather_into(&shared, slice, out, od, backend))
+                .map_err(|e| to_pyerr(e, &shape))
+        })
+    }
+
+    /// Gathers into a new pooled `[idx.size, dim * itemsize]` uint8 array (view it as needed).
+    fn gather_new<'py>(
+        &self,
+        py: Python<'py>,
+        idx: &Bound<'py, PyAny>,
+        out_dtype: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let od = dtype(out_dtype)?;
+        let (n, row) = (idx.cast::<PyUntypedArray>()?.len(), self.dim()? * od.size());
+        // SAFETY: `gather` writes every byte before the array is returned; on error it is dropped.
+        let out = unsafe { pooled_array::<u8>(py, n, row)? };
+        self.gather(py, idx, out.as_untyped(), out_dtype, false)?;
+        Ok(out.into_any())
+    }
+
+    /// Starts a gather on the library's background pool and returns at once. `out`, if given,
+    /// must not be read or written until `wait()`; otherwise a pooled array is allocated.
+    #[pyo3(signature = (idx, out_dtype, out=None))]
+    fn prefetch(
+        &self,
+        py: Python<'_>,
+        idx: &Bound<'_, PyAny>,
+        out_dtype: &str,
+        out: Option<&Bound<'_, PyUntypedArray>>,
+    ) -> PyResult<PrefetchCore> {
+        let shared = self.shared()?.clone();
+        let od = dtype(out_dtype)?;
+        let idx_arr = idx.cast::<PyUntypedArray>()?;
+        let shape = idx_arr.shape().to_vec();
+        // The indices are copied: the caller may reuse its array as soon as this returns.
+        let indices: Vec<i64> = if let Ok(a) = idx.cast::<PyArrayDyn<i64>>() {
+            a.try_readonly()?.as_slice()?.to_vec()
+        } else if let Ok(a) = idx.cast::<PyArrayDyn<i32>>() {
+            a.try_readonly()?
+                .as_slice()?
+                .iter()
+                .map(|&v| v as i64)
+                .collect()
+        } else {
+            return Err(PyTypeError::new_err(
+                "indices must be an int32 or int64 numpy array",
+            ));
+        };
+        let out: Bound<'_, PyUntypedArray> = match out {
+            Some(o) => o.clone(),
+            // SAFETY: the job writes every byte before `wait()` hands the array out.
+            None => unsafe { pooled_array::<u8>(py, indices.len(), self.dim()? * od.size())? }
+                .as_untyped()
+                .clone(),
+        };
+        let (ptr, len, writable) = raw_bytes(&out, "out")?;
+        if !writable {
+            return Err(PyValueError::new_err("out is read-only"));
+        }
+        let addr = ptr as usize;
+        // The job keeps its own reference to the output, so dropping the Prefetch early is safe
+        // (the reference is released without the GIL; PyO3 defers the decref).
+        let keep = out.clone().into_any().unbind();
+        let ticket = spawn(move || {
+            // SAFETY: `keep` holds the output array alive until the job ends; callers must not
+            // touch it before `wait()`.
+            let out = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+            let result = gather_into(&shared, &indices, out, od, Backend::Auto);
+            drop(keep);
+            result
+        });
+        Ok(PrefetchCore {
+            ticket,
+            out: out.into_any().unbind(),
+            shape,
+        })
+    }
+
+    /// Overwrites rows `idx` (int64) with `values` (bytes of `dim` table-dtype values per row)
+    /// and, for FP8, `scales`.
+    #[pyo3(signature = (idx, values, scales=None))]
+    fn write_rows(
+        &self,
+        py: Python<'_>,
+        idx: &Bound<'_, PyArrayDyn<i64>>,
+        values: &Bound<'_, PyUntypedArray>,
+        scales: Option<&Bound<'_, PyUntypedArray>>,
+    ) -> PyResult<()> {
+        let shared = self.shared()?.clone();
+        let shape = idx.shape().to_vec();
+        let idx = idx.try_readonly()?;
+        let idx = idx.as_slice()?;
+        let (vp, vl, _) = raw_bytes(values, "values")?;
+        let (sp, sl) = match scales {
+            Some(s) => {
+                let (p, l, _) = raw_bytes(s, "scales")?;
+                (p as *const u8, l)
+            }
+            None => (std::ptr::NonNull::<u8>::dangling().as_ptr() as *const u8, 0),
+        };
+        // SAFETY: both arrays are live and C-contiguous with the given byte lengths.
+        let (values, scales) = unsafe {
+            (
+                std::slice::from_raw_parts(vp, vl),
+                std::slice::from_raw_parts(sp, sl),
+            )
+        };
+        py.detach(|| {
+            let mut t = shared.table.write().unwrap_or_else(|e| e.into_inner());
+            t.write_rows(idx, values, scales)
+        })
+        .map_err(|e| to_pyerr(e, &shape))
+    }
+
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let shared = self.shared()?.clone();
+        py.detach(|| {
+            shared
+                .table
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .flush()
+        })
+        .map_err(|e| to_pyerr(e, &[]))
+    }
+
+    /// Releases the table; waits for gathers still running on it.
+    fn close(&mut self, py: Python<'_>) {
+        if let Some(shared) = self.shared.take() {
+            py.detach(|| {
+                // Each running job holds a clone; the memory goes when the last one finishes.
+                while Arc::strong_count(&shared) > 1 {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            });
+        }
+    }
+}
+
+/// A gather running in the background.
+#[pyclass(module = "engram_rs._engram_rs")]
+pub struct PrefetchCore {
+    ticket: Ticket,
+    out: Py<PyAny>,
+    shape: Vec<usize>,
+}
+
+#[pymethods]
+impl PrefetchCore {
+    fn done(&self) -> bool {
+        self.ticket.done()
+    }
+
+    /// Waits (without the GIL) and returns the output array; raises the gather's error.
+    fn wait(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let ticket = self.ticket.clone();
+        py.detach(|| ticket.wait())
+            .map_err(|e| to_pyerr(e, &self.shape))?;
+        Ok(self.out.clone_ref(py))
+    }
+}
+
+/// Rounds float32 values to `dtype` ("float16"/"bfloat16", nearest even) as raw bytes.
+#[pyfunction]
+pub fn cast_f32<'py>(
+    py: Python<'py>,
+    values: numpy::PyReadonlyArrayDyn<'py, f32>,
+    dtype: &str,
+) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
+    let dt = self::dtype(dtype)?;
+    if !dt.is_output() {
+        return Err(PyValueError::new_err("use quantize_fp8 for FP8 tables"));
+    }
+    let src = values.as_slice()?;
+    let mut out = vec![0u8; src.len() * dt.size()];
+    py.detach(|| engram_core::dtype::f32_to_row(dt, src, &mut out));
+    Ok(numpy::PyArray1::from_vec(py, out))
+}
+
+/// Quantizes float32 rows [n, dim] to E4M3 codes and UE8M0 block scales (DeepSeek's scheme:
+/// per block of 32, the smallest power of two that fits the block in E4M3's range).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+pub fn quantize_fp8<'py>(
+    py: Python<'py>,
+    values: numpy::PyReadonlyArray2<'py, f32>,
+) -> PyResult<(
+    Bound<'py, numpy::PyArray1<u8>>,
+    Bound<'py, numpy::PyArray1<u8>>,
+)> {
+    let dim = values.shape()[1];
+    if !dim.is_multiple_of(engram_core::dtype::FP8_BLOCK) {
+        return Err(PyValueError::new_err(format!(
+            "FP8 rows need dim to be a multiple of 32, got {dim}"
+        )));
+    }
+    let src = values.as_slice()?;
+    let mut codes = vec![0u8; src.len()];
+    let mut scales = vec![0u8; src.len() / engram_core::dtype::FP8_BLOCK];
+    py.detach(|| {
+        let per_row = dim / engram_core::dtype::FP8_BLOCK;
+        for ((v, c), s) in src
+            .chunks(dim.max(1))
+            .zip(codes.chunks_mut(dim.max(1)))
+            .zip(scales.chunks_mut(per_row.max(1)))
+        {
+            engram_core::dtype::quantize_row(v, c, s);
+        }
+    });
+    Ok((
+        numpy::PyArray1::from_vec(py, codes),
+        numpy::PyArray1::from_vec(py, scales),
+    ))
+}
