@@ -98,3 +98,138 @@ def environment() -> str:
         pass
     path = "AVX-512" if simd_available() else "scalar"
     return f"{cpu}, {os.cpu_count()} cores, hashing path: {path}"
+
+
+def _gather_baselines(
+    table: Any, path: str, name: str, dtype: str, mode: str, idx: np.ndarray, repeats: int
+) -> dict[str, tuple[float, int]]:
+    """Seconds (best of ``repeats``) and bytes moved for engram_rs and each baseline."""
+    import torch
+
+    from .safetensors_view import tensor_memmap
+
+    rows_bytes = table.dim * {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3": 1}[dtype]
+    scale_bytes = table.dim // 32 if dtype == "float8_e4m3" else 0
+    moved = idx.size * (rows_bytes + scale_bytes)
+    view: np.ndarray = tensor_memmap(path, name)
+    scales_view: np.ndarray = tensor_memmap(path, f"{name}_scale") if scale_bytes else view[:0]
+    if mode == "resident":
+        # The baselines get the same advantage: an in-memory copy, not the map.
+        view, scales_view = np.array(view), np.array(scales_view)
+    out_np = np.empty((idx.size, view.shape[1]), dtype=view.dtype)
+    res: dict[str, tuple[float, int]] = {}
+    t_idx = torch.from_numpy(idx)
+    torch_table = torch.from_numpy(np.asarray(view))
+    if dtype == "bfloat16":
+        torch_table = torch_table.view(torch.bfloat16)
+    if dtype == "float8_e4m3":
+        out = torch.empty((idx.size, table.dim), dtype=torch.bfloat16)
+        res["engram_rs (FP8 -> bf16, into out)"] = (
+            best_of(lambda: table.gather(idx, out=out), repeats),
+            moved,
+        )
+        codes = torch_table.view(torch.float8_e4m3fn)
+        sc = torch.from_numpy(scales_view).view(torch.float8_e8m0fnu)
+
+        def torch_dequant() -> Any:
+            rows = codes.index_select(0, t_idx).float().view(idx.size, -1, 32)
+            s = sc.index_select(0, t_idx).float()
+            return (rows * s[..., None]).view(idx.size, -1).to(torch.bfloat16)
+
+        res["torch ops (index_select + dequant)"] = (best_of(torch_dequant, repeats), moved)
+        out_sc = np.empty((idx.size, scale_bytes), np.uint8)
+
+        def numpy_take() -> None:
+            np.take(view, idx, axis=0, out=out_np)
+            np.take(scales_view, idx, axis=0, out=out_sc)
+
+        res["numpy.take (raw bytes, no dequant)"] = (best_of(numpy_take, repeats), moved)
+    else:
+        out_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        out = torch.empty((idx.size, table.dim), dtype=out_dtype[dtype])
+        res["engram_rs (into out)"] = (best_of(lambda: table.gather(idx, out=out), repeats), moved)
+        new_dtype = "bfloat16" if dtype == "bfloat16" else None
+        res["engram_rs (new array)"] = (
+            best_of(lambda: table.gather(idx, out_dtype=new_dtype), repeats),
+            moved,
+        )
+        res["numpy.take"] = (best_of(lambda: np.take(view, idx, axis=0), repeats), moved)
+        res["numpy.take (into out)"] = (
+            best_of(lambda: np.take(view, idx, axis=0, out=out_np), repeats),
+            moved,
+        )
+        res["torch.index_select"] = (
+            best_of(lambda: torch.index_select(torch_table, 0, t_idx), repeats),
+            moved,
+        )
+        t_out = torch.empty_like(out)
+        res["torch.index_select (into out)"] = (
+            best_of(lambda: torch.index_select(torch_table, 0, t_idx, out=t_out), repeats),
+            moved,
+        )
+    src = np.empty(moved, np.uint8)
+    dst = np.empty(moved, np.uint8)
+    src.fill(1)
+    res["memcpy (1 thread, same bytes)"] = (best_of(lambda: np.copyto(dst, src), repeats), moved)
+    return res
+
+
+def bench_gather(
+    rows: int | None = None,
+    dim: int = 64,
+    dtype: str = "float32",
+    batch: int = 1 << 20,
+    mode: str = "resident",
+    repeats: int = 5,
+    path: str | None = None,
+    table_gib: float = 4.0,
+) -> list[dict[str, Any]]:
+    """GB/s and M rows/s of random row gathers: engram_rs against numpy, torch and memcpy."""
+    import os
+    import tempfile
+
+    import torch
+
+    from .table import HostTable
+
+    row_bytes = dim * {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3": 1}[dtype]
+    if dtype == "float8_e4m3":
+        row_bytes += dim // 32
+    if rows is None:
+        rows = int(table_gib * 2**30) // row_bytes + 1
+    tmpdir = None
+    if path is None:
+        tmpdir = tempfile.TemporaryDirectory(prefix="engram-bench-")
+        path = os.path.join(tmpdir.name, "table.safetensors")
+    try:
+        if not os.path.exists(path):
+            HostTable.create(path, rows, dim, dtype=dtype, init="normal", seed=0).close()
+        scales = "weight_scale" if dtype == "float8_e4m3" else None
+        table = HostTable.open(path, name="weight", scales=scales, mode=mode)
+        if mode == "mmap":
+            # "A file already in the page cache": read it once through the map.
+            table.gather(np.arange(0, table.rows, max(1, 4096 // row_bytes)))
+        idx = np.random.default_rng(0).integers(0, table.rows, size=batch, dtype=np.int64)
+        torch.set_num_threads(os.cpu_count() or 1)
+        timings = _gather_baselines(table, path, "weight", dtype, mode, idx, repeats)
+        table.close()
+    finally:
+        if tmpdir is not None:
+            tmpdir.cleanup()
+    ours = next(v for k, v in timings.items() if k.startswith("engram_rs"))[0]
+    # Ratios against each baseline as users call it (a new result) and into a given output.
+    base_np = next(v[0] for k, v in timings.items() if k.startswith("numpy"))
+    base_torch = next(v[0] for k, v in timings.items() if k.startswith("torch"))
+    rows_out = []
+    for what, (secs, moved) in timings.items():
+        rows_out.append(
+            {
+                "what": what,
+                "GB/s": moved / secs / 1e9,
+                "M rows/s": batch / secs / 1e6,
+                "x numpy.take": base_np / secs,
+                "x torch": base_torch / secs,
+                "time / engram_rs": secs / ours,
+            }
+        )
+    return rows_out

@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from .bench import PRESET_VOCAB, bench_hashing, environment, format_table
+from .bench import PRESET_VOCAB, bench_gather, bench_hashing, environment, format_table
 from .config import PRESETS, EngramConfig
 from .hashing import NgramHasher
 
@@ -31,6 +31,26 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     print(f"machine: {environment()}")
+    if args.what == "gather":
+        import os
+
+        if args.threads:
+            os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+        rows = bench_gather(
+            args.rows,
+            args.dim,
+            args.dtype,
+            args.batch_rows,
+            args.mode,
+            args.repeats,
+            args.path,
+            args.table_gib,
+        )
+        print(
+            f"random gathers of {args.batch_rows} rows, {args.dtype} dim {args.dim}, "
+            f"{args.mode} table of >= {args.table_gib} GiB, best of {args.repeats}"
+        )
+        print(format_table(rows))
     if args.what == "hash":
         rows = bench_hashing(args.preset or list(PRESETS), args.batch, args.seqlen, args.repeats)
         print(
@@ -50,11 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--repeats", type=int, default=5)
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="throughput benchmarks against baselines")
-    bench.add_argument("what", choices=["hash"])
+    bench.add_argument("what", choices=["hash", "gather"])
     bench.add_argument("--preset", action="append", choices=list(PRESETS))
     bench.add_argument("--batch", type=int, default=16)
     bench.add_argument("--seqlen", type=int, default=8192)
     bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--dtype", default="float32", help="gather: table dtype")
+    bench.add_argument("--dim", type=int, default=64, help="gather: values per row")
+    bench.add_argument("--rows", type=int, default=None, help="gather: table rows")
+    bench.add_argument("--table-gib", type=float, default=4.0, help="gather: size if no --rows")
+    bench.add_argument("--batch-rows", type=int, default=1 << 20, help="gather: rows per call")
+    bench.add_argument("--mode", choices=["resident", "mmap"], default="resident")
+    bench.add_argument("--threads", type=int, default=0, help="gather: threads (0: all cores)")
+    bench.add_argument("--path", default=None, help="gather: reuse this table file")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     for opt in ("batch", "seqlen", "repeats"):
