@@ -244,12 +244,62 @@ mod avx512 {
         _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet))
     }
 
+    /// bfloat16 bits of each E4M3 magnitude code (scale 1); 0x7F (NaN) is patched later.
+    const BF16_OF_E4M3: [u16; 128] = {
+        let mut lut = [0u16; 128];
+        let mut code = 1;
+        while code < 127 {
+            let (e, m) = (code >> 3, (code & 7) as u16);
+            lut[code] = if e > 0 {
+                ((e as u16 + 120) << 7) | (m << 4)
+            } else {
+                // m * 2**-9: normalise the 3-bit mantissa.
+                let top = 15 - m.leading_zeros() as u16; // 0..=2
+                ((118 + top) << 7) | (((m << (3 - top)) & 7) << 4)
+            };
+            code += 1;
+        }
+        lut
+    };
+
+    /// One block of 32 E4M3 values straight to bfloat16: e4m3 * 2**k is exact in bfloat16, so
+    /// the result is the table entry with `k = s - 127` added to its exponent field (zero codes
+    /// excepted). Valid while every exponent stays normal: 118 + k >= 1 and 135 + k <= 254.
+    #[inline(always)]
+    unsafe fn fp8_block_bf16(src: *const u8, s: u8, lut: &[__m512i; 4], dst: *mut u8) -> bool {
+        if !(10..=246).contains(&s) {
+            return false;
+        }
+        let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(src as *const _));
+        let mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7F));
+        let lo = _mm512_permutex2var_epi16(lut[0], mag, lut[1]);
+        let hi = _mm512_permutex2var_epi16(lut[2], mag, lut[3]);
+        let v =
+            _mm512_mask_blend_epi16(_mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40)), lo, hi);
+        let nonzero = _mm512_test_epi16_mask(mag, mag);
+        let v = _mm512_mask_add_epi16(v, nonzero, v, _mm512_set1_epi16(((s as i16) - 127) << 7));
+        let nan = _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7F));
+        let v = _mm512_mask_mov_epi16(v, nan, _mm512_set1_epi16(0x7FC0));
+        let sign = _mm512_slli_epi16::<8>(_mm512_and_si512(w, _mm512_set1_epi16(0x80)));
+        _mm512_storeu_si512(dst as *mut _, _mm512_or_si512(v, sign));
+        true
+    }
+
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn fp8(src: &[u8], scales: &[u8], out: DType, dst: &mut [u8]) {
+        let lut: [__m512i; 4] = std::array::from_fn(|i| {
+            _mm512_loadu_si512(BF16_OF_E4M3.as_ptr().add(32 * i) as *const _)
+        });
         for (block, &s) in scales.iter().enumerate() {
+            let i = block * FP8_BLOCK;
+            if out == DType::BF16
+                && fp8_block_bf16(src.as_ptr().add(i), s, &lut, dst.as_mut_ptr().add(i * 2))
+            {
+                continue;
+            }
             let scale = _mm512_set1_ps(crate::dtype::ue8m0_to_f32(s));
             for half in 0..FP8_BLOCK / 16 {
-                let i = block * FP8_BLOCK + half * 16;
+                let i = i + half * 16;
                 let v = dequant16(_mm_loadu_si128(src.as_ptr().add(i) as *const _), scale);
                 match out {
                     DType::F32 => _mm512_storeu_ps(dst.as_mut_ptr().add(i * 4) as *mut f32, v),
