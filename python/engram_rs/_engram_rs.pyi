@@ -1,3 +1,4 @@
+from os import PathLike
 from typing import Any, final
 
 import numpy as np
@@ -7,7 +8,12 @@ __all__ = [
     "PooledBuffer",
     "__version__",
     "clear_buffer_pool",
+    "compress_file",
+    "compress_json",
+    "fingerprint_file",
+    "fingerprint_json",
     "layer_primes",
+    "normalize",
     "simd_available",
 ]
 __version__: str
@@ -17,6 +23,11 @@ def layer_primes(
 ) -> list[list[list[int]]]: ...
 def simd_available() -> bool: ...
 def clear_buffer_pool() -> int: ...
+def compress_file(path: str | PathLike[str]) -> tuple[np.ndarray[Any, Any], int, str]: ...
+def compress_json(json: str) -> tuple[np.ndarray[Any, Any], int, str]: ...
+def fingerprint_file(path: str | PathLike[str]) -> str: ...
+def fingerprint_json(json: str) -> str: ...
+def normalize(text: str) -> str: ...
 
 @final
 class PooledBuffer: ...

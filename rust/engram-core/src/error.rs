@@ -24,6 +24,16 @@ pub enum EngramError {
         vocab: u64,
         raw: bool,
     },
+    /// A file that does not exist (maps to `FileNotFoundError`).
+    #[error("{path}: no such file: pass the path of an existing file")]
+    FileNotFound { path: String },
+    /// A file that exists but cannot be read (maps to `OSError`).
+    #[error("cannot read {path}: {reason}")]
+    Io { path: String, reason: String },
+    /// A tokenizer that cannot be loaded or decoded; `origin` names where it came from (maps to
+    /// `ValueError`).
+    #[error("{origin}: {reason}")]
+    Tokenizer { origin: String, reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, EngramError>;

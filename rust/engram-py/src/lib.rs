@@ -9,11 +9,13 @@ use numpy::ndarray::ArrayView2;
 use numpy::{
     Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadwriteArray2, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyIndexError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+mod compress;
+
 /// Maps a core error to the Python exception users expect; `shape` unravels flat id positions.
-fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
+pub(crate) fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
     match err {
         EngramError::IdOutOfRange {
             value,
@@ -44,6 +46,8 @@ fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
                 if shape.len() == 1 { "," } else { "" }
             ))
         }
+        EngramError::FileNotFound { .. } => PyFileNotFoundError::new_err(err.to_string()),
+        EngramError::Io { .. } => PyOSError::new_err(err.to_string()),
         other => PyValueError::new_err(other.to_string()),
     }
 }
@@ -316,5 +320,6 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(clear_buffer_pool, m)?)?;
     m.add_class::<PooledBuffer>()?;
     m.add_class::<HasherCore>()?;
+    compress::register(m)?;
     Ok(())
 }
