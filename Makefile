@@ -44,6 +44,7 @@ lint: develop
 ## bench: throughput against numpy/torch baselines in the same run (prints ratios)
 bench: develop
 	$(PY) -m engram_rs bench hash
+	$(PY) -m engram_rs bench compress
 	$(PY) -m pytest benches --benchmark-enable --benchmark-only -q
 	cargo bench -p engram-core --bench hashing -- --warm-up-time 1 --measurement-time 3
 
