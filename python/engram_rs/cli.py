@@ -32,7 +32,8 @@ def _demo_tokenizer() -> None:
         f"DeepSeek-V4 tokenizer: {comp.vocab_size} ids -> {len(comp)} compressed ids "
         f"({saved:.1%} fewer)"
     )
-    enc = Tokenizer.from_file(path).encode(SENTENCE, add_special_tokens=False)
+    tok = Tokenizer.from_file(path)
+    enc = tok.encode(SENTENCE, add_special_tokens=False)
     raw = np.array(enc.ids, dtype=np.int64)
     cfg = EngramConfig.preset("deepseek-v4.1-flash")
     h = NgramHasher.from_tokenizer(cfg, comp)
@@ -41,12 +42,12 @@ def _demo_tokenizer() -> None:
     print(f"{SENTENCE!r}, deepseek-v4.1-flash layer {layer}, first 4 of {h.cols} hash ids:")
     rows = [
         {
-            "token": repr(tok),
+            "token": repr(tok.decode([int(r)])),
             "raw id": int(r),
             "compressed id": int(c),
             "hash ids": " ".join(str(int(x)) for x in hashed[i, :4]),
         }
-        for i, (tok, r, c) in enumerate(zip(enc.tokens, raw, comp(raw), strict=True))
+        for i, (r, c) in enumerate(zip(raw, comp(raw), strict=True))
     ]
     print(format_table(rows))
 
