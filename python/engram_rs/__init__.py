@@ -1,12 +1,14 @@
 """engram_rs: Rust-accelerated DeepSeek Engram conditional memory."""
 
 from ._engram_rs import __version__, clear_buffer_pool, simd_available
+from .compress import CompressedTokenizer, normalize
 from .config import PRESETS, EngramConfig
 from .hashing import HashState, NgramHasher, layer_multipliers
 from .table import HostTable, Prefetch
 
 __all__ = [
     "PRESETS",
+    "CompressedTokenizer",
     "EngramConfig",
     "HashState",
     "HostTable",
@@ -15,5 +17,6 @@ __all__ = [
     "__version__",
     "clear_buffer_pool",
     "layer_multipliers",
+    "normalize",
     "simd_available",
 ]

@@ -1,3 +1,4 @@
+from os import PathLike
 from typing import Any, final
 
 import numpy as np
@@ -10,7 +11,12 @@ __all__ = [
     "__version__",
     "cast_f32",
     "clear_buffer_pool",
+    "compress_file",
+    "compress_json",
+    "fingerprint_file",
+    "fingerprint_json",
     "layer_primes",
+    "normalize",
     "quantize_fp8",
     "simd_available",
 ]
@@ -21,6 +27,11 @@ def layer_primes(
 ) -> list[list[list[int]]]: ...
 def simd_available() -> bool: ...
 def clear_buffer_pool() -> int: ...
+def compress_file(path: str | PathLike[str]) -> tuple[np.ndarray[Any, Any], int, str]: ...
+def compress_json(json: str) -> tuple[np.ndarray[Any, Any], int, str]: ...
+def fingerprint_file(path: str | PathLike[str]) -> str: ...
+def fingerprint_json(json: str) -> str: ...
+def normalize(text: str) -> str: ...
 
 @final
 class PooledBuffer: ...

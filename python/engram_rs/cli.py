@@ -6,13 +6,57 @@ import argparse
 
 import numpy as np
 
-from .bench import PRESET_VOCAB, bench_gather, bench_hashing, environment, format_table
+from .bench import (
+    PRESET_VOCAB,
+    bench_compress,
+    bench_gather,
+    bench_hash_tokens,
+    bench_hashing,
+    deepseek_v4_tokenizer_json,
+    environment,
+    format_table,
+)
+from .compress import CompressedTokenizer
 from .config import PRESETS, EngramConfig
 from .hashing import NgramHasher
+
+SENTENCE = "Only Alexander the Great could tame the horse Bucephalus."
+
+
+def _demo_tokenizer() -> None:
+    from tokenizers import Tokenizer
+
+    path = deepseek_v4_tokenizer_json()
+    comp = CompressedTokenizer.from_file(path)
+    saved = 1 - len(comp) / comp.vocab_size
+    print(
+        f"DeepSeek-V4 tokenizer: {comp.vocab_size} ids -> {len(comp)} compressed ids "
+        f"({saved:.1%} fewer)"
+    )
+    tok = Tokenizer.from_file(path)
+    enc = tok.encode(SENTENCE, add_special_tokens=False)
+    raw = np.array(enc.ids, dtype=np.int64)
+    cfg = EngramConfig.preset("deepseek-v4.1-flash")
+    h = NgramHasher.from_tokenizer(cfg, comp)
+    layer = cfg.layer_ids[0]
+    hashed = h.hash_tokens(raw, layer_ids=layer)[layer]
+    print(f"{SENTENCE!r}, deepseek-v4.1-flash layer {layer}, first 4 of {h.cols} hash ids:")
+    rows = [
+        {
+            "token": repr(tok.decode([int(r)])),
+            "raw id": int(r),
+            "compressed id": int(c),
+            "hash ids": " ".join(str(int(x)) for x in hashed[i, :4]),
+        }
+        for i, (r, c) in enumerate(zip(raw, comp(raw), strict=True))
+    ]
+    print(format_table(rows))
 
 
 def _demo(args: argparse.Namespace) -> int:
     print(f"engram_rs demo on {environment()}\n")
+    _demo_tokenizer()
+    print()
     for name in PRESETS:
         cfg = EngramConfig.preset(name)
         h = NgramHasher(cfg, PRESET_VOCAB[name])
@@ -57,6 +101,16 @@ def _bench(args: argparse.Namespace) -> int:
             f"hashing throughput, B={args.batch}, T={args.seqlen}, best of {args.repeats} warm runs"
         )
         print(format_table(rows))
+    if args.what == "compress":
+        path = deepseek_v4_tokenizer_json()
+        print(f"compression table of the DeepSeek-V4 tokenizer, best of {args.repeats} warm runs")
+        print(format_table(bench_compress(path, args.repeats)))
+        print(f"\nraw ids -> hash ids, B={args.batch}, T={args.seqlen}")
+        print(
+            format_table(
+                bench_hash_tokens(path, batch=args.batch, seqlen=args.seqlen, repeats=args.repeats)
+            )
+        )
     return 0
 
 
@@ -70,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--repeats", type=int, default=5)
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="throughput benchmarks against baselines")
-    bench.add_argument("what", choices=["hash", "gather"])
+    bench.add_argument("what", choices=["hash", "gather", "compress"])
     bench.add_argument("--preset", action="append", choices=list(PRESETS))
     bench.add_argument("--batch", type=int, default=16)
     bench.add_argument("--seqlen", type=int, default=8192)

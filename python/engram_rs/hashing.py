@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _engram_rs
+from .compress import CompressedTokenizer
 from .config import EngramConfig
 
 __all__ = ["HashState", "NgramHasher", "layer_multipliers"]
@@ -98,6 +99,28 @@ class NgramHasher:
             for layer, i in self._index.items()
         }
         self.table_rows = {layer: self._core.table_rows(i) for layer, i in self._index.items()}
+        #: Raw vocabulary size when built with ``from_tokenizer`` (raw ids accepted), else None.
+        self.vocab_size: int | None = None
+
+    @classmethod
+    def from_tokenizer(cls, config: EngramConfig, comp: CompressedTokenizer) -> NgramHasher:
+        """A hasher for ``comp``'s compressed vocabulary that also hashes raw ids (``hash_tokens``).
+
+        The pad id is ``config.pad_id`` (a raw token id) mapped through ``comp``.
+        """
+        if not isinstance(comp, CompressedTokenizer):
+            raise TypeError(f"comp must be a CompressedTokenizer, got {type(comp).__name__}")
+        if not isinstance(config, EngramConfig):
+            raise TypeError(f"config must be an EngramConfig, got {type(config).__name__}")
+        if config.pad_id >= comp.vocab_size:
+            raise ValueError(
+                f"config.pad_id {config.pad_id} (a raw token id) is outside the tokenizer's "
+                f"vocabulary [0, {comp.vocab_size}): this config is not for this tokenizer"
+            )
+        h = cls(config, len(comp), pad_id=int(comp.lookup_table[config.pad_id]))
+        h._core.set_lookup(comp.lookup_table.tolist())
+        h.vocab_size = comp.vocab_size
+        return h
 
     def __repr__(self) -> str:
         return (
@@ -127,6 +150,7 @@ class NgramHasher:
         flat: bool,
         history: np.ndarray | None = None,
         shape: tuple[int, ...] | None = None,
+        raw: bool = False,
     ) -> dict[int, np.ndarray]:
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.int64), np.dtype(np.int32)):
@@ -142,7 +166,7 @@ class NgramHasher:
                         f"{' with flat=True' if flat else ''}: use dtype=numpy.int64"
                     )
         outs = self._core.hash(
-            ids, bounds, [self._index[x] for x in layers], int32, bool(flat), history
+            ids, bounds, [self._index[x] for x in layers], int32, bool(flat), history, raw=raw
         )
         out_shape = (*(ids.shape if shape is None else shape), self.cols)
         return {layer: out.reshape(out_shape) for layer, out in zip(layers, outs, strict=True)}
@@ -159,12 +183,36 @@ class NgramHasher:
         Each row is its own sequence, starting with pad history. ``flat=True`` adds the column
         offsets, giving rows of the layer's single flat table.
         """
+        return self._hash_rows(ids, layer_ids, dtype, flat, raw=False)
+
+    def hash_tokens(
+        self,
+        raw_ids: npt.ArrayLike,
+        layer_ids: int | list[int] | None = None,
+        dtype: Any = np.int64,
+        flat: bool = False,
+    ) -> dict[int, np.ndarray]:
+        """Hash raw token ids ``[B, T]`` (or ``[T]``): ``hash(comp(raw_ids))`` in one pass.
+
+        Needs a hasher built with ``from_tokenizer``; the ids are mapped through its lookup table
+        inside the hashing kernel, no compressed array is made.
+        """
+        if self.vocab_size is None:
+            raise ValueError(
+                "this hasher has no lookup table: build it with "
+                "NgramHasher.from_tokenizer(config, comp) to hash raw token ids"
+            )
+        return self._hash_rows(raw_ids, layer_ids, dtype, flat, raw=True)
+
+    def _hash_rows(
+        self, ids: npt.ArrayLike, layer_ids: Any, dtype: Any, flat: bool, raw: bool
+    ) -> dict[int, np.ndarray]:
         arr = _as_ids(ids)
         if arr.ndim not in (1, 2):
             raise ValueError(f"ids must be 1-D [T] or 2-D [B, T], got shape {arr.shape}")
         rows, length = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape
         bounds = list(range(0, rows * length + 1, length)) if length else [0] * (rows + 1)
-        return self._run(arr, bounds, layer_ids, dtype, flat)
+        return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw)
 
     def hash_ragged(
         self,

@@ -1,16 +1,63 @@
-"""A plain numpy implementation of SPEC sections 2-3, written the way the official demo computes.
+"""Plain Python/numpy implementations of SPEC sections 1-3, written the way the official demo
+computes.
 
-It is the baseline of the benchmarks and a cross-check for users; it shares no code with the
-Rust path (its own prime search, its own hashing).
+They are the baselines of the benchmarks and a cross-check for users; they share no code with the
+Rust path (its own prime search, its own hashing, its own vocabulary loop over the Python
+``tokenizers`` package).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 from .config import EngramConfig
 
-__all__ = ["reference_hash", "reference_multipliers", "reference_primes"]
+__all__ = [
+    "reference_hash",
+    "reference_lookup_table",
+    "reference_multipliers",
+    "reference_normalizer",
+    "reference_primes",
+]
+
+_SENTINEL = "\ue000"
+
+
+def reference_normalizer() -> Any:
+    """The SPEC section 1 normalizer as a ``tokenizers.normalizers.Sequence``."""
+    from tokenizers import Regex, normalizers
+
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), _SENTINEL),
+            normalizers.Strip(),
+            normalizers.Replace(_SENTINEL, " "),
+        ]
+    )
+
+
+def reference_lookup_table(tokenizer: Any) -> tuple[np.ndarray, int]:
+    """``(raw -> compressed int64 table, compressed size)`` of a ``tokenizers.Tokenizer``, by the
+    Python loop over the vocabulary that engines run today."""
+    norm = reference_normalizer()
+    key_to_new: dict[str, int] = {}
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    table = np.empty(vocab, dtype=np.int64)
+    for t in range(vocab):
+        text = tokenizer.decode([t], skip_special_tokens=False)
+        if "\ufffd" in text:
+            key = tokenizer.id_to_token(t)
+        else:
+            key = norm.normalize_str(text) or text
+        table[t] = key_to_new.setdefault(key, len(key_to_new))
+    return table, len(key_to_new)
 
 
 def _is_prime(n: int) -> bool:

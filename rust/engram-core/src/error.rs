@@ -19,7 +19,8 @@ pub enum EngramError {
         index: usize,
         rows: usize,
     },
-    /// A file is missing or unreadable (maps to `FileNotFoundError` / `OSError`).
+    /// A file that exists but cannot be read or written (maps to `PermissionError` or
+    /// `OSError` by `kind`).
     #[error("{path}: {message}")]
     Io {
         path: String,
@@ -44,11 +45,23 @@ pub enum EngramError {
         vocab: u64,
         raw: bool,
     },
+    /// A file that does not exist (maps to `FileNotFoundError`).
+    #[error("{path}: no such file: pass the path of an existing file")]
+    FileNotFound { path: String },
+    /// A tokenizer that cannot be loaded or decoded; `origin` names where it came from (maps to
+    /// `ValueError`).
+    #[error("{origin}: {reason}")]
+    Tokenizer { origin: String, reason: String },
 }
 
 impl EngramError {
-    /// An I/O error on `path`, keeping its kind so that a missing file stays distinguishable.
+    /// An I/O error on `path`: `FileNotFound` for a missing file, else `Io` with its kind.
     pub fn io(path: &std::path::Path, err: std::io::Error) -> Self {
+        if err.kind() == std::io::ErrorKind::NotFound {
+            return EngramError::FileNotFound {
+                path: path.display().to_string(),
+            };
+        }
         EngramError::Io {
             path: path.display().to_string(),
             kind: err.kind(),

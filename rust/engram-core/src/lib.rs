@@ -1,9 +1,11 @@
 //! engram-core: the pure-Rust algorithms of engram_rs (no Python here).
 //!
+//! - [`compress`]: tokenizer compression, the raw -> compressed id table (SPEC section 1).
 //! - [`hashing`]: exact multi-head n-gram hashing of DeepSeek's Engram (SPEC sections 2-3).
 //! - [`primes`]: the distinct per-head table sizes.
 
 pub mod buffer;
+pub mod compress;
 pub mod dtype;
 pub mod error;
 pub mod gather;

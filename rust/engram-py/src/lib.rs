@@ -14,6 +14,7 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 
+mod compress;
 mod table;
 
 /// Formats flat position `index` as a tuple over `shape` ("(1, 5)", "(7,)").
@@ -57,9 +58,7 @@ pub(crate) fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
             "row index {value} at position {} is out of range for a table of {rows} rows",
             unravel(*index, shape)
         )),
-        EngramError::Io { kind, .. } if *kind == std::io::ErrorKind::NotFound => {
-            PyFileNotFoundError::new_err(err.to_string())
-        }
+        EngramError::FileNotFound { .. } => PyFileNotFoundError::new_err(err.to_string()),
         EngramError::Io { kind, .. } if *kind == std::io::ErrorKind::PermissionDenied => {
             PyPermissionError::new_err(err.to_string())
         }
@@ -341,5 +340,6 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(table::quantize_fp8, m)?)?;
     m.add_class::<table::PrefetchCore>()?;
     m.add_class::<HasherCore>()?;
+    compress::register(m)?;
     Ok(())
 }

@@ -1,0 +1,184 @@
+"""Tokenizer compression (SPEC section 1): raw token ids -> compressed ids, built in Rust."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _engram_rs
+
+__all__ = ["CompressedTokenizer", "normalize"]
+
+#: Version of the file layout written by ``CompressedTokenizer.save``.
+_FORMAT = 1
+
+
+def normalize(text: str) -> str:
+    """The SPEC normalizer: NFKC, NFD, no marks, lowercase, collapsed and stripped whitespace."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return _engram_rs.normalize(text)
+
+
+def _tokenizer_json(tokenizer: Any) -> str:
+    """The ``tokenizer.json`` text of a tokenizers.Tokenizer or a transformers fast tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    to_str = getattr(backend, "to_str", None)
+    if not callable(to_str):
+        raise TypeError(
+            f"expected a tokenizers.Tokenizer or a transformers fast tokenizer, got "
+            f"{type(tokenizer).__name__}: for a slow tokenizer, load the fast one "
+            "(use_fast=True) or pass its tokenizer.json to CompressedTokenizer.from_file"
+        )
+    json = to_str()
+    if not isinstance(json, str):
+        raise TypeError(f"{type(backend).__name__}.to_str() returned {type(json).__name__}")
+    return json
+
+
+def _path(path: Any, what: str) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a str or os.PathLike, got {type(path).__name__}")
+    return os.fspath(path)
+
+
+def _fingerprint(tokenizer: Any) -> str:
+    """Fingerprint of a tokenizer given as a tokenizer.json path or a tokenizer object."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return _engram_rs.fingerprint_file(os.fspath(tokenizer))
+    return _engram_rs.fingerprint_json(_tokenizer_json(tokenizer))
+
+
+class CompressedTokenizer:
+    """The raw -> compressed id table of one tokenizer (Engram's vocabulary projection).
+
+    Build it with ``from_file`` or ``from_tokenizer``; ``comp(ids)`` maps raw ids.
+    """
+
+    def __init__(self, lookup_table: npt.ArrayLike, num_compressed: int, fingerprint: str) -> None:
+        table = np.array(lookup_table, dtype=np.int64, copy=True)
+        if table.ndim != 1 or table.size == 0:
+            raise ValueError(f"lookup_table must be a non-empty 1-D array, got shape {table.shape}")
+        if isinstance(num_compressed, bool) or not isinstance(num_compressed, int):
+            raise TypeError(f"num_compressed must be an int, got {num_compressed!r}")
+        bad = (table < 0) | (table >= num_compressed)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"lookup_table[{i}] = {int(table[i])} is outside the compressed vocabulary "
+                f"[0, {num_compressed})"
+            )
+        table.flags.writeable = False
+        self._table = table
+        self._num_compressed = num_compressed
+        self.fingerprint = str(fingerprint)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> CompressedTokenizer:
+        """Builds the table of an HF ``tokenizer.json`` (in parallel, the GIL released)."""
+        table, size, fingerprint = _engram_rs.compress_file(_path(path, "path"))
+        return cls(table, size, fingerprint)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> CompressedTokenizer:
+        """Builds the table of a ``tokenizers.Tokenizer`` or a transformers fast tokenizer."""
+        table, size, fingerprint = _engram_rs.compress_json(_tokenizer_json(tokenizer))
+        return cls(table, size, fingerprint)
+
+    @property
+    def lookup_table(self) -> np.ndarray:
+        """Read-only int64 ``[vocab_size]``: raw id -> compressed id."""
+        return self._table
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of raw ids, added and special tokens included."""
+        return int(self._table.size)
+
+    def __len__(self) -> int:
+        """The compressed vocabulary size."""
+        return self._num_compressed
+
+    def __repr__(self) -> str:
+        return (
+            f"CompressedTokenizer(vocab_size={self.vocab_size}, compressed={len(self)}, "
+            f"fingerprint={self.fingerprint!r})"
+        )
+
+    def __call__(self, ids: npt.ArrayLike) -> np.ndarray:
+        """Maps raw ids (any shape) to compressed ids, int64; negative ids pass through."""
+        arr = np.asarray(ids)
+        if arr.size == 0 and arr.dtype.kind == "f":
+            arr = arr.astype(np.int64)  # numpy's dtype for [] is float64
+        if arr.dtype.kind not in "iu":
+            raise TypeError(
+                f"ids must be integers, got dtype {arr.dtype}: convert with ids.astype(numpy.int64)"
+            )
+        vocab = self.vocab_size
+        bad = arr >= vocab
+        if bad.any():
+            pos = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))
+            raise IndexError(
+                f"token id {int(arr[pos])} at position {pos} is out of range [0, {vocab}) of "
+                "this tokenizer's vocabulary: ids must come from the tokenizer the table was "
+                "built from"
+            )
+        mapped: np.ndarray = self._table[np.clip(arr, 0, None)]
+        if arr.dtype.kind == "i":
+            mapped = np.where(arr < 0, arr.astype(np.int64), mapped)
+        return mapped
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the table and its fingerprint atomically (a temporary file renamed into place)."""
+        target = _path(path, "path")
+        tmp = f"{target}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    format=np.int64(_FORMAT),
+                    lookup_table=self._table,
+                    num_compressed=np.int64(self._num_compressed),
+                    fingerprint=np.str_(self.fingerprint),
+                )
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], tokenizer: Any = None) -> CompressedTokenizer:
+        """Reads a table written by ``save``.
+
+        ``tokenizer`` (a tokenizer.json path or a tokenizer object), when given, must be the
+        tokenizer the table was built from: its fingerprint is checked.
+        """
+        source = _path(path, "path")
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"{source}: no such file: pass the path given to save()")
+        try:
+            with np.load(source, allow_pickle=False) as z:
+                fmt = int(z["format"])
+                if fmt != _FORMAT:
+                    raise ValueError(f"format version {fmt}, this engram_rs reads {_FORMAT}")
+                comp = cls(z["lookup_table"], int(z["num_compressed"]), str(z["fingerprint"]))
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+            raise ValueError(
+                f"{source} is not a table written by CompressedTokenizer.save ({e}): "
+                "build it again with from_file or from_tokenizer"
+            ) from e
+        if tokenizer is not None:
+            expected = _fingerprint(tokenizer)
+            if expected != comp.fingerprint:
+                raise ValueError(
+                    f"{source} was built from a different tokenizer (its fingerprint "
+                    f"{comp.fingerprint}, this tokenizer's {expected}): build the table from "
+                    "this tokenizer with from_file or from_tokenizer and save it again"
+                )
+        return comp
