@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -214,7 +215,10 @@ def _gather_baselines(
     out_np = np.empty((idx.size, view.shape[1]), dtype=view.dtype)
     res: dict[str, tuple[float, int]] = {}
     t_idx = torch.from_numpy(idx)
-    torch_table = torch.from_numpy(np.asarray(view))
+    with warnings.catch_warnings():
+        # torch warns that a read-only memmap is not writable; the baseline only reads it.
+        warnings.simplefilter("ignore", UserWarning)
+        torch_table = torch.from_numpy(np.asarray(view))
     if dtype == "bfloat16":
         torch_table = torch_table.view(torch.bfloat16)
     if dtype == "float8_e4m3":

@@ -14,8 +14,11 @@ use rayon::prelude::*;
 
 /// Rows per unit of parallel work.
 const CHUNK: usize = 512;
-/// How many rows ahead to prefetch.
-const AHEAD: usize = 12;
+/// Cache lines a thread keeps in flight through prefetches (about what its fill buffers and the
+/// L2 queue hold); the rows-ahead distance follows from the row size.
+const LINES_IN_FLIGHT: usize = 32;
+/// Outputs at least this large are written with streaming stores when the layout allows.
+const STREAM_MIN_BYTES: usize = 8 << 20;
 
 fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -76,16 +79,42 @@ pub fn gather<I: IdElem>(
         return Ok(());
     }
     let fast = backend == Backend::Auto && simd();
+    // Same-dtype rows of whole cache lines into a large, 64-byte aligned output go out with
+    // streaming stores: no read-for-ownership of output lines that will not be read back soon.
+    let stream = fast
+        && table.dtype == out_dtype
+        && out_row.is_multiple_of(64)
+        && out.len() >= STREAM_MIN_BYTES
+        && (out.as_ptr() as usize).is_multiple_of(64);
+    let lines = table.row_bytes().div_ceil(64) + usize::from(table.scale_bytes() > 0);
+    let ahead = (LINES_IN_FLIGHT / lines).clamp(2, 16);
     out.par_chunks_mut(CHUNK * out_row)
         .zip(idx.par_chunks(CHUNK))
         .for_each(|(out, idx)| {
             let mut scratch = vec![0f32; table.dim];
+            for &r in idx.iter().take(ahead) {
+                prefetch_row(table, r.bits() as usize);
+            }
             for (i, (dst, &r)) in out.chunks_exact_mut(out_row).zip(idx).enumerate() {
-                if let Some(&ahead) = idx.get(i + AHEAD) {
-                    prefetch_row(table, ahead.bits() as usize);
+                if let Some(&next) = idx.get(i + ahead) {
+                    prefetch_row(table, next.bits() as usize);
                 }
-                // SAFETY: every index was checked against `table.rows` above.
-                unsafe { copy_row(table, r.bits() as usize, dst, out_dtype, fast, &mut scratch) };
+                // SAFETY: every index was checked against `table.rows` above; `stream` implies
+                // AVX-512 and 64-byte aligned whole-line rows.
+                unsafe {
+                    #[cfg(target_arch = "x86_64")]
+                    if stream {
+                        avx512::copy_stream(table.row_ptr(r.bits() as usize), dst);
+                        continue;
+                    }
+                    copy_row(table, r.bits() as usize, dst, out_dtype, fast, &mut scratch)
+                };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if stream {
+                // SAFETY: SSE2 is baseline on x86_64. Streaming stores are weakly ordered: fence
+                // them before rayon reports this chunk done.
+                unsafe { std::arch::x86_64::_mm_sfence() };
             }
         });
     Ok(())
@@ -169,6 +198,18 @@ mod avx512 {
             _ => return false,
         }
         true
+    }
+
+    /// Copies one row of whole cache lines to a 64-byte aligned `dst` with streaming stores.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn copy_stream(src: *const u8, dst: &mut [u8]) {
+        let d = dst.as_mut_ptr();
+        for i in (0..dst.len()).step_by(64) {
+            _mm512_stream_si512(
+                d.add(i) as *mut _,
+                _mm512_loadu_si512(src.add(i) as *const _),
+            );
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
