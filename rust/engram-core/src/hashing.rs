@@ -695,12 +695,25 @@ mod avx512 {
     ) {
         let hi = (mix & !0xFFFF_FFFF) as f64;
         let lo = (mix & 0xFFFF_FFFF) as f64;
+        reduce8_parts::<FLAT, STREAM, O>(plan, c, hi + lo, hi, lo, dst);
+    }
+
+    /// `reduce8` with the f64 parts of `mix` already computed (`x = hi + lo` rounded).
+    #[inline(always)]
+    unsafe fn reduce8_parts<const FLAT: bool, const STREAM: bool, O: OutElem>(
+        plan: &LayerPlan,
+        c: usize,
+        x: f64,
+        hi: f64,
+        lo: f64,
+        dst: *mut O,
+    ) {
         // SAFETY: the caller guarantees `c + 8 <= cols` (`h % 8 == 0`, checked in `simd_ok`); the
         // per-column vectors hold `cols` elements and `dst` points at 8 writable outputs.
         let p = _mm512_loadu_pd(plan.primes_f.as_ptr().add(c));
         let inv = _mm512_loadu_pd(plan.inverse.as_ptr().add(c));
         let q = _mm512_roundscale_pd::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm512_mul_pd(
-            _mm512_set1_pd(hi + lo),
+            _mm512_set1_pd(x),
             inv,
         ));
         let r = _mm512_fnmadd_pd(q, p, _mm512_set1_pd(hi));
@@ -727,7 +740,7 @@ mod avx512 {
         scratch: &[i64],
         out: &mut [O],
     ) {
-        const TOKENS: usize = 4;
+        const LANES: usize = 8;
         let cols = (N - 1) * h;
         let mut m = [0i64; N];
         m.copy_from_slice(&plan.multipliers[..N]);
@@ -741,21 +754,49 @@ mod avx512 {
             }
             mixes
         };
-        // Four tokens per step: independent reduction chains side by side, so the long
-        // latency of one chain is hidden behind the others.
-        let mut blocks = out.chunks_exact_mut(cols * TOKENS);
+        // Eight tokens per step: their mixes and f64 parts are computed in one vector each (ids
+        // and multipliers keep every product below 2**63, so the low 64 bits are the product;
+        // `hi` and `lo` convert exactly, `x = hi + lo` rounds as the scalar sum does). The
+        // reductions of different tokens are independent chains the core overlaps.
+        let mv: [__m512i; N] = std::array::from_fn(|k| _mm512_set1_epi64(m[k]));
+        let (hi_mask, lo_mask) = (
+            _mm512_set1_epi64(!0xFFFF_FFFF),
+            _mm512_set1_epi64(0xFFFF_FFFF),
+        );
+        let mut blocks = out.chunks_exact_mut(cols * LANES);
         let mut t = 0;
         for block in &mut blocks {
-            let mixes: [[i64; N]; TOKENS] = std::array::from_fn(|i| mixes_of(t + i));
-            let dst = block.as_mut_ptr();
+            // SAFETY: token t + i reads scratch[t + i .. t + i + N], inside the scratch, which
+            // holds N - 1 ids more than there are output rows.
+            let window =
+                |k: usize| _mm512_loadu_si512(scratch.as_ptr().add(t + N - 1 - k) as *const _);
+            let mut mix = _mm512_mullo_epi64(window(0), mv[0]);
+            let (mut xs, mut his, mut los) =
+                ([[0f64; LANES]; N], [[0f64; LANES]; N], [[0f64; LANES]; N]);
             for k in 1..N {
-                for c in ((k - 1) * h..k * h).step_by(8) {
-                    for (i, mix) in mixes.iter().enumerate() {
-                        reduce8::<FLAT, STREAM, O>(plan, c, mix[k], dst.add(i * cols + c));
+                mix = _mm512_xor_si512(mix, _mm512_mullo_epi64(window(k), mv[k]));
+                let hi = _mm512_cvtepi64_pd(_mm512_and_si512(mix, hi_mask));
+                let lo = _mm512_cvtepi64_pd(_mm512_and_si512(mix, lo_mask));
+                _mm512_storeu_pd(his[k].as_mut_ptr(), hi);
+                _mm512_storeu_pd(los[k].as_mut_ptr(), lo);
+                _mm512_storeu_pd(xs[k].as_mut_ptr(), _mm512_add_pd(hi, lo));
+            }
+            let dst = block.as_mut_ptr();
+            for i in 0..LANES {
+                for k in 1..N {
+                    for c in ((k - 1) * h..k * h).step_by(8) {
+                        reduce8_parts::<FLAT, STREAM, O>(
+                            plan,
+                            c,
+                            xs[k][i],
+                            his[k][i],
+                            los[k][i],
+                            dst.add(i * cols + c),
+                        );
                     }
                 }
             }
-            t += TOKENS;
+            t += LANES;
         }
         for row in blocks.into_remainder().chunks_exact_mut(cols) {
             let mixes = mixes_of(t);
