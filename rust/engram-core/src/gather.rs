@@ -16,7 +16,7 @@ use rayon::prelude::*;
 const CHUNK: usize = 512;
 /// Cache lines a thread keeps in flight through prefetches (about what its fill buffers and the
 /// L2 queue hold); the rows-ahead distance follows from the row size.
-const LINES_IN_FLIGHT: usize = 32;
+const LINES_IN_FLIGHT: usize = 64;
 /// Outputs at least this large are written with streaming stores when the layout allows.
 const STREAM_MIN_BYTES: usize = 8 << 20;
 
