@@ -91,6 +91,13 @@ pub fn gather<I: IdElem>(
     out.par_chunks_mut(CHUNK * out_row)
         .zip(idx.par_chunks(CHUNK))
         .for_each(|(out, idx)| {
+            #[cfg(target_arch = "x86_64")]
+            if stream {
+                // SAFETY: indices checked above; `stream` implies AVX-512 and 64-byte aligned
+                // whole-line rows of the table's own dtype.
+                unsafe { avx512::gather_lines(table, idx, out, ahead) };
+                return;
+            }
             let mut scratch = vec![0f32; table.dim];
             for &r in idx.iter().take(ahead) {
                 prefetch_row(table, r.bits() as usize);
@@ -99,22 +106,8 @@ pub fn gather<I: IdElem>(
                 if let Some(&next) = idx.get(i + ahead) {
                     prefetch_row(table, next.bits() as usize);
                 }
-                // SAFETY: every index was checked against `table.rows` above; `stream` implies
-                // AVX-512 and 64-byte aligned whole-line rows.
-                unsafe {
-                    #[cfg(target_arch = "x86_64")]
-                    if stream {
-                        avx512::copy_stream(table.row_ptr(r.bits() as usize), dst);
-                        continue;
-                    }
-                    copy_row(table, r.bits() as usize, dst, out_dtype, fast, &mut scratch)
-                };
-            }
-            #[cfg(target_arch = "x86_64")]
-            if stream {
-                // SAFETY: SSE2 is baseline on x86_64. Streaming stores are weakly ordered: fence
-                // them before rayon reports this chunk done.
-                unsafe { std::arch::x86_64::_mm_sfence() };
+                // SAFETY: every index was checked against `table.rows` above.
+                unsafe { copy_row(table, r.bits() as usize, dst, out_dtype, fast, &mut scratch) };
             }
         });
     Ok(())
@@ -174,7 +167,7 @@ unsafe fn copy_row(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{DType, FP8_BLOCK};
+    use super::{DType, HostTable, IdElem, FP8_BLOCK};
     use std::arch::x86_64::*;
 
     /// Converts one row with AVX-512 when the pair of dtypes has a kernel; false otherwise.
@@ -200,16 +193,44 @@ mod avx512 {
         true
     }
 
-    /// Copies one row of whole cache lines to a 64-byte aligned `dst` with streaming stores.
+    /// Same-dtype rows of whole cache lines into a 64-byte aligned `out`: prefetch `ahead` rows
+    /// in advance, copy with streaming stores (no read-for-ownership of output lines), fence.
+    ///
+    /// # Safety
+    /// AVX-512F available; indices checked against `table.rows`; `out` 64-byte aligned, one
+    /// table row per index, rows a multiple of 64 bytes.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn copy_stream(src: *const u8, dst: &mut [u8]) {
-        let d = dst.as_mut_ptr();
-        for i in (0..dst.len()).step_by(64) {
-            _mm512_stream_si512(
-                d.add(i) as *mut _,
-                _mm512_loadu_si512(src.add(i) as *const _),
-            );
+    pub(super) unsafe fn gather_lines<I: IdElem>(
+        table: &HostTable,
+        idx: &[I],
+        out: &mut [u8],
+        ahead: usize,
+    ) {
+        let row = table.row_bytes();
+        let prefetch = |r: I| {
+            let p = table.row_ptr(r.bits() as usize);
+            for off in (0..row).step_by(64) {
+                _mm_prefetch(p.add(off) as *const i8, _MM_HINT_T0);
+            }
+        };
+        for &r in idx.iter().take(ahead) {
+            prefetch(r);
         }
+        let d = out.as_mut_ptr();
+        for (i, &r) in idx.iter().enumerate() {
+            if let Some(&next) = idx.get(i + ahead) {
+                prefetch(next);
+            }
+            let (src, dst) = (table.row_ptr(r.bits() as usize), d.add(i * row));
+            for off in (0..row).step_by(64) {
+                _mm512_stream_si512(
+                    dst.add(off) as *mut _,
+                    _mm512_loadu_si512(src.add(off) as *const _),
+                );
+            }
+        }
+        // Streaming stores are weakly ordered: fence them before rayon reports the chunk done.
+        _mm_sfence();
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -409,6 +430,22 @@ mod tests {
                 assert!(fast == slow, "{dt:?} -> {out:?}");
             }
         }
+    }
+
+    #[test]
+    fn large_aligned_outputs_take_the_streaming_path_exactly() {
+        let (rows, dim) = (5000, 64);
+        let mut bytes: Vec<u8> = (0..rows * dim * 4).map(|i| (i * 131 % 251) as u8).collect();
+        let table = table_of(DType::F32, rows, dim, &mut bytes, &mut []);
+        let n = STREAM_MIN_BYTES / (dim * 4) + 1000;
+        let idx: Vec<i32> = (0..n).map(|i| (i * 7919 % rows) as i32).collect();
+        let buf = crate::buffer::AlignedBuf::new(n * dim * 4);
+        // SAFETY: the buffer holds n * dim * 4 bytes and lives to the end of the test.
+        let fast = unsafe { std::slice::from_raw_parts_mut(buf.as_ptr(), n * dim * 4) };
+        let mut slow = vec![0u8; n * dim * 4];
+        gather(&table, &idx, fast, DType::F32, Backend::Auto).unwrap();
+        gather(&table, &idx, &mut slow, DType::F32, Backend::Scalar).unwrap();
+        assert!(fast[..] == slow[..]);
     }
 
     #[test]
