@@ -368,3 +368,15 @@ def test_gather_property(rows: int, dim: int, n: int, dtype: str, seed: int) -> 
         got = t.gather(idx, out_dtype=out_dtype)
         got = got if isinstance(got, torch.Tensor) else torch.from_numpy(got)
         same_bits(got, values[torch.from_numpy(idx)].float().to(TORCH[out_dtype]))
+
+
+def test_table_dropped_while_prefetching_keeps_its_memory() -> None:
+    arr = np.random.default_rng(0).standard_normal((20000, 64)).astype(np.float32)
+    expected = arr[:5].copy()
+    t = er.HostTable.from_numpy(arr)
+    idx = np.tile(np.arange(5), 80000)
+    pending = [t.prefetch(idx) for _ in range(6)]
+    del t, arr  # the jobs still reference the table and the array it wraps
+    gc.collect()
+    for p in pending:
+        np.testing.assert_array_equal(p.wait()[:5], expected)
