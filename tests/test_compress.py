@@ -400,3 +400,39 @@ def test_gil_is_released_while_building(deepseek_path: str) -> None:
     worker.join()
     # Holding the GIL for the whole build would stall this loop for about one build.
     assert np.diff(ticks).max() < 0.5 * single, (np.diff(ticks).max(), single)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(["demo", "deepseek-v4.1-flash"]),
+    batch=st.integers(1, 3),
+    steps=st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=1, max_size=6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_raw_and_compressed_steps_equal_the_whole_sequence(
+    hashers: dict[str, er.NgramHasher],
+    deepseek: er.CompressedTokenizer,
+    name: str,
+    batch: int,
+    steps: list[tuple[int, bool]],
+    seed: int,
+) -> None:
+    h = hashers[name]
+    total = sum(k for k, _ in steps)
+    raw = np.random.default_rng(seed).integers(0, deepseek.vocab_size, size=(batch, total))
+    whole = h.hash_tokens(raw)
+    state = h.new_state(batch)
+    start = 0
+    for k, as_raw in steps:
+        chunk = raw[:, start : start + k]
+        out = h.hash_tokens_step(chunk, state) if as_raw else h.hash_step(deepseek(chunk), state)
+        for layer in h.layer_ids:
+            np.testing.assert_array_equal(out[layer], whole[layer][:, start : start + k])
+        start += k
+    plain = er.NgramHasher(er.EngramConfig.preset("demo"), 98627)
+    with pytest.raises(ValueError, match=r"build it with NgramHasher.from_tokenizer"):
+        plain.hash_tokens_step(np.array([1]), plain.new_state(1))
+    bad_state = h.new_state(1)
+    with pytest.raises(IndexError, match=r"raw token id 129280 at position \(0,\)"):
+        h.hash_tokens_step(np.array([129280]), bad_state)
+    assert (bad_state.history == h.pad_id).all(), "a failed step leaves the state untouched"

@@ -197,12 +197,15 @@ class NgramHasher:
         Needs a hasher built with ``from_tokenizer``; the ids are mapped through its lookup table
         inside the hashing kernel, no compressed array is made.
         """
+        self._require_lookup()
+        return self._hash_rows(raw_ids, layer_ids, dtype, flat, raw=True)
+
+    def _require_lookup(self) -> None:
         if self.vocab_size is None:
             raise ValueError(
                 "this hasher has no lookup table: build it with "
                 "NgramHasher.from_tokenizer(config, comp) to hash raw token ids"
             )
-        return self._hash_rows(raw_ids, layer_ids, dtype, flat, raw=True)
 
     def _hash_rows(
         self, ids: npt.ArrayLike, layer_ids: Any, dtype: Any, flat: bool, raw: bool
@@ -263,6 +266,32 @@ class NgramHasher:
 
         Equals hashing each whole history at once; ``state`` is advanced past the new ids.
         """
+        return self._step(new_ids, state, layer_ids, dtype, flat, raw=False)
+
+    def hash_tokens_step(
+        self,
+        raw_ids: npt.ArrayLike,
+        state: HashState,
+        layer_ids: int | list[int] | None = None,
+        dtype: Any = np.int64,
+        flat: bool = False,
+    ) -> dict[int, np.ndarray]:
+        """``hash_step`` on raw token ids (a hasher from ``from_tokenizer``), mapped in one pass.
+
+        The state keeps compressed ids, so raw and compressed steps may be mixed.
+        """
+        self._require_lookup()
+        return self._step(raw_ids, state, layer_ids, dtype, flat, raw=True)
+
+    def _step(
+        self,
+        new_ids: npt.ArrayLike,
+        state: HashState,
+        layer_ids: Any,
+        dtype: Any,
+        flat: bool,
+        raw: bool,
+    ) -> dict[int, np.ndarray]:
         if not isinstance(state, HashState):
             raise TypeError(f"state must come from new_state(), got {type(state).__name__}")
         if state.history.shape[1] != self.config.max_ngram_size - 1:
@@ -278,4 +307,4 @@ class NgramHasher:
             )
         rows, k = (arr.shape[0], 1) if arr.ndim == 1 else arr.shape
         bounds = list(range(0, rows * k + 1, k)) if k else [0] * (rows + 1)
-        return self._run(arr, bounds, layer_ids, dtype, flat, history=state.history)
+        return self._run(arr, bounds, layer_ids, dtype, flat, history=state.history, raw=raw)
