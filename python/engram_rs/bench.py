@@ -16,6 +16,7 @@ from .compress import CompressedTokenizer
 from .config import EngramConfig
 from .hashing import NgramHasher
 from .reference import reference_hash, reference_lookup_table
+from .table import _NUMPY_OF
 
 __all__ = [
     "PRESET_VOCAB",
@@ -204,9 +205,8 @@ def _gather_baselines(
 
     from .safetensors_view import tensor_memmap
 
-    rows_bytes = table.dim * {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3": 1}[dtype]
     scale_bytes = table.dim // 32 if dtype == "float8_e4m3" else 0
-    moved = idx.size * (rows_bytes + scale_bytes)
+    moved = idx.size * (table.nbytes // table.rows)  # values and scales of the gathered rows
     view: np.ndarray = tensor_memmap(path, name)
     scales_view: np.ndarray = tensor_memmap(path, f"{name}_scale") if scale_bytes else view[:0]
     if mode == "resident":
@@ -291,7 +291,7 @@ def bench_gather(
 
     from .table import HostTable
 
-    row_bytes = dim * {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3": 1}[dtype]
+    row_bytes = dim * np.dtype(_NUMPY_OF[dtype]).itemsize
     if dtype == "float8_e4m3":
         row_bytes += dim // 32
     if rows is None:

@@ -15,7 +15,13 @@ __all__ = ["HostTable", "Prefetch"]
 
 _DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3")
 _OUT_DTYPES = ("float32", "float16", "bfloat16")
-_NUMPY_OF = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+#: The numpy dtype holding each table dtype's values (bfloat16 and FP8 as their raw bits).
+_NUMPY_OF = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": np.uint16,
+    "float8_e4m3": np.uint8,
+}
 
 
 def _torch() -> Any:
@@ -148,12 +154,6 @@ class HostTable:
             raise TypeError(f"from_numpy needs a numpy array, got {type(arr).__name__}")
         if arr.ndim != 2:
             raise ValueError(f"a table must be 2-D [rows, dim], got shape {arr.shape}")
-        expected = {
-            "float32": np.float32,
-            "float16": np.float16,
-            "bfloat16": np.uint16,
-            "float8_e4m3": np.uint8,
-        }
         if dtype is None:
             inferred = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
             if arr.dtype not in inferred:
@@ -164,9 +164,9 @@ class HostTable:
             dt = inferred[arr.dtype]
         else:
             dt = _dtype_name(dtype, "dtype", _DTYPES)
-        if arr.dtype != expected[dt]:
+        if arr.dtype != _NUMPY_OF[dt]:
             raise ValueError(
-                f"a {dt} table needs a {np.dtype(expected[dt])} array, got {arr.dtype}"
+                f"a {dt} table needs a {np.dtype(_NUMPY_OF[dt])} array, got {arr.dtype}"
             )
         if scales is not None:
             if not isinstance(scales, np.ndarray) or scales.dtype != np.uint8:
@@ -332,7 +332,7 @@ class HostTable:
                 vals = vals.view(torch.uint8)
             vals = vals.numpy()
         vals = np.asarray(vals)
-        want = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+        want = _NUMPY_OF
         if self.dtype == "float8_e4m3":
             if vals.dtype == np.float32 and scales is None and vals.ndim == 2:
                 codes, fp8_scales = _engram_rs.quantize_fp8(np.ascontiguousarray(vals))

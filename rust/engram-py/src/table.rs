@@ -316,19 +316,10 @@ impl TableCore {
         let idx_arr = idx.cast::<PyUntypedArray>()?;
         let shape = idx_arr.shape().to_vec();
         // The indices are copied: the caller may reuse its array as soon as this returns.
-        let indices: Vec<i64> = if let Ok(a) = idx.cast::<PyArrayDyn<i64>>() {
-            a.try_readonly()?.as_slice()?.to_vec()
-        } else if let Ok(a) = idx.cast::<PyArrayDyn<i32>>() {
-            a.try_readonly()?
-                .as_slice()?
-                .iter()
-                .map(|&v| v as i64)
-                .collect()
-        } else {
-            return Err(PyTypeError::new_err(
-                "indices must be an int32 or int64 numpy array",
-            ));
-        };
+        let indices: Vec<i64> = with_indices!(idx, |slice| Ok(slice
+            .iter()
+            .map(|v| v.wide() as i64)
+            .collect()))?;
         let out: Bound<'_, PyUntypedArray> = match out {
             Some(o) => o.clone(),
             // SAFETY: the job writes every byte before `wait()` hands the array out.
