@@ -131,8 +131,8 @@ def bench_compress(path: str, repeats: int = 3) -> list[dict[str, Any]]:
     return [
         {
             "from": start,
-            "python reference s": ref,
-            "engram_rs s": ours,
+            "python reference ms": ref * 1e3,
+            "engram_rs ms": ours * 1e3,
             "x faster": ref / ours,
             "ids": comp.vocab_size,
             "compressed": len(comp),

@@ -1,7 +1,7 @@
 //! Bindings of `engram_core::compress`: tokenizer compression with the GIL released.
 
 use crate::to_pyerr;
-use engram_core::compress::{self, Compression};
+use engram_core::compress::{self, Compression, Vocabulary};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 use std::path::PathBuf;
@@ -19,7 +19,7 @@ fn to_python(py: Python<'_>, c: Compression) -> PyCompression<'_> {
 #[pyfunction]
 fn compress_file(py: Python<'_>, path: PathBuf) -> PyResult<PyCompression<'_>> {
     let c = py
-        .detach(|| compress::compress(&compress::load_tokenizer_file(&path)?))
+        .detach(|| compress::compress(&Vocabulary::from_file(&path)?))
         .map_err(|e| to_pyerr(e, &[]))?;
     Ok(to_python(py, c))
 }
@@ -28,7 +28,7 @@ fn compress_file(py: Python<'_>, path: PathBuf) -> PyResult<PyCompression<'_>> {
 #[pyfunction]
 fn compress_json(py: Python<'_>, json: String) -> PyResult<PyCompression<'_>> {
     let c = py
-        .detach(|| compress::compress(&compress::load_tokenizer_json(&json)?))
+        .detach(|| compress::compress(&Vocabulary::from_json(&json)?))
         .map_err(|e| to_pyerr(e, &[]))?;
     Ok(to_python(py, c))
 }
@@ -36,14 +36,14 @@ fn compress_json(py: Python<'_>, json: String) -> PyResult<PyCompression<'_>> {
 /// The fingerprint of an HF `tokenizer.json` file (what a saved table is checked against).
 #[pyfunction]
 fn fingerprint_file(py: Python<'_>, path: PathBuf) -> PyResult<String> {
-    py.detach(|| compress::load_tokenizer_file(&path).and_then(|t| compress::fingerprint(&t)))
+    py.detach(|| Vocabulary::from_file(&path).map(|v| compress::fingerprint(&v)))
         .map_err(|e| to_pyerr(e, &[]))
 }
 
 /// The fingerprint of a tokenizer given as its JSON text.
 #[pyfunction]
 fn fingerprint_json(py: Python<'_>, json: String) -> PyResult<String> {
-    py.detach(|| compress::load_tokenizer_json(&json).and_then(|t| compress::fingerprint(&t)))
+    py.detach(|| Vocabulary::from_json(&json).map(|v| compress::fingerprint(&v)))
         .map_err(|e| to_pyerr(e, &[]))
 }
 
