@@ -183,6 +183,37 @@ def test_open_real_safetensors_checkpoint(tmp_path) -> None:
     same_bits(torch.from_numpy(t8.gather(np.arange(20))), expected)
 
 
+def _read_fold(rows: np.ndarray, scales: np.ndarray | None, idx: np.ndarray) -> int:
+    """What ``read_rows`` returns: per 512-index chunk, the first byte of each 64-byte line of
+    each row (and the first scale byte) folded in order, the chunks xor-ed together."""
+    mask = (1 << 64) - 1
+    total = 0
+    for start in range(0, idx.size, 512):
+        acc = 0
+        for r in idx[start : start + 512]:
+            for off in range(0, rows.shape[1], 64):
+                acc = (((acc << 1) | (acc >> 63)) & mask) ^ int(rows[r, off])
+            if scales is not None:
+                acc ^= int(scales[r, 0])
+        total ^= acc
+    return total
+
+
+def test_read_rows_reads_the_gathered_bytes() -> None:
+    """The benchmark's read ceiling touches exactly the rows (and scales) a gather reads."""
+    rng = np.random.default_rng(5)
+    f32 = rng.standard_normal((300, 64)).astype(np.float32)
+    idx = rng.integers(0, 300, size=1500)
+    t = er.HostTable.from_numpy(f32)
+    assert t._core.read_rows(idx) == _read_fold(f32.view(np.uint8), None, idx)
+    codes = rng.integers(0, 256, size=(300, 64), dtype=np.uint8)
+    sc = rng.integers(100, 140, size=(300, 2), dtype=np.uint8)
+    t8 = er.HostTable.from_numpy(codes, scales=sc, dtype="float8_e4m3")
+    assert t8._core.read_rows(idx.astype(np.int32)) == _read_fold(codes, sc, idx)
+    with pytest.raises(IndexError, match=r"row index 300 at position \(2,\)"):
+        t._core.read_rows(np.array([0, 1, 300]))
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 

@@ -266,6 +266,12 @@ def _gather_baselines(
             best_of(lambda: torch.index_select(torch_table, 0, t_idx, out=t_out), repeats),
             moved,
         )
+    # What any gather of these rows is bound by here: the same rows read with the same
+    # prefetching on the same threads, nothing written.
+    res["read the same rows, write nothing"] = (
+        best_of(lambda: table._core.read_rows(idx), repeats),
+        moved,
+    )
     src = np.empty(moved, np.uint8)
     dst = np.empty(moved, np.uint8)
     src.fill(1)

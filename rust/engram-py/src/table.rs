@@ -286,6 +286,20 @@ impl TableCore {
         })
     }
 
+    /// Reads the rows a gather of `idx` would read, writing nothing (the benchmark's random-read
+    /// ceiling); returns a fold of the bytes read.
+    fn read_rows(&self, py: Python<'_>, idx: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let shared = self.shared()?.clone();
+        let shape = idx.cast::<PyUntypedArray>()?.shape().to_vec();
+        with_indices!(idx, |slice| {
+            py.detach(|| {
+                let t = shared.table.read().unwrap_or_else(|e| e.into_inner());
+                engram_core::gather::read_rows(&t, slice)
+            })
+            .map_err(|e| to_pyerr(e, &shape))
+        })
+    }
+
     /// Gathers into a new pooled `[idx.size, dim * itemsize]` uint8 array (view it as needed).
     fn gather_new<'py>(
         &self,
