@@ -10,8 +10,7 @@
 //! JSON, replaying the crate's rules for added tokens, without building the crate's model (its
 //! vocabulary maps and merges cost more than the whole compression); anything unusual falls back
 //! to a full load with the crate and reads the tokens from it. The tests hold both loads equal.
-//! The ByteLevel decoder (the one of DeepSeek's tokenizers) runs through a char -> byte table;
-//! other decoders run through the crate's own code.
+//! Every id is decoded by the crate's own decoder, as `Tokenizer::decode` does.
 
 use crate::error::{EngramError, Result};
 use rayon::prelude::*;
@@ -200,57 +199,26 @@ impl Vocabulary {
         }
     }
 
-    /// `Tokenizer::decode(&[id], false)`: the token through the decoder (the token itself when
-    /// there is none); `bytes` is working space.
-    fn decode<'a>(&'a self, id: usize, bytes: &'a mut Vec<u8>) -> Result<Cow<'a, str>> {
+    /// Appends `Tokenizer::decode(&[id], false)` to `out`: the token through the crate's
+    /// decoder (`Decoder::decode` is its `decode_chain` joined), the token itself without one.
+    fn decode_into(&self, id: usize, out: &mut String) -> Result<()> {
         let token = self.token(id);
         match &self.decoder {
-            None => Ok(Cow::Borrowed(token.unwrap_or(""))),
-            Some(DecoderWrapper::ByteLevel(_)) => {
-                // The crate maps every char back to its byte, keeps the token's own bytes when
-                // a char has none, and reads the bytes as lossy UTF-8.
-                let token = token.unwrap_or("");
-                bytes.clear();
-                for c in token.chars() {
-                    match BYTE_OF_CHAR.get(c as usize) {
-                        Some(&b) if b >= 0 => bytes.push(b as u8),
-                        _ => return Ok(Cow::Borrowed(token)),
-                    }
-                }
-                Ok(String::from_utf8_lossy(bytes))
-            }
+            None => out.push_str(token.unwrap_or("")),
             Some(decoder) => {
                 let tokens = token.map(str::to_owned).into_iter().collect();
-                decoder
-                    .decode(tokens)
-                    .map(Cow::Owned)
+                let parts = decoder
+                    .decode_chain(tokens)
                     .map_err(|e| EngramError::Tokenizer {
                         origin: "tokenizer".into(),
                         reason: format!("decoding id {id} failed: {e}"),
-                    })
+                    })?;
+                parts.iter().for_each(|p| out.push_str(p));
             }
         }
+        Ok(())
     }
 }
-
-/// The byte of each char of GPT-2's byte-level alphabet (-1 for chars outside it): printable
-/// Latin-1 bytes stand for themselves, the other 68 bytes for U+0100 onwards, in byte order.
-static BYTE_OF_CHAR: [i16; 324] = {
-    let mut table = [-1i16; 324];
-    let mut next = 256;
-    let mut b = 0;
-    while b < 256 {
-        let printable = (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || b >= 0xae;
-        if printable {
-            table[b] = b as i16;
-        } else {
-            table[next] = b as i16;
-            next += 1;
-        }
-        b += 1;
-    }
-    table
-};
 
 /// The table of one tokenizer: raw id -> compressed id, plus what identifies its source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -421,26 +389,32 @@ fn read_vocabulary(json: &str) -> Option<Vocabulary> {
     let added: Vec<AddedToken> = parse_field(parts.added_tokens)?.unwrap_or_default();
 
     // The model: token -> id must be one to one (the crate keeps the last of two equal tokens
-    // and an arbitrary token of two equal ids).
+    // and an arbitrary token of two equal ids). Entries sorted by (keyed hash, token) put equal
+    // tokens side by side and let a token be found by binary search.
+    u32::try_from(entries.len()).ok()?;
     let state = RandomState::new();
-    let hashes: Vec<u64> = entries
+    let mut by_hash: Vec<(u64, u32)> = entries
         .par_iter()
-        .map(|(t, _)| state.hash_one(&**t))
+        .enumerate()
+        .map(|(i, (t, _))| (state.hash_one(&**t), i as u32))
         .collect();
-    let mut model_ids: PrehashedMap<'_, u32> = HashMap::default();
-    model_ids.reserve(entries.len());
-    for ((token, id), &hash) in entries.iter().zip(&hashes) {
-        let key = Prehashed { hash, text: token };
-        if model_ids.insert(key, *id).is_some() {
-            return None;
-        }
+    let token_at = |i: u32| -> &str { &entries[i as usize].0 };
+    by_hash
+        .par_sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| token_at(a.1).cmp(token_at(b.1))));
+    if by_hash
+        .par_windows(2)
+        .any(|w| w[0].0 == w[1].0 && token_at(w[0].1) == token_at(w[1].1))
+    {
+        return None;
     }
     let model_id = |token: &str| {
-        let key = Prehashed {
-            hash: state.hash_one(token),
-            text: token,
-        };
-        model_ids.get(&key).copied()
+        let hash = state.hash_one(token);
+        let start = by_hash.partition_point(|e| e.0 < hash);
+        by_hash[start..]
+            .iter()
+            .take_while(|e| e.0 == hash)
+            .find(|e| token_at(e.1) == token)
+            .map(|e| entries[e.1 as usize].1)
     };
     // Ids past every model and added id are never looked up.
     let max_len = entries.len() + added.len();
@@ -611,11 +585,12 @@ fn keys_of(vocab: &Vocabulary, ids: std::ops::Range<usize>, state: &RandomState)
         hashes: Vec::with_capacity(n),
         token_hashes: Vec::with_capacity(n),
     };
-    let (mut bytes, mut scratch) = (Vec::new(), String::new());
+    let (mut text, mut scratch) = (String::new(), String::new());
     for id in ids {
         let start = keys.text.len();
         let token = vocab.token(id);
-        let text = vocab.decode(id, &mut bytes)?;
+        text.clear();
+        vocab.decode_into(id, &mut text)?;
         if text.contains('\u{FFFD}') {
             keys.text.push_str(token.unwrap_or(""));
         } else {
@@ -755,7 +730,9 @@ mod tests {
 
     /// `Tokenizer::decode(&[id], false)` the way [`compress`] computes it.
     fn decoded(vocab: &Vocabulary, id: usize) -> String {
-        vocab.decode(id, &mut Vec::new()).unwrap().into_owned()
+        let mut text = String::new();
+        vocab.decode_into(id, &mut text).unwrap();
+        text
     }
 
     fn tokenizer_json(added: &str, normalizer: &str, decoder: &str, model: &str) -> String {
@@ -842,22 +819,6 @@ mod tests {
         // A lone "é" is byte 0xE9 (U+FFFD again); "中" is outside the byte alphabet, so the token's
         // own bytes are kept.
         assert_eq!(c.lookup, vec![0, 1, 2, 3, 3, 4, 4, 5, 6]);
-    }
-
-    #[test]
-    fn byte_level_table_is_the_crates() {
-        // Every char the table knows, and the chars around it, decode as the crate decodes them.
-        let decoder: DecoderWrapper = serde_json::from_str(BYTE_LEVEL).unwrap();
-        let vocab = Vocabulary::build(
-            400,
-            |id| char::from_u32(id as u32 + 1).map(|c| Cow::Owned(format!("{c}{c}"))),
-            Some(decoder.clone()),
-        )
-        .unwrap();
-        for id in 0..400 {
-            let token = vocab.token(id).unwrap().to_owned();
-            assert_eq!(decoded(&vocab, id), decoder.decode(vec![token]).unwrap());
-        }
     }
 
     #[test]
