@@ -74,13 +74,9 @@ fn normalize_into(text: &str, scratch: &mut String, out: &mut String) {
             in_run = false;
         }
     };
-    if text.is_ascii() {
-        // Both normalizations are the identity on ASCII and no ASCII char is a mark.
+    if text.chars().all(nfkc_nfd_stable) {
+        // Both normalizations are the identity on these chars and none is a mark.
         text.chars().for_each(|c| push(c.to_ascii_lowercase()));
-    } else if text.chars().all(nfkc_nfd_stable) {
-        for c in text.chars() {
-            push(c.to_ascii_lowercase());
-        }
     } else {
         let nfkc: String = text.nfkc().map(|(c, _)| c).collect();
         for (c, _) in nfkc.nfd() {
@@ -247,29 +243,8 @@ struct TokenizerParts<'a> {
 }
 
 /// A token string of the JSON, borrowed unless it has escapes.
-struct JsonStr<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for JsonStr<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = JsonStr<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a token string")
-            }
-            fn visit_borrowed_str<E>(self, s: &'de str) -> std::result::Result<Self::Value, E> {
-                Ok(JsonStr(Cow::Borrowed(s)))
-            }
-            fn visit_str<E>(self, s: &str) -> std::result::Result<Self::Value, E> {
-                Ok(JsonStr(Cow::Owned(s.to_owned())))
-            }
-            fn visit_string<E>(self, s: String) -> std::result::Result<Self::Value, E> {
-                Ok(JsonStr(Cow::Owned(s)))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
+#[derive(Deserialize)]
+struct JsonStr<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// The `"vocab": {token: id, ...}` object of a BPE, WordPiece or WordLevel model, in file order
 /// (duplicates kept, so they can be told apart from a map that dropped them).
@@ -537,9 +512,15 @@ fn token_hash(token: Option<&str>) -> u64 {
     }
 }
 
-/// Combines the per-id token hashes (in id order) with the decoder into the fingerprint.
-fn combine_fingerprint(decoder: &Option<DecoderWrapper>, token_hashes: &[u64]) -> String {
-    let decoder = serde_json::to_string(decoder).expect("a decoder serializes");
+/// A hash of what the table is computed from: every id's token string and the decoder.
+///
+/// A saved table is valid for a tokenizer exactly when the fingerprints agree.
+pub fn fingerprint(vocab: &Vocabulary) -> String {
+    let token_hashes: Vec<u64> = (0..vocab.len())
+        .into_par_iter()
+        .map(|id| token_hash(vocab.token(id)))
+        .collect();
+    let decoder = serde_json::to_string(&vocab.decoder).expect("a decoder serializes");
     let mut parts = vec![
         FINGERPRINT_VERSION.to_vec(),
         (token_hashes.len() as u64).to_le_bytes().to_vec(),
@@ -554,26 +535,14 @@ fn combine_fingerprint(decoder: &Option<DecoderWrapper>, token_hashes: &[u64]) -
     format!("{a:016x}{b:016x}")
 }
 
-/// A hash of what the table is computed from: every id's token string and the decoder.
-///
-/// A saved table is valid for a tokenizer exactly when the fingerprints agree.
-pub fn fingerprint(vocab: &Vocabulary) -> String {
-    let hashes: Vec<u64> = (0..vocab.len())
-        .into_par_iter()
-        .map(|id| token_hash(vocab.token(id)))
-        .collect();
-    combine_fingerprint(&vocab.decoder, &hashes)
-}
-
 /// Ids per parallel task of [`compress`].
 const CHUNK: usize = 2048;
 
-/// The compression keys of a run of ids, back to back, with their hashes and token hashes.
+/// The compression keys of a run of ids, back to back, with their hashes.
 struct Keys {
     text: String,
     ends: Vec<usize>,
     hashes: Vec<u64>,
-    token_hashes: Vec<u64>,
 }
 
 /// The compression keys (SPEC section 1, steps 1-2) of `ids`.
@@ -583,16 +552,14 @@ fn keys_of(vocab: &Vocabulary, ids: std::ops::Range<usize>, state: &RandomState)
         text: String::with_capacity(n * 8),
         ends: Vec::with_capacity(n),
         hashes: Vec::with_capacity(n),
-        token_hashes: Vec::with_capacity(n),
     };
     let (mut text, mut scratch) = (String::new(), String::new());
     for id in ids {
         let start = keys.text.len();
-        let token = vocab.token(id);
         text.clear();
         vocab.decode_into(id, &mut text)?;
         if text.contains('\u{FFFD}') {
-            keys.text.push_str(token.unwrap_or(""));
+            keys.text.push_str(vocab.token(id).unwrap_or(""));
         } else {
             normalize_into(&text, &mut scratch, &mut keys.text);
             if keys.text.len() == start {
@@ -601,7 +568,6 @@ fn keys_of(vocab: &Vocabulary, ids: std::ops::Range<usize>, state: &RandomState)
         }
         keys.ends.push(keys.text.len());
         keys.hashes.push(state.hash_one(&keys.text[start..]));
-        keys.token_hashes.push(token_hash(token));
     }
     Ok(keys)
 }
@@ -630,14 +596,10 @@ pub fn compress(vocab: &Vocabulary) -> Result<Compression> {
             start = end;
         }
     }
-    let token_hashes: Vec<u64> = chunks
-        .iter()
-        .flat_map(|c| c.token_hashes.iter().copied())
-        .collect();
     Ok(Compression {
         lookup,
         compressed_size: seen.len(),
-        fingerprint: combine_fingerprint(&vocab.decoder, &token_hashes),
+        fingerprint: fingerprint(vocab),
     })
 }
 
