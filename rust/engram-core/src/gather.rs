@@ -86,8 +86,7 @@ pub fn gather<I: IdElem>(
         && out_row.is_multiple_of(64)
         && out.len() >= STREAM_MIN_BYTES
         && (out.as_ptr() as usize).is_multiple_of(64);
-    let lines = table.row_bytes().div_ceil(64) + usize::from(table.scale_bytes() > 0);
-    let ahead = (LINES_IN_FLIGHT / lines).clamp(2, 16);
+    let ahead = rows_ahead(table);
     out.par_chunks_mut(CHUNK * out_row)
         .zip(idx.par_chunks(CHUNK))
         .for_each(|(out, idx)| {
@@ -99,16 +98,12 @@ pub fn gather<I: IdElem>(
                 return;
             }
             let mut scratch = vec![0f32; table.dim];
-            for &r in idx.iter().take(ahead) {
-                prefetch_row(table, r.bits() as usize);
-            }
-            for (i, (dst, &r)) in out.chunks_exact_mut(out_row).zip(idx).enumerate() {
-                if let Some(&next) = idx.get(i + ahead) {
-                    prefetch_row(table, next.bits() as usize);
-                }
+            let mut rows_out = out.chunks_exact_mut(out_row);
+            for_each_prefetched(table, idx, ahead, |r| {
+                let dst = rows_out.next().expect("one output row per index");
                 // SAFETY: every index was checked against `table.rows` above.
-                unsafe { copy_row(table, r.bits() as usize, dst, out_dtype, fast, &mut scratch) };
-            }
+                unsafe { copy_row(table, r, dst, out_dtype, fast, &mut scratch) };
+            });
         });
     Ok(())
 }
@@ -119,20 +114,12 @@ pub fn gather<I: IdElem>(
 /// reads cannot be optimized away).
 pub fn read_rows<I: IdElem>(table: &HostTable, idx: &[I]) -> Result<u64> {
     check_indices(idx, table.rows)?;
-    let lines = table.row_bytes().div_ceil(64) + usize::from(table.scale_bytes() > 0);
-    let ahead = (LINES_IN_FLIGHT / lines).clamp(2, 16);
+    let ahead = rows_ahead(table);
     let fold = idx
         .par_chunks(CHUNK)
         .map(|idx| {
-            for &r in idx.iter().take(ahead) {
-                prefetch_row(table, r.bits() as usize);
-            }
             let mut acc = 0u64;
-            for (i, &r) in idx.iter().enumerate() {
-                if let Some(&next) = idx.get(i + ahead) {
-                    prefetch_row(table, next.bits() as usize);
-                }
-                let r = r.bits() as usize;
+            for_each_prefetched(table, idx, ahead, |r| {
                 // SAFETY: every index was checked against `table.rows` above; each read stays
                 // inside the row (or its scales).
                 unsafe {
@@ -144,11 +131,37 @@ pub fn read_rows<I: IdElem>(table: &HostTable, idx: &[I]) -> Result<u64> {
                         acc ^= std::ptr::read_volatile(table.scale_ptr(r)) as u64;
                     }
                 }
-            }
+            });
             acc
         })
         .reduce(|| 0, |a, b| a ^ b);
     Ok(fold)
+}
+
+/// Rows to prefetch ahead so that about [`LINES_IN_FLIGHT`] cache lines are in flight.
+fn rows_ahead(table: &HostTable) -> usize {
+    let lines = table.row_bytes().div_ceil(64) + usize::from(table.scale_bytes() > 0);
+    (LINES_IN_FLIGHT / lines).clamp(2, 16)
+}
+
+/// Calls `f(row)` for each row of `idx` in order, each after prefetching the row `ahead`
+/// indices further on.
+#[inline(always)]
+fn for_each_prefetched<I: IdElem>(
+    table: &HostTable,
+    idx: &[I],
+    ahead: usize,
+    mut f: impl FnMut(usize),
+) {
+    for &r in idx.iter().take(ahead) {
+        prefetch_row(table, r.bits() as usize);
+    }
+    for (i, &r) in idx.iter().enumerate() {
+        if let Some(&next) = idx.get(i + ahead) {
+            prefetch_row(table, next.bits() as usize);
+        }
+        f(r.bits() as usize);
+    }
 }
 
 #[inline(always)]

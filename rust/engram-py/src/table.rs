@@ -13,12 +13,19 @@ use numpy::{
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 /// A table and the Python objects whose memory it uses (kept alive while any job runs).
 struct Shared {
     table: RwLock<HostTable>,
     _owners: Vec<Py<PyAny>>,
+}
+
+impl Shared {
+    /// The table for reading; a lock poisoned by a panic elsewhere is read through.
+    fn read(&self) -> RwLockReadGuard<'_, HostTable> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 fn dtype(name: &str) -> PyResult<DType> {
@@ -82,12 +89,7 @@ impl TableCore {
     }
 
     fn with_table<R>(&self, f: impl FnOnce(&HostTable) -> R) -> PyResult<R> {
-        let t = self
-            .shared()?
-            .table
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
-        Ok(f(&t))
+        Ok(f(&self.shared()?.read()))
     }
 }
 
@@ -98,8 +100,7 @@ fn gather_into<I: IdElem>(
     out_dtype: DType,
     backend: Backend,
 ) -> Result<(), EngramError> {
-    let t = shared.table.read().unwrap_or_else(|e| e.into_inner());
-    gather(&t, idx, out, out_dtype, backend)
+    gather(&shared.read(), idx, out, out_dtype, backend)
 }
 
 #[pymethods]
@@ -292,11 +293,8 @@ impl TableCore {
         let shared = self.shared()?.clone();
         let shape = idx.cast::<PyUntypedArray>()?.shape().to_vec();
         with_indices!(idx, |slice| {
-            py.detach(|| {
-                let t = shared.table.read().unwrap_or_else(|e| e.into_inner());
-                engram_core::gather::read_rows(&t, slice)
-            })
-            .map_err(|e| to_pyerr(e, &shape))
+            py.detach(|| engram_core::gather::read_rows(&shared.read(), slice))
+                .map_err(|e| to_pyerr(e, &shape))
         })
     }
 
