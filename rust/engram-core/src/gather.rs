@@ -21,15 +21,7 @@ const LINES_IN_FLIGHT: usize = 64;
 const STREAM_MIN_BYTES: usize = 8 << 20;
 
 fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::cpu::avx512()
 }
 
 /// Checks every index against `rows`; the error names the first bad one.

@@ -602,17 +602,9 @@ pub fn advance_history<I: IdElem>(
     }
 }
 
-/// Whether the AVX-512 reduction can run on this CPU.
+/// Whether the AVX-512 reduction runs (see [`crate::cpu`]).
 pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::cpu::avx512()
 }
 
 /// Scalar kernel: `scratch` holds `N - 1` history ids followed by one id per output row.

@@ -6,6 +6,7 @@
 
 pub mod buffer;
 pub mod compress;
+pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod gather;
