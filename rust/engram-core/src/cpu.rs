@@ -17,8 +17,8 @@ pub struct Features {
 }
 
 fn detect() -> Features {
-    let forced_scalar = std::env::var_os("ENGRAM_RS_FORCE_SCALAR")
-        .is_some_and(|v| !v.is_empty() && v != "0");
+    let forced_scalar =
+        std::env::var_os("ENGRAM_RS_FORCE_SCALAR").is_some_and(|v| !v.is_empty() && v != "0");
     #[cfg(target_arch = "x86_64")]
     let avx512 = std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512dq")

@@ -52,6 +52,16 @@ pub enum EngramError {
     /// `ValueError`).
     #[error("{origin}: {reason}")]
     Tokenizer { origin: String, reason: String },
+    /// An allocation of `bytes` for `what` failed (maps to `MemoryError`).
+    #[error("cannot allocate {bytes} bytes for {what}: {hint}")]
+    OutOfMemory {
+        bytes: usize,
+        what: String,
+        hint: String,
+    },
+    /// A panic inside a kernel, caught before it reached the caller (maps to `RuntimeError`).
+    #[error("internal error in engram_rs: {0} (please report this)")]
+    Internal(String),
 }
 
 impl EngramError {
@@ -67,6 +77,18 @@ impl EngramError {
             kind: err.kind(),
             message: err.to_string(),
         }
+    }
+}
+
+impl EngramError {
+    /// The error of a caught panic, with the panic's message.
+    pub fn from_panic(payload: &(dyn std::any::Any + Send)) -> Self {
+        let msg = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        EngramError::Internal(msg)
     }
 }
 

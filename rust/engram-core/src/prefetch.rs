@@ -46,17 +46,8 @@ pub fn spawn(job: impl FnOnce() -> Result<()> + Send + 'static) -> Ticket {
     let state = Arc::new(State::default());
     let ticket = Ticket(state.clone());
     POOL.spawn(move || {
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).unwrap_or_else(|p| {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(EngramError::Invalid(format!(
-                    "background gather failed: {msg}"
-                )))
-            });
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
+            .unwrap_or_else(|p| Err(EngramError::from_panic(&*p)));
         *state.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
         state.ready.notify_all();
     });

@@ -18,8 +18,7 @@ fn to_python(py: Python<'_>, c: Compression) -> PyCompression<'_> {
 /// Builds the raw -> compressed id table of an HF `tokenizer.json` file.
 #[pyfunction]
 fn compress_file(py: Python<'_>, path: PathBuf) -> PyResult<PyCompression<'_>> {
-    let c = py
-        .detach(|| compress::compress(&Vocabulary::from_file(&path)?))
+    let c = crate::detached(py, || compress::compress(&Vocabulary::from_file(&path)?))
         .map_err(|e| to_pyerr(e, &[]))?;
     Ok(to_python(py, c))
 }
@@ -27,8 +26,7 @@ fn compress_file(py: Python<'_>, path: PathBuf) -> PyResult<PyCompression<'_>> {
 /// Builds the raw -> compressed id table of a tokenizer given as its JSON text.
 #[pyfunction]
 fn compress_json(py: Python<'_>, json: String) -> PyResult<PyCompression<'_>> {
-    let c = py
-        .detach(|| compress::compress(&Vocabulary::from_json(&json)?))
+    let c = crate::detached(py, || compress::compress(&Vocabulary::from_json(&json)?))
         .map_err(|e| to_pyerr(e, &[]))?;
     Ok(to_python(py, c))
 }
@@ -36,15 +34,19 @@ fn compress_json(py: Python<'_>, json: String) -> PyResult<PyCompression<'_>> {
 /// The fingerprint of an HF `tokenizer.json` file (what a saved table is checked against).
 #[pyfunction]
 fn fingerprint_file(py: Python<'_>, path: PathBuf) -> PyResult<String> {
-    py.detach(|| Vocabulary::from_file(&path).map(|v| compress::fingerprint(&v)))
-        .map_err(|e| to_pyerr(e, &[]))
+    crate::detached(py, || {
+        Vocabulary::from_file(&path).map(|v| compress::fingerprint(&v))
+    })
+    .map_err(|e| to_pyerr(e, &[]))
 }
 
 /// The fingerprint of a tokenizer given as its JSON text.
 #[pyfunction]
 fn fingerprint_json(py: Python<'_>, json: String) -> PyResult<String> {
-    py.detach(|| Vocabulary::from_json(&json).map(|v| compress::fingerprint(&v)))
-        .map_err(|e| to_pyerr(e, &[]))
+    crate::detached(py, || {
+        Vocabulary::from_json(&json).map(|v| compress::fingerprint(&v))
+    })
+    .map_err(|e| to_pyerr(e, &[]))
 }
 
 /// The SPEC section 1 normalizer (NFKC, NFD, no marks, lowercase, collapsed and stripped spaces).

@@ -10,7 +10,8 @@ use numpy::{
     Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadwriteArray2, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{
-    PyFileNotFoundError, PyIndexError, PyOSError, PyPermissionError, PyTypeError, PyValueError,
+    PyFileNotFoundError, PyIndexError, PyMemoryError, PyOSError, PyPermissionError, PyRuntimeError,
+    PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 
@@ -64,8 +65,22 @@ pub(crate) fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
         }
         EngramError::Io { .. } => PyOSError::new_err(err.to_string()),
         EngramError::ReadOnly(msg) => PyPermissionError::new_err(msg.clone()),
+        EngramError::OutOfMemory { .. } => PyMemoryError::new_err(err.to_string()),
+        EngramError::Internal(_) => PyRuntimeError::new_err(err.to_string()),
         _ => PyValueError::new_err(err.to_string()),
     }
+}
+
+/// Runs a kernel with the GIL released (the one place the bindings detach). A panic inside it
+/// becomes `EngramError::Internal` (a `RuntimeError`), never a `PanicException`.
+pub(crate) fn detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> Result<T, EngramError> + Send,
+) -> Result<T, EngramError> {
+    py.detach(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .unwrap_or_else(|p| Err(EngramError::from_panic(&*p)))
+    })
 }
 
 /// Owner of a pooled output buffer: numpy arrays keep it as their base, and when the last one
@@ -176,7 +191,7 @@ impl HasherCore {
             .collect::<Result<Vec<_>, _>>()?;
         let hist = history.as_mut().map(|h| h.as_slice_mut()).transpose()?;
         let hist_len = self.inner.max_ngram() - 1;
-        py.detach(|| {
+        detached(py, || {
             let req = HashRequest {
                 ids,
                 bounds: opts.bounds,

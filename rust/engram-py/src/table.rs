@@ -116,9 +116,10 @@ impl TableCore {
         writable: bool,
     ) -> PyResult<Self> {
         let mode = Mode::parse(mode).map_err(|e| to_pyerr(e, &[]))?;
-        let table = py
-            .detach(|| HostTable::open(&path, name.as_deref(), scales.as_deref(), mode, writable))
-            .map_err(|e| to_pyerr(e, &[]))?;
+        let table = crate::detached(py, || {
+            HostTable::open(&path, name.as_deref(), scales.as_deref(), mode, writable)
+        })
+        .map_err(|e| to_pyerr(e, &[]))?;
         Ok(Self::wrap(table, Vec::new()))
     }
 
@@ -155,9 +156,10 @@ impl TableCore {
                 }
             }
         };
-        let table = py
-            .detach(|| HostTable::create(&path, rows, dim, dt, init, name, Some(&report)))
-            .map_err(|e| to_pyerr(e, &[]))?;
+        let table = crate::detached(py, || {
+            HostTable::create(&path, rows, dim, dt, init, name, Some(&report))
+        })
+        .map_err(|e| to_pyerr(e, &[]))?;
         Ok(Self::wrap(table, Vec::new()))
     }
 
@@ -282,7 +284,7 @@ impl TableCore {
             // SAFETY: `out` is a live, writable, C-contiguous array of `len` bytes, borrowed for
             // this call (callers must not use it from another thread meanwhile).
             let out = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            py.detach(|| gather_into(&shared, slice, out, od, backend))
+            crate::detached(py, || gather_into(&shared, slice, out, od, backend))
                 .map_err(|e| to_pyerr(e, &shape))
         })
     }
@@ -293,7 +295,7 @@ impl TableCore {
         let shared = self.shared()?.clone();
         let shape = idx.cast::<PyUntypedArray>()?.shape().to_vec();
         with_indices!(idx, |slice| {
-            py.detach(|| engram_core::gather::read_rows(&shared.read(), slice))
+            crate::detached(py, || engram_core::gather::read_rows(&shared.read(), slice))
                 .map_err(|e| to_pyerr(e, &shape))
         })
     }
@@ -391,7 +393,7 @@ impl TableCore {
                 std::slice::from_raw_parts(sp, sl),
             )
         };
-        py.detach(|| {
+        crate::detached(py, || {
             let mut t = shared.table.write().unwrap_or_else(|e| e.into_inner());
             t.write_rows(idx, values, scales)
         })
@@ -400,7 +402,7 @@ impl TableCore {
 
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
         let shared = self.shared()?.clone();
-        py.detach(|| {
+        crate::detached(py, || {
             shared
                 .table
                 .read()
@@ -440,8 +442,7 @@ impl PrefetchCore {
     /// Waits (without the GIL) and returns the output array; raises the gather's error.
     fn wait(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let ticket = self.ticket.clone();
-        py.detach(|| ticket.wait())
-            .map_err(|e| to_pyerr(e, &self.shape))?;
+        crate::detached(py, || ticket.wait()).map_err(|e| to_pyerr(e, &self.shape))?;
         Ok(self.out.clone_ref(py))
     }
 }
