@@ -7,6 +7,7 @@ import engram_rs as er
 import numpy as np
 import pytest
 from engram_rs.reference import reference_hash, reference_multipliers, reference_primes
+from gil import assert_releases_gil
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spec_reference import spec_hash
@@ -378,39 +379,29 @@ def test_bad_ragged_and_state(golden: dict) -> None:
 
 
 def test_gil_is_released_while_hashing(golden: dict) -> None:
-    """Two threads hash at once while the main thread keeps running Python code."""
+    """The main thread keeps running while another hashes; two hashing threads overlap."""
     h = make_hasher(golden, "demo")
     ids = np.random.default_rng(0).integers(0, h.compressed_vocab_size, size=(64, 16384))
-    t0 = time.perf_counter()
-    h.hash(ids, layer_ids=[1], dtype=np.int32)
-    single = time.perf_counter() - t0
-    intervals: list[tuple[float, float, int]] = []
-    lock = threading.Lock()
+    assert_releases_gil(lambda: h.hash(ids, layer_ids=[1], dtype=np.int32))
+    for _ in range(4):
+        inside = threading.Barrier(2, timeout=60)
+        intervals: list[tuple[float, float]] = []
 
-    def work() -> None:
-        for _ in range(3):
+        def work(inside: threading.Barrier, intervals: list[tuple[float, float]]) -> None:
+            inside.wait()
             start = time.perf_counter()
             h.hash(ids, layer_ids=[1], dtype=np.int32)
-            with lock:
-                intervals.append((start, time.perf_counter(), threading.get_ident()))
+            intervals.append((start, time.perf_counter()))
 
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    ticks = []
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        ticks.append(time.perf_counter())
-    for t in threads:
-        t.join()
-    begin = min(s for s, _, _ in intervals)
-    end = max(e for _, e, _ in intervals)
-    gaps = np.diff([begin, *(x for x in ticks if begin < x < end), end])
-    # Holding the GIL for a whole call would stall the main thread for at least one call.
-    assert gaps.max() < 0.5 * single, (gaps.max(), single)
-    overlapping = [
-        (a, b) for a in intervals for b in intervals if a[2] != b[2] and a[0] < b[1] and b[0] < a[1]
-    ]
-    assert overlapping, f"the two threads' calls never overlapped: {intervals}"
+        threads = [threading.Thread(target=work, args=(inside, intervals)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        (a0, a1), (b0, b1) = intervals
+        if a0 < b1 and b0 < a1:
+            return
+    raise AssertionError(f"the two threads' calls never overlapped: {intervals}")
 
 
 def test_outputs_recycle_pooled_buffers(golden: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from typing import Any
@@ -10,11 +11,28 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _engram_rs
+from .atomic import write_atomically
 
 __all__ = ["CompressedTokenizer", "normalize"]
 
-#: Version of the file layout written by ``CompressedTokenizer.save``.
-_FORMAT = 1
+#: Version of the file layout written by ``CompressedTokenizer.save`` (2: with a checksum).
+_FORMAT = 2
+
+
+def _checksum(table: np.ndarray, num_compressed: int) -> str:
+    """SHA-256 of the table (little-endian int64) and the compressed vocabulary size."""
+    digest = hashlib.sha256(np.ascontiguousarray(table, dtype="<i8").tobytes())
+    digest.update(int(num_compressed).to_bytes(8, "little"))
+    return digest.hexdigest()
+
+
+def _describe(head: bytes) -> str:
+    """What a file that is not an .npz archive looks like, from its first bytes."""
+    if head.startswith(b"\x93NUMPY"):
+        return "a single .npy array, not the .npz archive that save() writes"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON text (a tokenizer.json? build the table with CompressedTokenizer.from_file)"
+    return f"not a .npz archive (it starts with {head[:8]!r})"
 
 
 def normalize(text: str) -> str:
@@ -133,28 +151,24 @@ class CompressedTokenizer:
         return mapped
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the table and its fingerprint atomically (a temporary file renamed into place)."""
+        """Writes the table, its checksum and its tokenizer's fingerprint atomically."""
         target = _path(path, "path")
-        tmp = f"{target}.tmp.{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    format=np.int64(_FORMAT),
-                    lookup_table=self._table,
-                    num_compressed=np.int64(self._num_compressed),
-                    fingerprint=np.str_(self.fingerprint),
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        def write(f: Any) -> None:
+            np.savez(
+                f,
+                format=np.int64(_FORMAT),
+                lookup_table=self._table,
+                num_compressed=np.int64(self._num_compressed),
+                fingerprint=np.str_(self.fingerprint),
+                checksum=np.str_(_checksum(self._table, self._num_compressed)),
+            )
+
+        write_atomically(target, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], tokenizer: Any = None) -> CompressedTokenizer:
-        """Reads a table written by ``save``.
+        """Reads a table written by ``save``; its checksum is always verified.
 
         ``tokenizer`` (a tokenizer.json path or a tokenizer object), when given, must be the
         tokenizer the table was built from: its fingerprint is checked.
@@ -162,17 +176,36 @@ class CompressedTokenizer:
         source = _path(path, "path")
         if not os.path.exists(source):
             raise FileNotFoundError(f"{source}: no such file: pass the path given to save()")
+        rebuild = "build it again with from_file or from_tokenizer and save it"
+        with open(source, "rb") as f:
+            head = f.read(16)
+        if not head.startswith(b"PK\x03\x04"):
+            raise ValueError(
+                f"{source} is not a table written by CompressedTokenizer.save: it is "
+                f"{_describe(head)}"
+            )
         try:
             with np.load(source, allow_pickle=False) as z:
                 fmt = int(z["format"])
                 if fmt != _FORMAT:
-                    raise ValueError(f"format version {fmt}, this engram_rs reads {_FORMAT}")
-                comp = cls(z["lookup_table"], int(z["num_compressed"]), str(z["fingerprint"]))
-        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+                    raise ValueError(
+                        f"format version {fmt}, this engram_rs reads {_FORMAT} (tables without "
+                        "a checksum are no longer read)"
+                    )
+                table = np.asarray(z["lookup_table"])
+                num = int(z["num_compressed"])
+                stored = str(z["checksum"])
+                fingerprint = str(z["fingerprint"])
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
             raise ValueError(
-                f"{source} is not a table written by CompressedTokenizer.save ({e}): "
-                "build it again with from_file or from_tokenizer"
-            ) from e
+                f"{source} is not a table written by CompressedTokenizer.save ({e}): {rebuild}"
+            ) from None
+        if table.dtype != np.int64 or table.ndim != 1 or _checksum(table, num) != stored:
+            raise ValueError(
+                f"{source} is corrupt: its lookup table does not match the checksum stored with "
+                f"it (the file was changed after save()): {rebuild}"
+            )
+        comp = cls(table, num, fingerprint)
         if tokenizer is not None:
             expected = _fingerprint(tokenizer)
             if expected != comp.fingerprint:

@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .atomic import write_atomically
+
 __all__ = ["PRESETS", "EngramConfig"]
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -127,18 +129,33 @@ class EngramConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> EngramConfig:
         """Reads a config from a JSON file (an object of config fields)."""
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {e}") from e
+        name = os.fspath(path)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{name!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}): "
+                "a config file is a UTF-8 JSON object of config fields"
+            ) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name!r} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError(
+                f"{name!r} nests JSON too deeply to be a config: a config file is one flat "
+                "object of config fields"
+            ) from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{name!r} holds a JSON {type(data).__name__}, expected an object of config "
+                "fields (see EngramConfig.to_json)"
+            )
         return cls.from_dict(data)
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
-        """Writes the config as JSON (atomically: a temporary file renamed into place)."""
-        tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Writes the config as JSON, atomically (a temporary file renamed into place)."""
+        text = json.dumps(self.to_dict(), indent=2).encode("utf-8")
+        write_atomically(path, lambda f: f.write(text))

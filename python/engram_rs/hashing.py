@@ -26,25 +26,47 @@ def layer_multipliers(config: EngramConfig, compressed_vocab_size: int) -> dict[
 
 
 class HashState:
-    """Per-sequence history (the last ``max_ngram_size - 1`` compressed ids) for decoding."""
+    """Per-sequence history (the last ``max_ngram_size - 1`` compressed ids) for decoding.
+
+    ``history`` is a read-only view: the state changes only through ``hash_step`` (which
+    leaves it untouched when a step fails) and ``reset``.
+    """
 
     def __init__(self, batch_size: int, history_len: int, pad_id: int) -> None:
         self.pad_id = pad_id
-        self.history = np.full((batch_size, history_len), pad_id, dtype=np.int64)
+        self._history = np.full((batch_size, history_len), pad_id, dtype=np.int64)
+
+    @property
+    def history(self) -> np.ndarray:
+        """``[batch_size, max_ngram_size - 1]`` int64, oldest id first (read-only)."""
+        view: np.ndarray = self._history.view()
+        view.flags.writeable = False
+        return view
 
     @property
     def batch_size(self) -> int:
-        return int(self.history.shape[0])
+        return int(self._history.shape[0])
 
     def reset(self, rows: npt.ArrayLike | None = None) -> None:
         """Starts the given rows (all rows if None) over as fresh sequences."""
         if rows is None:
-            self.history[:] = self.pad_id
-        else:
-            self.history[np.asarray(rows, dtype=np.int64)] = self.pad_id
+            self._history[:] = self.pad_id
+            return
+        idx = np.asarray(rows)
+        if idx.dtype.kind not in "iub" or idx.ndim > 1:
+            raise TypeError(f"rows must be sequence indices (ints) or a boolean mask, got {rows!r}")
+        if (
+            idx.dtype.kind != "b"
+            and idx.size
+            and (idx.min() < -self.batch_size or idx.max() >= self.batch_size)
+        ):
+            raise IndexError(
+                f"rows {idx.tolist()} are outside the state's {self.batch_size} sequences"
+            )
+        self._history[idx] = self.pad_id
 
     def __repr__(self) -> str:
-        return f"HashState(batch_size={self.batch_size}, history_len={self.history.shape[1]})"
+        return f"HashState(batch_size={self.batch_size}, history_len={self._history.shape[1]})"
 
 
 def _as_ids(ids: Any) -> np.ndarray:
@@ -53,6 +75,9 @@ def _as_ids(ids: Any) -> np.ndarray:
         raise TypeError(
             f"ids must be integers, got dtype {arr.dtype}: convert with ids.astype(numpy.int64)"
         )
+    if not arr.dtype.isnative:
+        # A big-endian (byte-swapped) array, e.g. read from a file written elsewhere.
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     return np.ascontiguousarray(arr)
 
 
@@ -294,9 +319,23 @@ class NgramHasher:
     ) -> dict[int, np.ndarray]:
         if not isinstance(state, HashState):
             raise TypeError(f"state must come from new_state(), got {type(state).__name__}")
-        if state.history.shape[1] != self.config.max_ngram_size - 1:
+        hist = state._history
+        if (
+            not isinstance(hist, np.ndarray)
+            or hist.dtype != np.int64
+            or hist.ndim != 2
+            or not hist.flags.c_contiguous
+            or not hist.flags.writeable
+        ):
             raise ValueError(
-                f"state holds {state.history.shape[1]} ids per sequence but this hasher needs "
+                "state.history must be a writable C-contiguous int64 [batch_size, "
+                f"{self.config.max_ngram_size - 1}] array, got "
+                f"{getattr(hist, 'dtype', type(hist).__name__)} {getattr(hist, 'shape', '')}: "
+                "create the state with new_state() and change it only through hash_step/reset"
+            )
+        if hist.shape[1] != self.config.max_ngram_size - 1:
+            raise ValueError(
+                f"state holds {hist.shape[1]} ids per sequence but this hasher needs "
                 f"{self.config.max_ngram_size - 1}: create it with this hasher's new_state()"
             )
         arr = _as_ids(new_ids)
@@ -307,4 +346,4 @@ class NgramHasher:
             )
         rows, k = (arr.shape[0], 1) if arr.ndim == 1 else arr.shape
         bounds = list(range(0, rows * k + 1, k)) if k else [0] * (rows + 1)
-        return self._run(arr, bounds, layer_ids, dtype, flat, history=state.history, raw=raw)
+        return self._run(arr, bounds, layer_ids, dtype, flat, history=hist, raw=raw)

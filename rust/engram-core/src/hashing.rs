@@ -457,17 +457,18 @@ impl NgramHasher {
         Ok(())
     }
 
+    /// The error for an out-of-range id found while hashing: the first one in `ids`, or, when a
+    /// rescan finds none (another thread rewrote the ids meanwhile), an error saying so.
     fn first_bad_id<I: IdElem>(&self, ids: &[I], map: Option<&[i64]>) -> EngramError {
         let vocab = map.map_or(self.vocab, |m| m.len() as u64);
-        let index = ids
-            .iter()
-            .position(|v| v.bits() >= vocab)
-            .expect("a chunk reported an out-of-range id");
-        EngramError::IdOutOfRange {
-            value: ids[index].wide(),
-            index,
-            vocab,
-            raw: map.is_some(),
+        match ids.iter().position(|v| v.bits() >= vocab) {
+            Some(index) => EngramError::IdOutOfRange {
+                value: ids[index].wide(),
+                index,
+                vocab,
+                raw: map.is_some(),
+            },
+            None => ids_changed(),
         }
     }
 
@@ -496,7 +497,7 @@ impl NgramHasher {
         let mut seg = bounds.partition_point(|&b| b <= range.start) - 1;
         let mut pos = range.start;
         let mut valid = true;
-        while pos < range.end {
+        'pieces: while pos < range.end {
             while bounds[seg + 1] <= pos {
                 seg += 1;
             }
@@ -505,12 +506,17 @@ impl NgramHasher {
             scratch.clear();
             for back in (1..=hist_len).rev() {
                 let v = if pos >= seg_start + back {
+                    // Read again (the ids are caller memory another thread may write), so
+                    // checked again: an id is never hashed unchecked.
                     let b = ids[pos - back].bits();
                     match map {
-                        // An invalid id here belongs to the previous chunk, which reports it.
-                        Some(m) => m.get(b as usize).copied().unwrap_or(self.pad),
-                        None => b as i64,
+                        Some(m) => m.get(b as usize).copied(),
+                        None => (b < self.vocab).then_some(b as i64),
                     }
+                    .unwrap_or_else(|| {
+                        valid = false;
+                        self.pad
+                    })
                 } else {
                     match history {
                         Some(h) => h[seg * hist_len + hist_len - (seg_start + back - pos)],
@@ -518,6 +524,9 @@ impl NgramHasher {
                     }
                 };
                 scratch.push(v);
+            }
+            if !valid {
+                break 'pieces;
             }
             let mut bad = false;
             let new = &ids[pos..piece_end];
@@ -577,28 +586,67 @@ impl NgramHasher {
     }
 }
 
-/// After hashing a decode step, keeps the last `hist_len` compressed ids of each segment's full
-/// history (`history` row followed by the segment's new ids) in `history`. `map` is the raw ->
-/// compressed table when the ids are raw. Ids must have been validated by a successful
-/// [`NgramHasher::hash_segments`] call on the same arguments.
-pub fn advance_history<I: IdElem>(
-    history: &mut [i64],
-    hist_len: usize,
-    ids: &[I],
-    bounds: &[usize],
-    map: Option<&[i64]>,
-) {
-    for (row, w) in history.chunks_exact_mut(hist_len).zip(bounds.windows(2)) {
-        let new = &ids[w[0]..w[1]];
-        let keep = new.len().min(hist_len);
-        row.rotate_left(keep);
-        for (dst, src) in row[hist_len - keep..]
-            .iter_mut()
-            .zip(&new[new.len() - keep..])
-        {
-            let b = src.bits();
-            *dst = map.map_or(b as i64, |m| m[b as usize]);
+/// The error of an id array that changed while a call read it.
+fn ids_changed() -> EngramError {
+    EngramError::Invalid(
+        "the ids changed while they were being hashed (another thread wrote the array): \
+         do not write an array that a hashing call is reading, or pass a copy"
+            .into(),
+    )
+}
+
+impl NgramHasher {
+    /// One decode step: hashes `req` (whose `history` is ignored) with `history` as each
+    /// sequence's past, then advances `history` past the new ids. On any error `history` is left
+    /// as it was. `history` is read once into a private copy, so the caller's memory is never
+    /// trusted twice.
+    pub fn hash_step<I: IdElem, O: OutElem>(
+        &self,
+        req: &HashRequest<'_, I>,
+        history: &mut [i64],
+        outs: &mut [&mut [O]],
+    ) -> Result<()> {
+        let past = history.to_vec();
+        let step = HashRequest {
+            history: Some(&past),
+            ..*req
+        };
+        self.hash_segments(&step, outs)?;
+        let next = self.advanced_history(&past, req.ids, req.bounds, req.raw)?;
+        history.copy_from_slice(&next);
+        Ok(())
+    }
+
+    /// The last `N - 1` compressed ids of each segment's full history (`past` row followed by
+    /// the segment's new ids); every id is checked again, since the caller's array may have
+    /// changed since it was hashed.
+    fn advanced_history<I: IdElem>(
+        &self,
+        past: &[i64],
+        ids: &[I],
+        bounds: &[usize],
+        raw: bool,
+    ) -> Result<Vec<i64>> {
+        let hist_len = self.max_ngram - 1;
+        let map = if raw { self.lookup.as_deref() } else { None };
+        let mut next = past.to_vec();
+        for (row, w) in next.chunks_exact_mut(hist_len).zip(bounds.windows(2)) {
+            let new = &ids[w[0]..w[1]];
+            let keep = new.len().min(hist_len);
+            row.rotate_left(keep);
+            for (dst, src) in row[hist_len - keep..]
+                .iter_mut()
+                .zip(&new[new.len() - keep..])
+            {
+                let b = src.bits();
+                *dst = match map {
+                    Some(m) => m.get(b as usize).copied(),
+                    None => (b < self.vocab).then_some(b as i64),
+                }
+                .ok_or_else(ids_changed)?;
+            }
         }
+        Ok(next)
     }
 }
 

@@ -59,6 +59,20 @@ pub fn layer_primes(
     n_head: usize,
     num_layers: usize,
 ) -> Result<Vec<Vec<Vec<u64>>>> {
+    layer_primes_interruptible(engram_vocab_size, n_head, num_layers, &mut || Ok(()))
+}
+
+/// Candidates tested between two calls of the `interrupt` check.
+const CHECK_EVERY: u32 = 1 << 14;
+
+/// [`layer_primes`], calling `interrupt` every few thousand candidates: an absurd config (a
+/// million heads) takes minutes, and a caller can stop it there (Ctrl-C from Python).
+pub fn layer_primes_interruptible(
+    engram_vocab_size: &[u64],
+    n_head: usize,
+    num_layers: usize,
+    interrupt: &mut dyn FnMut() -> Result<()>,
+) -> Result<Vec<Vec<Vec<u64>>>> {
     if let Some(&bad) = engram_vocab_size.iter().find(|&&v| v == 0) {
         return Err(EngramError::Config {
             field: "engram_vocab_size",
@@ -67,6 +81,7 @@ pub fn layer_primes(
         });
     }
     let mut seen = HashSet::new();
+    let mut tested = 0u32;
     let mut layers = Vec::with_capacity(num_layers);
     for _ in 0..num_layers {
         let mut orders = Vec::with_capacity(engram_vocab_size.len());
@@ -76,6 +91,10 @@ pub fn layer_primes(
             for _ in 0..n_head {
                 let mut candidate = start.checked_add(1);
                 while let Some(c) = candidate {
+                    tested = tested.wrapping_add(1);
+                    if tested.is_multiple_of(CHECK_EVERY) {
+                        interrupt()?;
+                    }
                     if is_prime(c) && !seen.contains(&c) {
                         break;
                     }
@@ -133,6 +152,22 @@ mod tests {
         assert_eq!(p[1][1][7], 646879);
         let rows: u64 = p[0].iter().flatten().sum();
         assert_eq!(rows, 10_344_164);
+    }
+
+    #[test]
+    fn an_interrupt_stops_the_search() {
+        let mut calls = 0;
+        let err = layer_primes_interruptible(&[646_400; 2], 100_000, 2, &mut || {
+            calls += 1;
+            if calls == 3 {
+                Err(EngramError::Invalid("stop".into()))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
+        assert_eq!(err, EngramError::Invalid("stop".into()));
+        assert_eq!(calls, 3);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use engram_core::buffer::{AlignedBuf, OUTPUT_POOL};
 use engram_core::hashing::{
-    advance_history, simd_available, Backend, HashRequest, IdElem, LayerSpec, NgramHasher, OutElem,
+    simd_available, Backend, HashRequest, IdElem, LayerSpec, NgramHasher, OutElem,
 };
 use engram_core::EngramError;
 use numpy::ndarray::ArrayView2;
@@ -132,15 +132,34 @@ fn clear_buffer_pool() -> usize {
     idle
 }
 
-/// Distinct primes per layer, order and head (SPEC section 2).
+/// Distinct primes per layer, order and head (SPEC section 2). Runs without the GIL and stops
+/// at Ctrl-C (an absurd config can take minutes).
 #[pyfunction]
 fn layer_primes(
+    py: Python<'_>,
     engram_vocab_size: Vec<u64>,
     n_head: usize,
     num_layers: usize,
 ) -> PyResult<Vec<Vec<Vec<u64>>>> {
-    engram_core::primes::layer_primes(&engram_vocab_size, n_head, num_layers)
-        .map_err(|e| to_pyerr(e, &[]))
+    let mut signal: Option<PyErr> = None;
+    let result = detached(py, || {
+        engram_core::primes::layer_primes_interruptible(
+            &engram_vocab_size,
+            n_head,
+            num_layers,
+            &mut || match Python::attach(|py| py.check_signals()) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    signal = Some(e);
+                    Err(EngramError::Invalid("interrupted".into()))
+                }
+            },
+        )
+    });
+    match (result, signal) {
+        (_, Some(e)) => Err(e),
+        (r, None) => r.map_err(|e| to_pyerr(e, &[])),
+    }
 }
 
 /// Whether the AVX-512 hashing path is used on this CPU.
@@ -189,26 +208,39 @@ impl HasherCore {
             .iter_mut()
             .map(|g| g.as_slice_mut())
             .collect::<Result<Vec<_>, _>>()?;
-        let hist = history.as_mut().map(|h| h.as_slice_mut()).transpose()?;
-        let hist_len = self.inner.max_ngram() - 1;
+        // The state is copied in and written back with the GIL held: the kernel never reads
+        // memory another Python thread may write, and a failed step leaves the state unchanged.
+        let mut state = match history.as_ref() {
+            Some(h) => {
+                if !h.as_array().is_standard_layout() {
+                    return Err(PyValueError::new_err(
+                        "state.history must be a C-contiguous int64 array: create the state with \
+                         new_state() and do not replace its history",
+                    ));
+                }
+                Some(h.as_slice()?.to_vec())
+            }
+            None => None,
+        };
         detached(py, || {
             let req = HashRequest {
                 ids,
                 bounds: opts.bounds,
-                history: hist.as_deref(),
+                history: None,
                 layers: opts.layers,
                 flat: opts.flat,
                 raw: opts.raw,
                 backend: opts.backend,
             };
-            self.inner.hash_segments(&req, &mut outs)?;
-            if let Some(h) = hist {
-                let map = if opts.raw { self.inner.lookup() } else { None };
-                advance_history(h, hist_len, ids, opts.bounds, map);
+            match state.as_mut() {
+                Some(h) => self.inner.hash_step(&req, h, &mut outs),
+                None => self.inner.hash_segments(&req, &mut outs),
             }
-            Ok(())
         })
         .map_err(|e| to_pyerr(e, opts.shape))?;
+        if let (Some(h), Some(new)) = (history.as_mut(), state) {
+            h.as_slice_mut()?.copy_from_slice(&new);
+        }
         drop(guards);
         Ok(arrays.into_iter().map(|a| a.into_any()).collect())
     }
@@ -217,12 +249,22 @@ impl HasherCore {
 macro_rules! dispatch_ids {
     ($ids:expr, |$slice:ident| $body:expr, $($t:ty),*) => {{
         $(if let Ok(a) = $ids.cast::<PyArrayDyn<$t>>() {
+            if !a.is_c_contiguous() {
+                return Err(PyValueError::new_err(
+                    "ids must be C-contiguous: pass numpy.ascontiguousarray(ids)",
+                ));
+            }
             let ro = a.try_readonly()?;
             let $slice = ro.as_slice()?;
             return $body;
         })*
+        let dtype = $ids
+            .cast::<numpy::PyUntypedArray>()
+            .map(|a| a.dtype().to_string())
+            .unwrap_or_else(|_| "not an array".into());
         Err(PyTypeError::new_err(format!(
-            "ids must be an integer numpy array, got {}: convert with ids.astype(numpy.int64)",
+            "ids must be a native-endian integer numpy array, got {} ({dtype}): convert with \
+             ids.astype(numpy.int64)",
             $ids.get_type().name()?
         )))
     }};

@@ -1,0 +1,43 @@
+"""Atomic file writes: a uniquely named temporary file beside the target, renamed into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import IO
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
+    """Calls ``write(f)`` on a new temporary file in ``path``'s directory, syncs it and renames it
+    over ``path``. On any error (a full disk, an exception in ``write``, Ctrl-C) the temporary
+    file is removed and ``path`` is untouched; only a killed process can leave one behind, named
+    ``.<name>.<random>.tmp`` next to ``path``.
+    """
+    target = os.fspath(path)
+    directory = os.path.dirname(target) or "."
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"{target}: the directory {directory!r} does not exist: create it first"
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - the file is complete; only the rename's durability waits
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
