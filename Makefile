@@ -29,8 +29,12 @@ test: develop lint rust-test py-test
 rust-test: $(STAMP)
 	cargo test --workspace --release
 
+# The second run forces the scalar reference paths (ENGRAM_RS_FORCE_SCALAR=1): they alone must
+# meet the golden vectors and torch, and the first run's "fast equals scalar" checks are then
+# known to compare two different paths.
 py-test: develop
 	$(PY) -m pytest
+	ENGRAM_RS_FORCE_SCALAR=1 $(PY) -m pytest -q
 
 ## lint: rustfmt, clippy (warnings are errors), ruff, mypy and the stub check
 lint: develop

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import pathlib
 import threading
 import time
 
@@ -421,3 +423,17 @@ def test_outputs_recycle_pooled_buffers(golden: dict) -> None:
     third = h.hash(ids)
     np.testing.assert_array_equal(third[1], kept)
     assert er.clear_buffer_pool() > 0
+
+
+def test_the_fast_paths_are_what_the_tests_exercise() -> None:
+    """`make test` runs the suite twice: once as is, where the AVX-512 kernels must really run
+    (else every "fast equals scalar" comparison would pass trivially), and once with
+    ENGRAM_RS_FORCE_SCALAR=1, where the scalar paths alone must meet the golden vectors."""
+    if os.environ.get("ENGRAM_RS_FORCE_SCALAR", "") not in ("", "0"):
+        assert not er.simd_available()
+        return
+    flags = pathlib.Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+    needed = ("avx512f", "avx512dq", "avx512bw", "avx512vl")
+    if not all(f" {flag}" in flags for flag in needed):
+        pytest.skip(f"this CPU lacks one of {needed}: only the scalar paths can run here")
+    assert er.simd_available()
