@@ -290,7 +290,7 @@ def test_config_round_trip_and_files(tmp_path) -> None:
 
 def test_hasher_rejects_bad_vocab_and_pad() -> None:
     cfg = er.EngramConfig.preset("demo")
-    with pytest.raises(ValueError, match="compressed_vocab_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"compressed_vocab_size must be in \[1, 2\*\*63\), got 0"):
         er.NgramHasher(cfg, 0)
     with pytest.raises(ValueError, match=r"pad_id 5 is outside the compressed vocabulary \[0, 5\)"):
         er.NgramHasher(cfg, 5, pad_id=5)

@@ -202,3 +202,19 @@ def test_kernel_panics_become_runtime_errors() -> None:
 
     assert issubclass(RuntimeError, Exception)
     assert "PanicException" not in dir(_engram_rs)
+
+
+def test_sizes_and_layer_ids_that_would_wrap() -> None:
+    cfg = er.EngramConfig.preset("demo")
+    for size in (2**63, 10**30, 0):
+        with pytest.raises(ValueError, match=r"compressed_vocab_size must be in \[1, 2\*\*63\)"):
+            er.NgramHasher(cfg, size)
+    h = er.NgramHasher(cfg, 1000)
+    ids = np.zeros((2, 3), np.int64)
+    for bad in ([True], ["1"], [1.0]):
+        with pytest.raises(ValueError, match="are not Engram layers of this config"):
+            h.hash(ids, layer_ids=bad)
+    with pytest.raises(
+        ValueError, match=r"cu_seqlens\[1\] = 18446744073709551615 is outside \[0, len\(ids\) = 3\]"
+    ):
+        h.hash_ragged(np.zeros(3, np.int64), np.array([0, 2**64 - 1, 3], dtype=np.uint64))

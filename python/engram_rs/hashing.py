@@ -91,8 +91,11 @@ class NgramHasher:
             raise TypeError(f"config must be an EngramConfig, got {type(config).__name__}")
         if isinstance(compressed_vocab_size, bool) or not isinstance(compressed_vocab_size, int):
             raise TypeError(f"compressed_vocab_size must be an int, got {compressed_vocab_size!r}")
-        if compressed_vocab_size < 1:
-            raise ValueError(f"compressed_vocab_size must be >= 1, got {compressed_vocab_size}")
+        if not 1 <= compressed_vocab_size < 2**63:
+            raise ValueError(
+                f"compressed_vocab_size must be in [1, 2**63), got {compressed_vocab_size}: pass "
+                "len(comp) of the CompressedTokenizer the ids come from"
+            )
         pad = config.pad_id if pad_id is None else pad_id
         if isinstance(pad, bool) or not isinstance(pad, int):
             raise TypeError(f"pad_id must be an int, got {pad!r}")
@@ -159,7 +162,11 @@ class NgramHasher:
             return list(self.layer_ids)
         if isinstance(layer_ids, int):
             layer_ids = [layer_ids]
-        bad = [x for x in layer_ids if x not in self._index]
+        bad = [
+            x
+            for x in layer_ids
+            if isinstance(x, bool) or not isinstance(x, int) or x not in self._index
+        ]
         if bad:
             raise ValueError(
                 f"layer_ids {bad} are not Engram layers of this config {self.layer_ids}"
@@ -258,6 +265,13 @@ class NgramHasher:
         if cu.ndim != 1 or cu.dtype.kind not in "iu" or cu.size < 1:
             raise ValueError(
                 f"cu_seqlens must be a 1-D integer array [0, ..., {arr.size}], got {cu!r}"
+            )
+        out_of_range = (cu < 0) | (cu > arr.size)
+        if out_of_range.any():
+            i = int(np.argmax(out_of_range))
+            raise ValueError(
+                f"cu_seqlens[{i}] = {int(cu[i])} is outside [0, len(ids) = {arr.size}]: "
+                "cu_seqlens holds the offsets of each sequence in ids"
             )
         if cu[0] != 0 or cu[-1] != arr.size:
             raise ValueError(
