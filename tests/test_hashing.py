@@ -437,3 +437,44 @@ def test_the_fast_paths_are_what_the_tests_exercise() -> None:
     if not all(f" {flag}" in flags for flag in needed):
         pytest.skip(f"this CPU lacks one of {needed}: only the scalar paths can run here")
     assert er.simd_available()
+
+
+def _numpy_multipliers(seed: int, layer: int, n: int, vocab: int) -> list[int]:
+    bound = max(1, (2**63 - 1) // vocab // 2)
+    rng = np.random.default_rng(seed + 10007 * layer)
+    return (rng.integers(0, bound, size=n, dtype=np.int64) * 2 + 1).tolist()
+
+
+# Vocabularies whose draw bound is 1, 2, just below / at / above 2**32 (numpy switches from 64-bit
+# to 32-bit Lemire draws there, and wraps at exactly 2**32 - 1), and the presets'.
+EDGE_VOCABS = [
+    2**62,
+    2**61,
+    (2**63 - 1) // (2 * (2**32 - 1)),
+    (2**63 - 1) // (2 * 2**32),
+    (2**63 - 1) // (2 * 2**32) + 1,
+    (2**63 - 1) // (2 * (2**32 + 1)),
+    98627,
+    99092,
+    1,
+    3,
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(0, 2**40) | st.sampled_from([0, 1, 2**32 - 1, 2**32, 2**62]),
+    layer=st.integers(0, 100),
+    n=st.integers(2, 12),
+    vocab=st.sampled_from(EDGE_VOCABS) | st.integers(1, 2**63 - 1) | st.integers(1, 2**40),
+)
+def test_multipliers_are_numpys_draws(seed: int, layer: int, n: int, vocab: int) -> None:
+    """The core draws the multipliers itself (numpy's SeedSequence, PCG64 and bounded draws
+    reimplemented in Rust): numpy is the independent reference."""
+    from engram_rs import _engram_rs
+
+    if seed + 10007 * layer >= 2**63:
+        return
+    assert _engram_rs.layer_multipliers(seed, layer, n, vocab) == _numpy_multipliers(
+        seed, layer, n, vocab
+    )

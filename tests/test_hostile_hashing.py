@@ -218,3 +218,10 @@ def test_sizes_and_layer_ids_that_would_wrap() -> None:
         ValueError, match=r"cu_seqlens\[1\] = 18446744073709551615 is outside \[0, len\(ids\) = 3\]"
     ):
         h.hash_ragged(np.zeros(3, np.int64), np.array([0, 2**64 - 1, 3], dtype=np.uint64))
+
+
+def test_seeds_beyond_numpys_range_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"seed must keep seed \+ 10007 \* layer_id below 2\*\*63"):
+        er.EngramConfig(seed=2**63 - 100)
+    with pytest.raises(ValueError, match="got seed 18446744073709551616 with layer_ids"):
+        er.EngramConfig(seed=2**64)

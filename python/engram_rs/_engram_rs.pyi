@@ -15,16 +15,14 @@ __all__ = [
     "compress_json",
     "fingerprint_file",
     "fingerprint_json",
-    "layer_primes",
+    "layer_multipliers",
     "normalize",
     "quantize_fp8",
     "simd_available",
 ]
 __version__: str
 
-def layer_primes(
-    engram_vocab_size: list[int], n_head: int, num_layers: int
-) -> list[list[list[int]]]: ...
+def layer_multipliers(seed: int, layer: int, max_ngram: int, vocab: int) -> list[int]: ...
 def simd_available() -> bool: ...
 def clear_buffer_pool() -> int: ...
 def compress_file(path: str | PathLike[str]) -> tuple[np.ndarray[Any, Any], int, str]: ...
@@ -40,13 +38,16 @@ class PooledBuffer: ...
 class HasherCore:
     def __new__(
         cls,
-        max_ngram: int,
-        n_head: int,
+        engram_vocab_size: list[int],
+        max_ngram_size: int,
+        n_head_per_ngram: int,
+        layer_ids: list[int],
+        seed: int,
         vocab: int,
         pad: int,
-        multipliers: list[list[int]],
-        primes: list[list[int]],
     ) -> HasherCore: ...
+    def multipliers(self, layer: int) -> list[int]: ...
+    def primes(self, layer: int) -> list[int]: ...
     def hash(
         self,
         ids: np.ndarray[Any, Any],

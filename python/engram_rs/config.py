@@ -93,6 +93,11 @@ class EngramConfig:
             raise ValueError(f"layer_ids must be distinct, got {list(layers)} (repeated: {dup})")
         _check_int("pad_id", self.pad_id, 0)
         _check_int("seed", self.seed, 0)
+        if self.seed + 10007 * max(layers) >= 2**63:
+            raise ValueError(
+                f"seed must keep seed + 10007 * layer_id below 2**63 (the demo's numpy seeds), "
+                f"got seed {self.seed} with layer_ids {list(layers)}"
+            )
         _check_int("kernel_size", self.kernel_size, 1)
         _check_int("hidden_size", self.hidden_size, 1)
         _check_int("hc_mult", self.hc_mult, 1)

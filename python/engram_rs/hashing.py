@@ -15,14 +15,16 @@ __all__ = ["HashState", "NgramHasher", "layer_multipliers"]
 
 
 def layer_multipliers(config: EngramConfig, compressed_vocab_size: int) -> dict[int, np.ndarray]:
-    """Odd multipliers per layer, drawn from numpy's PCG64 stream exactly as the demo does."""
-    bound = max(1, (2**63 - 1) // compressed_vocab_size // 2)
-    out = {}
-    for layer in config.layer_ids:
-        rng = np.random.default_rng(config.seed + 10007 * layer)
-        r = rng.integers(0, bound, size=config.max_ngram_size, dtype=np.int64)
-        out[layer] = r * 2 + 1
-    return out
+    """Odd multipliers per layer, drawn exactly as the demo's numpy PCG64 stream (in Rust)."""
+    return {
+        layer: np.asarray(
+            _engram_rs.layer_multipliers(
+                config.seed, layer, config.max_ngram_size, compressed_vocab_size
+            ),
+            dtype=np.int64,
+        )
+        for layer in config.layer_ids
+    }
 
 
 class HashState:
@@ -110,17 +112,26 @@ class NgramHasher:
         n, h = config.max_ngram_size, config.n_head_per_ngram
         self.layer_ids: list[int] = list(config.layer_ids)
         self.cols = (n - 1) * h
-        self.multipliers = layer_multipliers(config, compressed_vocab_size)
-        primes = _engram_rs.layer_primes(config.engram_vocab_size, h, len(self.layer_ids))
-        self.primes: dict[int, list[list[int]]] = dict(zip(self.layer_ids, primes, strict=True))
+        # The core derives multipliers and primes from the config (without the GIL; Ctrl-C
+        # stops an absurd config's prime search).
         self._core = _engram_rs.HasherCore(
+            list(config.engram_vocab_size),
             n,
             h,
+            self.layer_ids,
+            config.seed,
             compressed_vocab_size,
             pad,
-            [self.multipliers[layer].tolist() for layer in self.layer_ids],
-            [[p for order in primes[i] for p in order] for i in range(len(self.layer_ids))],
         )
+        self.multipliers = {
+            layer: np.asarray(self._core.multipliers(i), dtype=np.int64)
+            for i, layer in enumerate(self.layer_ids)
+        }
+        self.primes: dict[int, list[list[int]]] = {
+            layer: [flat[k * h : (k + 1) * h] for k in range(n - 1)]
+            for i, layer in enumerate(self.layer_ids)
+            for flat in [self._core.primes(i)]
+        }
         self._index = {layer: i for i, layer in enumerate(self.layer_ids)}
         self.offsets = {
             layer: np.asarray(self._core.offsets(i), dtype=np.int64)

@@ -162,7 +162,84 @@ fn barrett(x: u64, p: u64, m: u64) -> u64 {
     }
 }
 
+/// The hashing fields of an Engram config (SPEC section 2; names follow the official demo).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HashConfig {
+    /// One base table size per n-gram order 2..=N.
+    pub engram_vocab_size: Vec<u64>,
+    pub max_ngram_size: usize,
+    pub n_head_per_ngram: usize,
+    /// The model's layer ids that hold an Engram (they seed the multipliers).
+    pub layer_ids: Vec<u64>,
+    pub seed: u64,
+}
+
 impl NgramHasher {
+    /// The hasher of `config` for a compressed vocabulary of `vocab` ids with compressed pad id
+    /// `pad`: multipliers and primes are derived here, exactly as the official demo derives
+    /// them. `interrupt` is called now and then during the prime search (an absurd config can
+    /// take minutes); an error from it stops the build.
+    pub fn from_config(
+        config: &HashConfig,
+        vocab: u64,
+        pad: i64,
+        interrupt: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Self> {
+        let n = config.max_ngram_size;
+        if config.engram_vocab_size.len() + 1 != n {
+            return Err(EngramError::Config {
+                field: "engram_vocab_size",
+                value: format!("{:?}", config.engram_vocab_size),
+                reason: format!(
+                    "needs max_ngram_size - 1 = {} entries (one per n-gram order 2..{n})",
+                    n.saturating_sub(1)
+                ),
+            });
+        }
+        if let Some(i) = (1..config.layer_ids.len())
+            .find(|&i| config.layer_ids[..i].contains(&config.layer_ids[i]))
+        {
+            return Err(EngramError::Config {
+                field: "layer_ids",
+                value: format!("{:?}", config.layer_ids),
+                reason: format!("must be distinct ({} repeats)", config.layer_ids[i]),
+            });
+        }
+        let primes = crate::primes::layer_primes_interruptible(
+            &config.engram_vocab_size,
+            config.n_head_per_ngram,
+            config.layer_ids.len(),
+            interrupt,
+        )?;
+        let specs = config
+            .layer_ids
+            .iter()
+            .zip(primes)
+            .map(|(&layer, orders)| {
+                Ok(LayerSpec {
+                    multipliers: crate::multipliers::layer_multipliers(
+                        config.seed,
+                        layer,
+                        n,
+                        vocab,
+                    )?,
+                    primes: orders.into_iter().flatten().collect(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(n, config.n_head_per_ngram, vocab, pad, specs)
+    }
+
+    /// Layer `layer`'s multipliers (one per token of the n-gram window, oldest first).
+    pub fn multipliers(&self, layer: usize) -> &[i64] {
+        &self.layers[layer].multipliers
+    }
+
+    /// Layer `layer`'s primes in column order (order 2 heads 0..H-1, order 3 heads ...).
+    pub fn primes(&self, layer: usize) -> &[u64] {
+        &self.layers[layer].primes
+    }
+
     /// Builds the hasher; `vocab` is the compressed vocabulary size and `pad` the compressed pad id.
     pub fn new(
         max_ngram: usize,

@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod gather;
 pub mod hashing;
+pub mod multipliers;
 pub mod prefetch;
 pub mod primes;
 pub mod safetensors;

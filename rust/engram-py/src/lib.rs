@@ -2,7 +2,7 @@
 
 use engram_core::buffer::{AlignedBuf, OUTPUT_POOL};
 use engram_core::hashing::{
-    simd_available, Backend, HashRequest, IdElem, LayerSpec, NgramHasher, OutElem,
+    simd_available, Backend, HashConfig, HashRequest, IdElem, NgramHasher, OutElem,
 };
 use engram_core::EngramError;
 use numpy::ndarray::ArrayView2;
@@ -132,34 +132,33 @@ fn clear_buffer_pool() -> usize {
     idle
 }
 
-/// Distinct primes per layer, order and head (SPEC section 2). Runs without the GIL and stops
-/// at Ctrl-C (an absurd config can take minutes).
-#[pyfunction]
-fn layer_primes(
+/// Runs `f` without the GIL, handing it an interrupt check that raises Ctrl-C (and any other
+/// pending signal's exception) from the long loop it runs.
+fn interruptible<T: Send>(
     py: Python<'_>,
-    engram_vocab_size: Vec<u64>,
-    n_head: usize,
-    num_layers: usize,
-) -> PyResult<Vec<Vec<Vec<u64>>>> {
+    f: impl FnOnce(&mut dyn FnMut() -> Result<(), EngramError>) -> Result<T, EngramError> + Send,
+) -> PyResult<T> {
     let mut signal: Option<PyErr> = None;
     let result = detached(py, || {
-        engram_core::primes::layer_primes_interruptible(
-            &engram_vocab_size,
-            n_head,
-            num_layers,
-            &mut || match Python::attach(|py| py.check_signals()) {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    signal = Some(e);
-                    Err(EngramError::Invalid("interrupted".into()))
-                }
-            },
-        )
+        f(&mut || match Python::attach(|py| py.check_signals()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                signal = Some(e);
+                Err(EngramError::Invalid("interrupted".into()))
+            }
+        })
     });
     match (result, signal) {
         (_, Some(e)) => Err(e),
         (r, None) => r.map_err(|e| to_pyerr(e, &[])),
     }
+}
+
+/// The odd multipliers of one Engram layer (SPEC section 2), as numpy's default_rng draws them.
+#[pyfunction]
+fn layer_multipliers(seed: u64, layer: u64, max_ngram: usize, vocab: u64) -> PyResult<Vec<i64>> {
+    engram_core::multipliers::layer_multipliers(seed, layer, max_ngram, vocab)
+        .map_err(|e| to_pyerr(e, &[]))
 }
 
 /// Whether the AVX-512 hashing path is used on this CPU.
@@ -272,31 +271,41 @@ macro_rules! dispatch_ids {
 
 #[pymethods]
 impl HasherCore {
+    /// Builds the hasher of a config (multipliers and primes derived in the core) without the
+    /// GIL; Ctrl-C stops an absurd config's prime search.
     #[new]
+    #[allow(clippy::too_many_arguments)]
     fn new(
-        max_ngram: usize,
-        n_head: usize,
+        py: Python<'_>,
+        engram_vocab_size: Vec<u64>,
+        max_ngram_size: usize,
+        n_head_per_ngram: usize,
+        layer_ids: Vec<u64>,
+        seed: u64,
         vocab: u64,
         pad: i64,
-        multipliers: Vec<Vec<i64>>,
-        primes: Vec<Vec<u64>>,
     ) -> PyResult<Self> {
-        if multipliers.len() != primes.len() {
-            return Err(PyValueError::new_err(
-                "multipliers and primes need one entry per layer",
-            ));
-        }
-        let specs = multipliers
-            .into_iter()
-            .zip(primes)
-            .map(|(multipliers, primes)| LayerSpec {
-                multipliers,
-                primes,
-            });
-        Ok(Self {
-            inner: NgramHasher::new(max_ngram, n_head, vocab, pad, specs.collect())
-                .map_err(|e| to_pyerr(e, &[]))?,
-        })
+        let config = HashConfig {
+            engram_vocab_size,
+            max_ngram_size,
+            n_head_per_ngram,
+            layer_ids,
+            seed,
+        };
+        let inner = interruptible(py, |check| {
+            NgramHasher::from_config(&config, vocab, pad, check)
+        })?;
+        Ok(Self { inner })
+    }
+
+    fn multipliers(&self, layer: usize) -> PyResult<Vec<i64>> {
+        self.check_layer(layer)?;
+        Ok(self.inner.multipliers(layer).to_vec())
+    }
+
+    fn primes(&self, layer: usize) -> PyResult<Vec<u64>> {
+        self.check_layer(layer)?;
+        Ok(self.inner.primes(layer).to_vec())
     }
 
     /// Hashes a C-contiguous integer array cut into segments by `bounds`; returns one
@@ -388,7 +397,7 @@ impl HasherCore {
 #[pymodule]
 fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add_function(wrap_pyfunction!(layer_primes, m)?)?;
+    m.add_function(wrap_pyfunction!(layer_multipliers, m)?)?;
     m.add_function(wrap_pyfunction!(py_simd_available, m)?)?;
     m.add_function(wrap_pyfunction!(clear_buffer_pool, m)?)?;
     m.add_class::<PooledBuffer>()?;
