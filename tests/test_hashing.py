@@ -384,7 +384,15 @@ def test_gil_is_released_while_hashing(golden: dict) -> None:
     """The main thread keeps running while another hashes; two hashing threads overlap."""
     h = make_hasher(golden, "demo")
     ids = np.random.default_rng(0).integers(0, h.compressed_vocab_size, size=(64, 16384))
-    assert_releases_gil(lambda: h.hash(ids, layer_ids=[1], dtype=np.int32))
+    # A call of a few hundred ms (8-grams, one head: much work per output byte), far longer
+    # than the scheduler slices a loaded 2-core machine gives the main thread.
+    cfg = er.EngramConfig(
+        max_ngram_size=8, engram_vocab_size=[646400] * 7, n_head_per_ngram=1, n_embed_per_ngram=8
+    )
+    long = er.NgramHasher(cfg, h.compressed_vocab_size)
+    many = np.random.default_rng(1).integers(0, h.compressed_vocab_size, size=(512, 16384))
+    assert_releases_gil(lambda: long.hash(many, layer_ids=[1], dtype=np.int32))
+    er.clear_buffer_pool()
     for _ in range(4):
         inside = threading.Barrier(2, timeout=60)
         intervals: list[tuple[float, float]] = []
