@@ -1169,6 +1169,63 @@ mod tests {
     }
 
     #[test]
+    fn golden_vectors_from_the_config_alone() {
+        // The core alone (no Python, no numpy) reproduces the independent implementation's ids:
+        // multipliers, primes and hashes from the config, every case of both presets.
+        let golden: serde_json::Value =
+            serde_json::from_str(include_str!("../../../tests/data/hash_vectors.json")).unwrap();
+        let nums = |v: &serde_json::Value| -> Vec<u64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect()
+        };
+        for preset in ["demo", "deepseek-v4.1-flash"] {
+            let g = &golden["presets"][preset];
+            let c = &g["config"];
+            let config = HashConfig {
+                engram_vocab_size: nums(&c["engram_vocab_size"]),
+                max_ngram_size: c["max_ngram_size"].as_u64().unwrap() as usize,
+                n_head_per_ngram: c["n_head_per_ngram"].as_u64().unwrap() as usize,
+                layer_ids: nums(&c["layer_ids"]),
+                seed: c["seed"].as_u64().unwrap(),
+            };
+            let vocab = c["compressed_vocab_size"].as_u64().unwrap();
+            let pad = c["pad_id"].as_i64().unwrap();
+            let hasher = NgramHasher::from_config(&config, vocab, pad, &mut || Ok(())).unwrap();
+            let layers: Vec<usize> = (0..config.layer_ids.len()).collect();
+            for case in g["cases"].as_array().unwrap() {
+                let rows = case["input"].as_array().unwrap();
+                let ids: Vec<i64> = rows.iter().flat_map(|r| nums(r)).map(|v| v as i64).collect();
+                let t = rows[0].as_array().unwrap().len();
+                let bounds: Vec<usize> = (0..=rows.len()).map(|r| r * t).collect();
+                for backend in [Backend::Auto, Backend::Scalar] {
+                    let req = HashRequest {
+                        backend,
+                        ..HashRequest::new(&ids[..], &bounds[..], &layers[..])
+                    };
+                    let mut bufs = vec![vec![0i64; ids.len() * hasher.cols()]; layers.len()];
+                    let mut outs: Vec<&mut [i64]> =
+                        bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+                    hasher.hash_segments(&req, &mut outs).unwrap();
+                    for (l, layer_id) in config.layer_ids.iter().enumerate() {
+                        let want: Vec<i64> = case["expected"][layer_id.to_string()]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .flat_map(|row| row.as_array().unwrap())
+                            .flat_map(|tok| nums(tok))
+                            .map(|v| v as i64)
+                            .collect();
+                        assert_eq!(bufs[l], want, "{preset} layer {layer_id} {backend:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn out_of_range_ids_name_the_first_one() {
         let hasher = NgramHasher::new(3, 8, 1000, 2, specs(&[646_400; 2], 8, 1000, 1, 1)).unwrap();
         let mut ids = vec![5i64; 10_000];
