@@ -362,7 +362,7 @@ def test_bad_ragged_and_state(golden: dict) -> None:
         h.hash_ragged(ids, [0, 4, 3, 6])
     with pytest.raises(ValueError, match="cu_seqlens must be a 1-D integer array"):
         h.hash_ragged(ids, [0.0, 6.0])
-    with pytest.raises(ValueError, match=r"ids must be 1-D \(concatenated sequences\)"):
+    with pytest.raises(ValueError, match=r"ids must be 1-D \(the concatenated sequences\)"):
         h.hash_ragged(ids.reshape(2, 3), [0, 6])
     state = h.new_state(2)
     with pytest.raises(
@@ -486,3 +486,51 @@ def test_multipliers_are_numpys_draws(seed: int, layer: int, n: int, vocab: int)
     assert _engram_rs.layer_multipliers(seed, layer, n, vocab) == _numpy_multipliers(
         seed, layer, n, vocab
     )
+
+
+def test_config_is_frozen_hashable_and_replaceable() -> None:
+    cfg = er.EngramConfig.preset("demo")
+    assert cfg.layer_ids == (1, 15) and cfg.engram_vocab_size == (646400, 646400)
+    with pytest.raises(AttributeError):
+        cfg.layer_ids.append(3)  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        cfg.seed = 3  # type: ignore[misc]
+    assert (
+        len({cfg, er.EngramConfig.preset("demo"), er.EngramConfig.preset("deepseek-v4.1-flash")})
+        == 2
+    )
+    assert (cfg.head_dim, cfg.cols) == (64, 16)
+    flash = er.EngramConfig.preset("deepseek-v4.1-flash")
+    assert (flash.head_dim, flash.cols) == (256, 24)
+    small = cfg.replace(engram_vocab_size=[1009, 1009], layer_ids=[1])
+    assert small.engram_vocab_size == (1009, 1009) and small.layer_ids == (1,)
+    assert er.NgramHasher(small, 100).table_rows[1] < 20_000
+    with pytest.raises(ValueError, match="layer_ids must be distinct"):
+        cfg.replace(layer_ids=[2, 2])
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['heads'\]"):
+        cfg.replace(heads=3)
+    assert cfg.to_dict()["layer_ids"] == [1, 15]
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_lists_of_sequences_of_any_length(raw: bool) -> None:
+    """pack_sequences + cu_seqlens hash token lists of different lengths, compressed or raw,
+    equal to hashing each list alone; right padding does not change the real tokens' ids."""
+    comp = er.CompressedTokenizer(np.arange(3000) % 1000, 1000, "x")
+    h = er.NgramHasher.from_tokenizer(er.EngramConfig.preset("demo"), comp)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 3000 if raw else 1000, size=n).tolist() for n in (5, 0, 1, 40, 2)]
+    ids, cu = er.pack_sequences(seqs)
+    assert cu.tolist() == [0, 5, 5, 6, 46, 48]
+    run = h.hash_tokens if raw else h.hash
+    whole = run(ids, cu_seqlens=cu)[15]
+    for seq, part in zip(seqs, np.split(whole, cu[1:-1]), strict=True):
+        np.testing.assert_array_equal(part, run(np.array(seq, dtype=np.int64))[15])
+    padded = np.full((len(seqs), 40), 1, dtype=np.int64)
+    for i, seq in enumerate(seqs):
+        padded[i, : len(seq)] = seq
+    batch = run(padded)[15]
+    for i, part in enumerate(np.split(whole, cu[1:-1])):
+        np.testing.assert_array_equal(batch[i, : len(part)], part)
+    with pytest.raises(TypeError, match="sequence 1 holds float64 values"):
+        er.pack_sequences([[1, 2], [1.5]])

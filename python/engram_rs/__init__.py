@@ -3,7 +3,7 @@
 from ._engram_rs import __version__, clear_buffer_pool, simd_available
 from .compress import CompressedTokenizer, normalize
 from .config import PRESETS, EngramConfig
-from .hashing import HashState, NgramHasher, layer_multipliers
+from .hashing import HashState, NgramHasher, layer_multipliers, pack_sequences
 from .table import HostTable, Prefetch
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "clear_buffer_pool",
     "layer_multipliers",
     "normalize",
+    "pack_sequences",
     "simd_available",
 ]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .atomic import write_atomically
@@ -51,13 +52,32 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 @dataclass(frozen=True)
 class EngramConfig:
-    """Hash and module sizes of one Engram model; field names follow the official demo."""
+    """Hash and module sizes of one Engram model; field names follow the official demo.
 
-    engram_vocab_size: list[int] = field(default_factory=lambda: [646400, 646400])
+    Frozen and hashable (list fields are stored as tuples). ``cfg.replace(...)`` makes a
+    changed copy, validated like the original.
+
+    Fields:
+        engram_vocab_size: base size of the hash tables of each n-gram order 2..N (one entry per
+            order); each head's table is the next unused prime above it.
+        max_ngram_size: N, the longest n-gram hashed (orders 2..N).
+        n_embed_per_ngram: embedding width of one n-gram order (all its heads together).
+        n_head_per_ngram: hash heads per order; each has its own prime-sized table.
+        layer_ids: the transformer layers that hold an Engram (they also seed the multipliers).
+        pad_id: the RAW pad token id (NgramHasher.from_tokenizer maps it to its compressed id);
+            positions before a sequence's start read as this token.
+        seed: base seed of the multipliers (layer ``l`` draws from ``seed + 10007 * l``).
+        kernel_size: ShortConv kernel size (the module, not the hashing).
+        hidden_size: the model's hidden size (the module).
+        hc_mult: hyper-connection branches (the module).
+        short_conv: whether the module has the ShortConv.
+    """
+
+    engram_vocab_size: tuple[int, ...] = (646400, 646400)
     max_ngram_size: int = 3
     n_embed_per_ngram: int = 512
     n_head_per_ngram: int = 8
-    layer_ids: list[int] = field(default_factory=lambda: [1, 15])
+    layer_ids: tuple[int, ...] = (1, 15)
     pad_id: int = 2
     seed: int = 0
     kernel_size: int = 4
@@ -103,9 +123,30 @@ class EngramConfig:
         _check_int("hc_mult", self.hc_mult, 1)
         if not isinstance(self.short_conv, bool):
             raise TypeError(f"short_conv must be a bool, got {self.short_conv!r}")
-        # Lists are copied so that a frozen config cannot be changed through the caller's list.
-        object.__setattr__(self, "engram_vocab_size", list(sizes))
-        object.__setattr__(self, "layer_ids", list(layers))
+        # Tuples: the config is hashable and cannot be changed through the caller's list.
+        object.__setattr__(self, "engram_vocab_size", tuple(sizes))
+        object.__setattr__(self, "layer_ids", tuple(layers))
+
+    @property
+    def head_dim(self) -> int:
+        """Embedding width of one hash head: ``n_embed_per_ngram // n_head_per_ngram``."""
+        return self.n_embed_per_ngram // self.n_head_per_ngram
+
+    @property
+    def cols(self) -> int:
+        """Hash ids per token and layer: ``(max_ngram_size - 1) * n_head_per_ngram``."""
+        return (self.max_ngram_size - 1) * self.n_head_per_ngram
+
+    def replace(self, **changes: Any) -> EngramConfig:
+        """A copy with ``changes`` applied (and validated), e.g. a small config for tests:
+        ``cfg.replace(engram_vocab_size=(1009, 1009), layer_ids=(1,))``."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(
+                f"unknown config field(s) {unknown}; known fields: "
+                f"{', '.join(f.name for f in fields(self))}"
+            )
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def preset(cls, name: str) -> EngramConfig:
@@ -115,8 +156,8 @@ class EngramConfig:
         return cls(**PRESETS[name])
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return asdict(self)
+        """A JSON-ready dict of every field (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngramConfig:

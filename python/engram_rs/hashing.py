@@ -11,7 +11,7 @@ from . import _engram_rs
 from .compress import CompressedTokenizer
 from .config import EngramConfig
 
-__all__ = ["HashState", "NgramHasher", "layer_multipliers"]
+__all__ = ["HashState", "NgramHasher", "layer_multipliers", "pack_sequences"]
 
 
 def layer_multipliers(config: EngramConfig, compressed_vocab_size: int) -> dict[int, np.ndarray]:
@@ -25,6 +25,20 @@ def layer_multipliers(config: EngramConfig, compressed_vocab_size: int) -> dict[
         )
         for layer in config.layer_ids
     }
+
+
+def pack_sequences(sequences: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenates token lists of any lengths: ``(ids, cu_seqlens)`` for ``hash``/``hash_tokens``
+    with ``cu_seqlens=``. Split a result per sequence with ``np.split(out, cu_seqlens[1:-1])``.
+    """
+    arrays = [np.asarray(s).reshape(-1) for s in sequences]
+    for i, a in enumerate(arrays):
+        if a.size and a.dtype.kind not in "iu":
+            raise TypeError(f"sequence {i} holds {a.dtype} values, not token ids (integers)")
+    lengths = np.array([a.size for a in arrays], dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
+    return ids, cu
 
 
 class HashState:
@@ -220,13 +234,19 @@ class NgramHasher:
         layer_ids: int | list[int] | None = None,
         dtype: Any = np.int64,
         flat: bool = False,
+        cu_seqlens: npt.ArrayLike | None = None,
     ) -> dict[int, np.ndarray]:
-        """Hash ids of compressed tokens ``[B, T]`` (or ``[T]``) -> ``{layer: [B, T, cols]}``.
+        """Hash compressed token ids -> ``{layer_id: hash ids}``.
 
-        Each row is its own sequence, starting with pad history. ``flat=True`` adds the column
-        offsets, giving rows of the layer's single flat table.
+        ``ids`` ``[B, T]`` (or ``[T]``): each row is its own sequence, starting with pad history;
+        the result per layer is ``[B, T, cols]`` (``cols = (max_ngram_size - 1) *
+        n_head_per_ngram``, column ``(order - 2) * n_head_per_ngram + head``). Right-padded rows
+        are fine: hashing is causal, so the ids of real tokens do not depend on the padding
+        after them. With ``cu_seqlens`` (``[0, len0, len0 + len1, ..., len(ids)]``), ``ids`` is
+        1-D, the concatenation of sequences of any lengths, and the result ``[len(ids), cols]``.
+        ``flat=True`` adds ``offsets[layer_id]``: rows of the layer's single flat table.
         """
-        return self._hash_rows(ids, layer_ids, dtype, flat, raw=False)
+        return self._hash(ids, cu_seqlens, layer_ids, dtype, flat, raw=False)
 
     def hash_tokens(
         self,
@@ -234,31 +254,15 @@ class NgramHasher:
         layer_ids: int | list[int] | None = None,
         dtype: Any = np.int64,
         flat: bool = False,
+        cu_seqlens: npt.ArrayLike | None = None,
     ) -> dict[int, np.ndarray]:
-        """Hash raw token ids ``[B, T]`` (or ``[T]``): ``hash(comp(raw_ids))`` in one pass.
+        """``hash(comp(raw_ids))`` in one pass, for raw token ids (same shapes and options).
 
         Needs a hasher built with ``from_tokenizer``; the ids are mapped through its lookup table
         inside the hashing kernel, no compressed array is made.
         """
         self._require_lookup()
-        return self._hash_rows(raw_ids, layer_ids, dtype, flat, raw=True)
-
-    def _require_lookup(self) -> None:
-        if self.vocab_size is None:
-            raise ValueError(
-                "this hasher has no lookup table: build it with "
-                "NgramHasher.from_tokenizer(config, comp) to hash raw token ids"
-            )
-
-    def _hash_rows(
-        self, ids: npt.ArrayLike, layer_ids: Any, dtype: Any, flat: bool, raw: bool
-    ) -> dict[int, np.ndarray]:
-        arr = _as_ids(ids)
-        if arr.ndim not in (1, 2):
-            raise ValueError(f"ids must be 1-D [T] or 2-D [B, T], got shape {arr.shape}")
-        rows, length = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape
-        bounds = list(range(0, rows * length + 1, length)) if length else [0] * (rows + 1)
-        return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw)
+        return self._hash(raw_ids, cu_seqlens, layer_ids, dtype, flat, raw=True)
 
     def hash_ragged(
         self,
@@ -268,10 +272,37 @@ class NgramHasher:
         dtype: Any = np.int64,
         flat: bool = False,
     ) -> dict[int, np.ndarray]:
-        """Hash concatenated sequences; ``cu_seqlens`` = [0, len0, len0+len1, ..., total]."""
+        """``hash(ids, cu_seqlens=cu_seqlens)``: concatenated sequences of any lengths."""
+        return self._hash(ids, cu_seqlens, layer_ids, dtype, flat, raw=False)
+
+    def _require_lookup(self) -> None:
+        if self.vocab_size is None:
+            raise ValueError(
+                "this hasher has no lookup table: build it with "
+                "NgramHasher.from_tokenizer(config, comp) to hash raw token ids"
+            )
+
+    def _hash(
+        self,
+        ids: npt.ArrayLike,
+        cu_seqlens: npt.ArrayLike | None,
+        layer_ids: Any,
+        dtype: Any,
+        flat: bool,
+        raw: bool,
+    ) -> dict[int, np.ndarray]:
         arr = _as_ids(ids)
+        if cu_seqlens is None:
+            if arr.ndim not in (1, 2):
+                raise ValueError(f"ids must be 1-D [T] or 2-D [B, T], got shape {arr.shape}")
+            rows, length = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape
+            bounds = list(range(0, rows * length + 1, length)) if length else [0] * (rows + 1)
+            return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw)
         if arr.ndim != 1:
-            raise ValueError(f"ids must be 1-D (concatenated sequences), got shape {arr.shape}")
+            raise ValueError(
+                f"with cu_seqlens, ids must be 1-D (the concatenated sequences), got shape "
+                f"{arr.shape}: pass ids.reshape(-1), or pack lists with pack_sequences()"
+            )
         cu = np.asarray(cu_seqlens)
         if cu.ndim != 1 or cu.dtype.kind not in "iu" or cu.size < 1:
             raise ValueError(
@@ -284,19 +315,8 @@ class NgramHasher:
                 f"cu_seqlens[{i}] = {int(cu[i])} is outside [0, len(ids) = {arr.size}]: "
                 "cu_seqlens holds the offsets of each sequence in ids"
             )
-        if cu[0] != 0 or cu[-1] != arr.size:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at len(ids) = {arr.size}, "
-                f"got {int(cu[0])} .. {int(cu[-1])}"
-            )
-        steps = np.diff(cu.astype(np.int64))
-        if (steps < 0).any():
-            i = int(np.argmax(steps < 0))
-            raise ValueError(
-                f"cu_seqlens must be non-decreasing: cu_seqlens[{i}] = {int(cu[i])} > "
-                f"cu_seqlens[{i + 1}] = {int(cu[i + 1])}"
-            )
-        return self._run(arr, cu.astype(np.int64).tolist(), layer_ids, dtype, flat)
+        # Start, end and order are checked by the core.
+        return self._run(arr, cu.astype(np.int64).tolist(), layer_ids, dtype, flat, raw=raw)
 
     def new_state(self, batch_size: int) -> HashState:
         """A decode state for ``batch_size`` fresh sequences (pad history)."""

@@ -515,12 +515,18 @@ impl NgramHasher {
     }
 
     fn check_bounds(&self, n: usize, bounds: &[usize]) -> Result<()> {
-        if bounds.first() != Some(&0) || bounds.last() != Some(&n) {
-            return Err(EngramError::Invalid(format!(
-                "cu_seqlens must start at 0 and end at the number of ids ({n}), got {:?}..{:?}",
-                bounds.first(),
-                bounds.last()
-            )));
+        match (bounds.first(), bounds.last()) {
+            (Some(&0), Some(&last)) if last == n => {}
+            (Some(&first), Some(&last)) => {
+                return Err(EngramError::Invalid(format!(
+                    "cu_seqlens must start at 0 and end at len(ids) = {n}, got {first} .. {last}"
+                )))
+            }
+            _ => {
+                return Err(EngramError::Invalid(format!(
+                    "cu_seqlens must hold at least one offset: [0, ..., {n}]"
+                )))
+            }
         }
         if let Some(i) = bounds.windows(2).position(|w| w[1] < w[0]) {
             return Err(EngramError::Invalid(format!(
@@ -1197,7 +1203,11 @@ mod tests {
             let layers: Vec<usize> = (0..config.layer_ids.len()).collect();
             for case in g["cases"].as_array().unwrap() {
                 let rows = case["input"].as_array().unwrap();
-                let ids: Vec<i64> = rows.iter().flat_map(|r| nums(r)).map(|v| v as i64).collect();
+                let ids: Vec<i64> = rows
+                    .iter()
+                    .flat_map(|r| nums(r))
+                    .map(|v| v as i64)
+                    .collect();
                 let t = rows[0].as_array().unwrap().len();
                 let bounds: Vec<usize> = (0..=rows.len()).map(|r| r * t).collect();
                 for backend in [Backend::Auto, Backend::Scalar] {
