@@ -1203,11 +1203,7 @@ mod tests {
             let layers: Vec<usize> = (0..config.layer_ids.len()).collect();
             for case in g["cases"].as_array().unwrap() {
                 let rows = case["input"].as_array().unwrap();
-                let ids: Vec<i64> = rows
-                    .iter()
-                    .flat_map(|r| nums(r))
-                    .map(|v| v as i64)
-                    .collect();
+                let ids: Vec<i64> = rows.iter().flat_map(&nums).map(|v| v as i64).collect();
                 let t = rows[0].as_array().unwrap().len();
                 let bounds: Vec<usize> = (0..=rows.len()).map(|r| r * t).collect();
                 for backend in [Backend::Auto, Backend::Scalar] {
@@ -1225,7 +1221,7 @@ mod tests {
                             .unwrap()
                             .iter()
                             .flat_map(|row| row.as_array().unwrap())
-                            .flat_map(|tok| nums(tok))
+                            .flat_map(&nums)
                             .map(|v| v as i64)
                             .collect();
                         assert_eq!(bufs[l], want, "{preset} layer {layer_id} {backend:?}");
