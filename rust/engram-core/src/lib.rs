@@ -1,10 +1,17 @@
 //! engram-core: the pure-Rust algorithms of engram_rs (no Python here).
 //!
-//! - [`compress`]: tokenizer compression, the raw -> compressed id table (SPEC section 1).
-//! - [`hashing`]: exact multi-head n-gram hashing of DeepSeek's Engram (SPEC sections 2-3).
-//! - [`primes`]: the distinct per-head table sizes.
+//! - `compress` (feature `compress`, on by default): tokenizer compression, the raw ->
+//!   compressed id table (SPEC section 1).
+//! - [`hashing`]: exact multi-head n-gram hashing of DeepSeek's Engram (SPEC sections 2-3);
+//!   [`NgramHasher::from_config`] derives everything from the config, as the official demo does.
+//! - [`multipliers`] and [`primes`]: the per-layer multipliers (numpy's PCG64 draws) and the
+//!   distinct per-head table sizes.
+//! - [`table`], [`gather`], [`prefetch`], [`safetensors`], [`dtype`], [`buffer`]: host embedding
+//!   tables, their gathers and their file format.
+//! - [`cpu`]: the one CPU-feature detection (and `ENGRAM_RS_FORCE_SCALAR`).
 
 pub mod buffer;
+#[cfg(feature = "compress")]
 pub mod compress;
 pub mod cpu;
 pub mod dtype;
@@ -18,4 +25,4 @@ pub mod safetensors;
 pub mod table;
 
 pub use error::{EngramError, Result};
-pub use hashing::{Backend, IdElem, LayerSpec, NgramHasher, OutElem};
+pub use hashing::{Backend, HashConfig, IdElem, LayerSpec, NgramHasher, OutElem};
