@@ -636,11 +636,11 @@ impl NgramHasher {
             for (&layer, out) in layers.iter().zip(outs.iter_mut()) {
                 let plan = &self.layers[layer];
                 let out = &mut out[rows.clone()];
-                #[cfg(target_arch = "x86_64")]
                 if use_simd && plan.simd_ok {
-                    // SAFETY: `use_simd` is only true when `simd_available()` detected AVX-512F
-                    // and AVX-512DQ at run time; `plan.simd_ok` holds; `out` holds `cols` values
-                    // per scratch token; `stream` is only set for 64-byte aligned outputs.
+                    // SAFETY: `use_simd` is only true when `simd_available()` detected AVX-512
+                    // at run time; `plan.simd_ok` holds; `out` holds `cols` values per scratch
+                    // token; `stream` is only set for 64-byte aligned outputs.
+                    #[cfg(target_arch = "x86_64")]
                     unsafe {
                         avx512::hash_layer(
                             plan,
@@ -650,19 +650,18 @@ impl NgramHasher {
                             out,
                             flat,
                             stream,
-                        )
-                    };
-                    continue;
+                        );
+                        continue;
+                    }
                 }
-                let _ = (use_simd, stream);
                 hash_layer_scalar(plan, self.max_ngram, self.n_head, &scratch, out, flat);
             }
             pos = piece_end;
         }
-        #[cfg(target_arch = "x86_64")]
         if stream {
             // SAFETY: SSE2 is baseline on x86_64. Streaming stores are weakly ordered: fence them
             // before rayon reports this chunk done to the thread that returns the output.
+            #[cfg(target_arch = "x86_64")]
             unsafe { std::arch::x86_64::_mm_sfence() };
         }
         valid
