@@ -292,9 +292,9 @@ def test_hasher_rejects_bad_vocab_and_pad() -> None:
     cfg = er.EngramConfig.preset("demo")
     with pytest.raises(ValueError, match=r"compressed_vocab_size must be in \[1, 2\*\*63\), got 0"):
         er.NgramHasher(cfg, 0)
-    with pytest.raises(ValueError, match=r"pad_id 5 is outside the compressed vocabulary \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"pad_id = 5: outside the compressed vocabulary \[0, 5\)"):
         er.NgramHasher(cfg, 5, pad_id=5)
-    with pytest.raises(ValueError, match=r"pad_id 2 is outside the compressed vocabulary \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"pad_id = 2: outside the compressed vocabulary \[0, 2\)"):
         er.NgramHasher(cfg, 2)
     with pytest.raises(TypeError, match="compressed_vocab_size must be an int"):
         er.NgramHasher(cfg, 98627.0)  # type: ignore[arg-type]

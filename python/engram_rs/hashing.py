@@ -85,6 +85,12 @@ class HashState:
         return f"HashState(batch_size={self.batch_size}, history_len={self._history.shape[1]})"
 
 
+def _frozen(values: list[int]) -> npt.NDArray[np.int64]:
+    arr = np.asarray(values, dtype=np.int64)
+    arr.flags.writeable = False
+    return arr
+
+
 def _as_ids(ids: Any) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.dtype.kind not in "iu":
@@ -98,7 +104,15 @@ def _as_ids(ids: Any) -> np.ndarray:
 
 
 class NgramHasher:
-    """Computes Engram hash ids from compressed token ids, bit for bit as the official demo."""
+    """Computes Engram hash ids from compressed token ids, bit for bit as the official demo.
+
+    For each Engram layer, every token gets ``cols = (max_ngram_size - 1) * n_head_per_ngram``
+    hash ids, column ``(order - 2) * n_head_per_ngram + head``: the row of that head's table,
+    in ``[0, primes[layer][order - 2][head])``. The demo stores the heads of a layer as ONE
+    flat table of ``table_rows[layer]`` rows; ``offsets[layer]`` (per column) is where each
+    head's rows start in it, and ``hash(..., flat=True)`` adds them: its ids index the flat
+    table directly (``HostTable.create(path, rows=h.table_rows[layer], dim=cfg.head_dim)``).
+    """
 
     def __init__(
         self, config: EngramConfig, compressed_vocab_size: int, pad_id: int | None = None
@@ -113,21 +127,15 @@ class NgramHasher:
                 "len(comp) of the CompressedTokenizer the ids come from"
             )
         pad = config.pad_id if pad_id is None else pad_id
-        if isinstance(pad, bool) or not isinstance(pad, int):
-            raise TypeError(f"pad_id must be an int, got {pad!r}")
-        if not 0 <= pad < compressed_vocab_size:
-            raise ValueError(
-                f"pad_id {pad} is outside the compressed vocabulary [0, {compressed_vocab_size}): "
-                "pass the compressed pad id (comp.lookup_table[raw_pad_id])"
-            )
+        if isinstance(pad, bool) or not isinstance(pad, int) or not -(2**63) <= pad < 2**63:
+            raise TypeError(f"pad_id must be an int64, got {pad!r}")
         self.config = config
         self.compressed_vocab_size = compressed_vocab_size
         self.pad_id = pad
         n, h = config.max_ngram_size, config.n_head_per_ngram
         self.layer_ids: list[int] = list(config.layer_ids)
-        self.cols = (n - 1) * h
-        # The core derives multipliers and primes from the config (without the GIL; Ctrl-C
-        # stops an absurd config's prime search).
+        # The core checks the pad id and derives multipliers and primes from the config
+        # (without the GIL; Ctrl-C stops an absurd config's prime search).
         self._core = _engram_rs.HasherCore(
             list(config.engram_vocab_size),
             n,
@@ -137,23 +145,44 @@ class NgramHasher:
             compressed_vocab_size,
             pad,
         )
-        self.multipliers = {
-            layer: np.asarray(self._core.multipliers(i), dtype=np.int64)
-            for i, layer in enumerate(self.layer_ids)
+        self._index = {layer: i for i, layer in enumerate(self.layer_ids)}
+        self._multipliers = {
+            layer: _frozen(self._core.multipliers(i)) for layer, i in self._index.items()
         }
-        self.primes: dict[int, list[list[int]]] = {
+        self._primes = {
             layer: [flat[k * h : (k + 1) * h] for k in range(n - 1)]
-            for i, layer in enumerate(self.layer_ids)
+            for layer, i in self._index.items()
             for flat in [self._core.primes(i)]
         }
-        self._index = {layer: i for i, layer in enumerate(self.layer_ids)}
-        self.offsets = {
-            layer: np.asarray(self._core.offsets(i), dtype=np.int64)
-            for layer, i in self._index.items()
-        }
-        self.table_rows = {layer: self._core.table_rows(i) for layer, i in self._index.items()}
+        self._offsets = {layer: _frozen(self._core.offsets(i)) for layer, i in self._index.items()}
+        self._table_rows = {layer: self._core.table_rows(i) for layer, i in self._index.items()}
         #: Raw vocabulary size when built with ``from_tokenizer`` (raw ids accepted), else None.
         self.vocab_size: int | None = None
+
+    @property
+    def cols(self) -> int:
+        """Hash ids per token and layer: ``(max_ngram_size - 1) * n_head_per_ngram``."""
+        return self.config.cols
+
+    @property
+    def multipliers(self) -> dict[int, npt.NDArray[np.int64]]:
+        """Per layer id: the ``max_ngram_size`` odd multipliers (read-only int64)."""
+        return dict(self._multipliers)
+
+    @property
+    def primes(self) -> dict[int, list[list[int]]]:
+        """Per layer id: ``[order - 2][head]`` table sizes, distinct primes."""
+        return {layer: [list(p) for p in orders] for layer, orders in self._primes.items()}
+
+    @property
+    def offsets(self) -> dict[int, npt.NDArray[np.int64]]:
+        """Per layer id: ``[cols]`` start of each head's rows in the flat table (read-only)."""
+        return dict(self._offsets)
+
+    @property
+    def table_rows(self) -> dict[int, int]:
+        """Per layer id: rows of the layer's flat table (the sum of its primes)."""
+        return dict(self._table_rows)
 
     @classmethod
     def from_tokenizer(cls, config: EngramConfig, comp: CompressedTokenizer) -> NgramHasher:

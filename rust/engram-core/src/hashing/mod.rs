@@ -278,7 +278,10 @@ impl NgramHasher {
             return Err(config_err(
                 "pad_id",
                 pad.to_string(),
-                &format!("the compressed pad id must be in [0, {vocab})"),
+                &format!(
+                    "outside the compressed vocabulary [0, {vocab}): pass the compressed pad id \
+                     (comp.lookup_table[raw_pad_id])"
+                ),
             ));
         }
         let cols = (max_ngram - 1) * n_head;
