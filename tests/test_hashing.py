@@ -534,3 +534,14 @@ def test_lists_of_sequences_of_any_length(raw: bool) -> None:
         np.testing.assert_array_equal(batch[i, : len(part)], part)
     with pytest.raises(TypeError, match="sequence 1 holds float64 values"):
         er.pack_sequences([[1, 2], [1.5]])
+
+
+def test_hasher_introspection_is_read_only() -> None:
+    h = er.NgramHasher(er.EngramConfig.preset("demo"), 98627)
+    with pytest.raises(ValueError, match="read-only"):
+        h.multipliers[1][0] = 5
+    with pytest.raises(ValueError, match="read-only"):
+        h.offsets[1][0] = 5
+    h.primes[1][0][0] = 7  # a copy: the hasher is unchanged
+    assert h.primes[1][0][0] == 646403
+    assert h.cols == 16 and h.table_rows[1] == 10_344_164

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -11,10 +12,25 @@ from . import _engram_rs
 from .compress import CompressedTokenizer
 from .config import EngramConfig
 
+#: The dtypes hash ids come in: int64 (always fits) or int32 (half the bytes, when ids fit).
+IndexDType: TypeAlias = (
+    type[np.int64]
+    | type[np.int32]
+    | np.dtype[np.int64]
+    | np.dtype[np.int32]
+    | Literal["int64", "int32"]
+)
+#: Layers to hash: one layer id, several, or None for all of the config's layers.
+Layers: TypeAlias = int | Sequence[int] | None
+#: Hash ids per layer id.
+HashIds: TypeAlias = dict[int, npt.NDArray[np.int64] | npt.NDArray[np.int32]]
+
 __all__ = ["HashState", "NgramHasher", "layer_multipliers", "pack_sequences"]
 
 
-def layer_multipliers(config: EngramConfig, compressed_vocab_size: int) -> dict[int, np.ndarray]:
+def layer_multipliers(
+    config: EngramConfig, compressed_vocab_size: int
+) -> dict[int, npt.NDArray[np.int64]]:
     """Odd multipliers per layer, drawn exactly as the demo's numpy PCG64 stream (in Rust)."""
     return {
         layer: np.asarray(
@@ -27,7 +43,9 @@ def layer_multipliers(config: EngramConfig, compressed_vocab_size: int) -> dict[
     }
 
 
-def pack_sequences(sequences: Any) -> tuple[np.ndarray, np.ndarray]:
+def pack_sequences(
+    sequences: Iterable[npt.ArrayLike],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Concatenates token lists of any lengths: ``(ids, cu_seqlens)`` for ``hash``/``hash_tokens``
     with ``cu_seqlens=``. Split a result per sequence with ``np.split(out, cu_seqlens[1:-1])``.
     """
@@ -211,7 +229,7 @@ class NgramHasher:
             f"{self.compressed_vocab_size}, pad_id={self.pad_id})"
         )
 
-    def _layers(self, layer_ids: Any) -> list[int]:
+    def _layers(self, layer_ids: Layers) -> list[int]:
         if layer_ids is None:
             return list(self.layer_ids)
         if isinstance(layer_ids, int):
@@ -231,13 +249,13 @@ class NgramHasher:
         self,
         ids: np.ndarray,
         bounds: list[int],
-        layer_ids: Any,
-        dtype: Any,
+        layer_ids: Layers,
+        dtype: IndexDType,
         flat: bool,
         history: np.ndarray | None = None,
         shape: tuple[int, ...] | None = None,
         raw: bool = False,
-    ) -> dict[int, np.ndarray]:
+    ) -> HashIds:
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.int64), np.dtype(np.int32)):
             raise ValueError(f"dtype must be numpy.int64 or numpy.int32, got {dt}")
@@ -260,11 +278,11 @@ class NgramHasher:
     def hash(
         self,
         ids: npt.ArrayLike,
-        layer_ids: int | list[int] | None = None,
-        dtype: Any = np.int64,
+        layer_ids: Layers = None,
+        dtype: IndexDType = np.int64,
         flat: bool = False,
         cu_seqlens: npt.ArrayLike | None = None,
-    ) -> dict[int, np.ndarray]:
+    ) -> HashIds:
         """Hash compressed token ids -> ``{layer_id: hash ids}``.
 
         ``ids`` ``[B, T]`` (or ``[T]``): each row is its own sequence, starting with pad history;
@@ -280,11 +298,11 @@ class NgramHasher:
     def hash_tokens(
         self,
         raw_ids: npt.ArrayLike,
-        layer_ids: int | list[int] | None = None,
-        dtype: Any = np.int64,
+        layer_ids: Layers = None,
+        dtype: IndexDType = np.int64,
         flat: bool = False,
         cu_seqlens: npt.ArrayLike | None = None,
-    ) -> dict[int, np.ndarray]:
+    ) -> HashIds:
         """``hash(comp(raw_ids))`` in one pass, for raw token ids (same shapes and options).
 
         Needs a hasher built with ``from_tokenizer``; the ids are mapped through its lookup table
@@ -297,10 +315,10 @@ class NgramHasher:
         self,
         ids: npt.ArrayLike,
         cu_seqlens: npt.ArrayLike,
-        layer_ids: int | list[int] | None = None,
-        dtype: Any = np.int64,
+        layer_ids: Layers = None,
+        dtype: IndexDType = np.int64,
         flat: bool = False,
-    ) -> dict[int, np.ndarray]:
+    ) -> HashIds:
         """``hash(ids, cu_seqlens=cu_seqlens)``: concatenated sequences of any lengths."""
         return self._hash(ids, cu_seqlens, layer_ids, dtype, flat, raw=False)
 
@@ -315,11 +333,11 @@ class NgramHasher:
         self,
         ids: npt.ArrayLike,
         cu_seqlens: npt.ArrayLike | None,
-        layer_ids: Any,
-        dtype: Any,
+        layer_ids: Layers,
+        dtype: IndexDType,
         flat: bool,
         raw: bool,
-    ) -> dict[int, np.ndarray]:
+    ) -> HashIds:
         arr = _as_ids(ids)
         if cu_seqlens is None:
             if arr.ndim not in (1, 2):
@@ -357,10 +375,10 @@ class NgramHasher:
         self,
         new_ids: npt.ArrayLike,
         state: HashState,
-        layer_ids: int | list[int] | None = None,
-        dtype: Any = np.int64,
+        layer_ids: Layers = None,
+        dtype: IndexDType = np.int64,
         flat: bool = False,
-    ) -> dict[int, np.ndarray]:
+    ) -> HashIds:
         """Hash the next ``k`` tokens of each sequence, ``[B, k]`` (or ``[B]`` for one token).
 
         Equals hashing each whole history at once; ``state`` is advanced past the new ids.
@@ -371,10 +389,10 @@ class NgramHasher:
         self,
         raw_ids: npt.ArrayLike,
         state: HashState,
-        layer_ids: int | list[int] | None = None,
-        dtype: Any = np.int64,
+        layer_ids: Layers = None,
+        dtype: IndexDType = np.int64,
         flat: bool = False,
-    ) -> dict[int, np.ndarray]:
+    ) -> HashIds:
         """``hash_step`` on raw token ids (a hasher from ``from_tokenizer``), mapped in one pass.
 
         The state keeps compressed ids, so raw and compressed steps may be mixed.
@@ -386,11 +404,11 @@ class NgramHasher:
         self,
         new_ids: npt.ArrayLike,
         state: HashState,
-        layer_ids: Any,
-        dtype: Any,
+        layer_ids: Layers,
+        dtype: IndexDType,
         flat: bool,
         raw: bool,
-    ) -> dict[int, np.ndarray]:
+    ) -> HashIds:
         if not isinstance(state, HashState):
             raise TypeError(f"state must come from new_state(), got {type(state).__name__}")
         hist = state._history
