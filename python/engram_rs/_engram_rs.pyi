@@ -77,7 +77,7 @@ class PrefetchCore:
 class TableCore:
     @staticmethod
     def open(
-        path: str,
+        path: str | bytes | PathLike[str] | PathLike[bytes],
         name: str | None = None,
         scales: str | None = None,
         mode: str = "mmap",
@@ -85,7 +85,7 @@ class TableCore:
     ) -> TableCore: ...
     @staticmethod
     def create(
-        path: str,
+        path: str | bytes | PathLike[str] | PathLike[bytes],
         rows: int,
         dim: int,
         dtype: str,
