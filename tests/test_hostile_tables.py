@@ -304,6 +304,13 @@ def test_write_rows_scales_are_ue8m0_bytes_or_a_clear_error(tmp_path) -> None:
         t.write_rows([1, 2], codes, scales=np.full((2, 1), 127, np.uint8))
     np.testing.assert_array_equal(t.gather(np.arange(8)), before)
     t.close()
+    values = torch.zeros(4, 64, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    wrapped = er.HostTable.from_torch(values, torch.full((4, 2), 128).to(torch.float8_e8m0fnu))
+    np.testing.assert_array_equal(wrapped.gather([0]), np.zeros((1, 64), np.float32))
+    with pytest.raises(
+        ValueError, match=r"UE8M0 exponent bytes: .* \[rows, dim // 32\], got torch.float32"
+    ):
+        er.HostTable.from_torch(values, torch.full((4, 2), 2.0))
     f32 = er.HostTable.from_numpy(np.zeros((4, 8), np.float32))
     with pytest.raises(ValueError, match="scales are only for FP8 tables, this one is float32"):
         f32.write_rows([0], np.ones((1, 8), np.float32), scales=np.zeros((1, 1), np.uint8))

@@ -268,6 +268,11 @@ class HostTable:
         if scales is not None:
             if not _is_torch(scales) or scales.device.type != "cpu":
                 raise TypeError("scales must be a CPU torch tensor [rows, dim // 32]")
+            if scales.dtype not in (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8)):
+                raise ValueError(
+                    "scales of an FP8 table are UE8M0 exponent bytes: a torch.uint8 or "
+                    f"torch.float8_e8m0fnu tensor [rows, dim // 32], got {scales.dtype}"
+                )
             sc = scales.contiguous().view(torch.uint8).numpy()
         return cls.from_numpy(arr, sc, dt)
 
