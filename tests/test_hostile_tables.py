@@ -348,8 +348,10 @@ def test_close_from_another_thread_waits_for_operations_in_flight(op: str) -> No
     time.sleep(0.02)
     try:
         t.close()  # before: RuntimeError: Already borrowed
+    except BaseException:
+        stop.set()  # the worker would never see the table closed
+        raise
     finally:
-        stop.set()
         th.join()
     assert done[-1].__class__ is ValueError and "closed" in str(done[-1]), done
     assert all(d == "ok" for d in done[:-1])
