@@ -520,13 +520,30 @@ impl HostTable {
         let tmp = TempFile::new(path)?;
         let file = match safetensors::create_reserved(&tmp.path, &header, data_len) {
             Ok(f) => f,
-            Err(e) => {
-                if matches!(&e, EngramError::Io { kind, .. } if *kind == std::io::ErrorKind::AlreadyExists)
-                {
-                    tmp.renamed(); // not ours: leave it alone
-                }
-                return Err(e);
+            Err(EngramError::Io { kind, .. }) if kind == std::io::ErrorKind::AlreadyExists => {
+                let message = format!(
+                    "the temporary file {} already exists: try again",
+                    tmp.path.display()
+                );
+                tmp.renamed(); // not ours: leave it alone
+                return Err(EngramError::Io {
+                    path: path.display().to_string(),
+                    kind,
+                    message,
+                });
             }
+            // Name the table the caller asked for (a full disk, say), and the temporary file.
+            Err(EngramError::Io { kind, message, .. }) => {
+                return Err(EngramError::Io {
+                    path: path.display().to_string(),
+                    kind,
+                    message: format!(
+                        "{message} (while writing the temporary file {})",
+                        tmp.path.display()
+                    ),
+                })
+            }
+            Err(e) => return Err(e),
         };
         // Nobody else knows the temporary name, so this cannot conflict; the lock carries over
         // to the table, which keeps this descriptor.
