@@ -9,6 +9,7 @@ use crate::error::{EngramError, Result};
 use serde_json::{json, Map, Value};
 use std::fs::File;
 use std::io::Write;
+#[cfg(target_os = "linux")]
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -226,8 +227,19 @@ pub fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
     if len_off == 0 {
         return Ok(());
     }
+    #[cfg(target_os = "linux")]
     // SAFETY: a plain system call on a descriptor this function borrows; no memory is passed.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_off) };
+    // Elsewhere (macOS has no posix_fallocate) only the size is set; a full disk may then
+    // still fault at a write through the map.
+    #[cfg(not(target_os = "linux"))]
+    let rc = match file.metadata().map(|m| m.len()) {
+        Ok(have) if have >= len => 0,
+        _ => file
+            .set_len(len)
+            .err()
+            .map_or(0, |e| e.raw_os_error().unwrap_or(libc::EIO)),
+    };
     if rc != 0 {
         let err = std::io::Error::from_raw_os_error(rc);
         return Err(EngramError::Io {
