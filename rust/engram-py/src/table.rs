@@ -49,6 +49,23 @@ fn raw_bytes(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(*mut u8, 
     Ok((ptr, nbytes, flags & numpy::npyffi::NPY_ARRAY_WRITEABLE != 0))
 }
 
+/// A copy of `len` bytes at `ptr`, or a MemoryError.
+///
+/// # Safety
+/// `ptr` must be valid for reads of `len` bytes.
+unsafe fn copy_bytes(ptr: *const u8, len: usize) -> PyResult<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        pyo3::exceptions::PyMemoryError::new_err(format!(
+            "cannot allocate {len} bytes for a copy of rows that overlap the table: write fewer \
+             rows at a time"
+        ))
+    })?;
+    // SAFETY: the caller guarantees `len` readable bytes at `ptr`.
+    v.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) });
+    Ok(v)
+}
+
 /// Indices as a slice of i32 or i64, or a TypeError.
 macro_rules! with_indices {
     ($idx:expr, |$slice:ident| $body:expr) => {{
@@ -412,16 +429,13 @@ impl TableCore {
         // wraps) are copied first: the table writes that memory while reading the sources.
         let owned: Option<(Vec<u8>, Vec<u8>)> = {
             let t = shared.read();
-            (t.overlaps(vp, vl) || t.overlaps(sp, sl)).then(|| {
+            if t.overlaps(vp, vl) || t.overlaps(sp, sl) {
                 // SAFETY: both arrays are live and C-contiguous with the given byte lengths;
                 // nothing writes the table while `t` (a read guard) is held.
-                unsafe {
-                    (
-                        std::slice::from_raw_parts(vp, vl).to_vec(),
-                        std::slice::from_raw_parts(sp, sl).to_vec(),
-                    )
-                }
-            })
+                unsafe { Some((copy_bytes(vp, vl)?, copy_bytes(sp, sl)?)) }
+            } else {
+                None
+            }
         };
         // SAFETY: both arrays are live and C-contiguous with the given byte lengths; when they
         // overlap the table, the slices point at the copies instead.
