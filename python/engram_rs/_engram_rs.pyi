@@ -78,7 +78,7 @@ class PrefetchCore:
 class TableCore:
     @staticmethod
     def open(
-        path: str,
+        path: str | bytes | PathLike[str] | PathLike[bytes],
         name: str | None = None,
         scales: str | None = None,
         mode: str = "mmap",
@@ -86,7 +86,7 @@ class TableCore:
     ) -> TableCore: ...
     @staticmethod
     def create(
-        path: str,
+        path: str | bytes | PathLike[str] | PathLike[bytes],
         rows: int,
         dim: int,
         dtype: str,

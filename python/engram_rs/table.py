@@ -49,6 +49,56 @@ def _dtype_name(dtype: Any, what: str, allowed: tuple[str, ...]) -> str:
     return name
 
 
+#: What ``HostTable.create``/``open`` take as a path, as ``os.fspath`` does.
+PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+def _path(path: PathArg) -> str | bytes:
+    """``os.fspath(path)``: a str or bytes path, or a TypeError naming what was passed."""
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise TypeError(
+            f"path must be a str, bytes or os.PathLike, got {type(path).__name__}: "
+            "pass a file path such as 'table.safetensors'"
+        ) from None
+
+
+def _scale_bytes(scales: Any, n: int, dim: int) -> np.ndarray:
+    """FP8 scales for ``write_rows`` as uint8 UE8M0 bytes [n, dim // 32], or a clear error."""
+    want = (n, dim // 32)
+    accepted = (
+        "scales of an FP8 table are UE8M0 exponent bytes: a uint8 numpy array or torch tensor, "
+        f"or a torch.float8_e8m0fnu tensor, of shape [n, dim // 32] = {want}"
+    )
+    if _is_torch(scales):
+        torch = _torch()
+        sc = scales.detach().cpu()
+        e8m0 = getattr(torch, "float8_e8m0fnu", None)
+        if e8m0 is not None and sc.dtype == e8m0:
+            sc = sc.view(torch.uint8)
+        if sc.dtype != torch.uint8:
+            raise ValueError(f"{accepted}; got a torch {sc.dtype} tensor{_float_hint(sc)}")
+        arr = sc.contiguous().numpy()
+    elif isinstance(scales, np.ndarray):
+        if scales.dtype != np.uint8:
+            raise ValueError(f"{accepted}; got a numpy {scales.dtype} array{_float_hint(scales)}")
+        arr = scales
+    else:
+        raise TypeError(f"{accepted}; got {type(scales).__name__}")
+    if tuple(arr.shape) != want:
+        raise ValueError(f"{accepted}; got shape {tuple(arr.shape)}")
+    return np.ascontiguousarray(arr)
+
+
+def _float_hint(scales: Any) -> str:
+    if getattr(scales, "is_floating_point", lambda: False)() or (
+        isinstance(scales, np.ndarray) and scales.dtype.kind == "f"
+    ):
+        return " (float scale factors are not converted: pass their bytes, log2(scale) + 127)"
+    return ""
+
+
 def _indices(idx: npt.ArrayLike) -> np.ndarray:
     if _is_torch(idx):
         idx = idx.cpu().numpy()  # type: ignore[union-attr]
@@ -93,7 +143,7 @@ class HostTable:
     @classmethod
     def create(
         cls,
-        path: str | os.PathLike[str],
+        path: PathArg,
         rows: int,
         dim: int,
         dtype: str = "bfloat16",
@@ -106,7 +156,14 @@ class HostTable:
         """Writes a new safetensors table atomically (tmp + rename), initialised in parallel.
 
         FP8 tables get per-block UE8M0 scales in a tensor ``{name}_scale``. ``progress`` (default:
-        tables over 1 GiB on a terminal) prints rows done to stderr.
+        tables over 1 GiB on a terminal) prints rows done to stderr. ``path`` may be str, bytes
+        or os.PathLike; its directory must exist.
+
+        The file's blocks are reserved before it is written, so a full disk raises ``OSError``
+        (naming the file and size) instead of crashing. The temporary file,
+        ``<path>.tmp-<pid>-<n>-<hex>`` in the same directory, is removed on every error; only a
+        process killed while creating leaves it behind. The returned table is writable and
+        holds the file's exclusive lock until it is closed.
         """
         dt = _dtype_name(dtype, "dtype", _DTYPES)
         for label, value in (("rows", rows), ("dim", dim), ("seed", seed)):
@@ -118,15 +175,22 @@ class HostTable:
             raise ValueError(f"std must be >= 0, got {std}")
         if progress is None:
             progress = rows * dim * 2 > 1 << 30 and sys.stderr.isatty()
+        p = _path(path)
+        parent = os.path.dirname(os.path.abspath(p))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(
+                f"cannot create {os.fsdecode(p)!r}: the directory {os.fsdecode(parent)!r} does "
+                "not exist: create it first (os.makedirs)"
+            )
         core = _engram_rs.TableCore.create(
-            os.fspath(path), rows, dim, dt, init, float(std), seed, name, bool(progress)
+            p, rows, dim, dt, init, float(std), seed, name, bool(progress)
         )
         return cls(core)
 
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike[str],
+        path: PathArg,
         name: str | None = None,
         scales: str | None = None,
         mode: str = "mmap",
@@ -137,8 +201,16 @@ class HostTable:
         ``name`` picks the tensor (required if several); ``scales`` names the UE8M0 tensor of an
         FP8 table; ``mode`` is "mmap" (lazy, page cache, larger than RAM) or "resident" (copied
         into huge-page memory, prefaulted); ``writable`` allows ``write_rows`` and ``flush``.
+
+        The table keeps the file open with an advisory lock (``flock``) until ``close()``:
+        shared when read-only, exclusive when writable, so a conflicting open (in this or
+        another process) raises ``OSError`` at once. A writable mmap table has the file's
+        blocks allocated first (a full disk is an ``OSError`` here, not a crash at a write). A
+        resident open larger than the available memory raises ``MemoryError``. What no check
+        can prevent: another process that ignores the lock and truncates the file while an
+        mmap table uses it makes the next read of a vanished page crash with SIGBUS.
         """
-        core = _engram_rs.TableCore.open(os.fspath(path), name, scales, mode, writable)
+        core = _engram_rs.TableCore.open(_path(path), name, scales, mode, writable)
         return cls(core)
 
     @classmethod
@@ -196,6 +268,11 @@ class HostTable:
         if scales is not None:
             if not _is_torch(scales) or scales.device.type != "cpu":
                 raise TypeError("scales must be a CPU torch tensor [rows, dim // 32]")
+            if scales.dtype not in (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8)):
+                raise ValueError(
+                    "scales of an FP8 table are UE8M0 exponent bytes: a torch.uint8 or "
+                    f"torch.float8_e8m0fnu tensor [rows, dim // 32], got {scales.dtype}"
+                )
             sc = scales.contiguous().view(torch.uint8).numpy()
         return cls.from_numpy(arr, sc, dt)
 
@@ -319,7 +396,9 @@ class HostTable:
         """Overwrites rows ``idx`` with ``values`` [len(idx), dim] of the table's dtype.
 
         float32 values are accepted for float16/bfloat16 tables (rounded to nearest even). FP8
-        tables take uint8 codes and uint8 ``scales`` [len(idx), dim // 32].
+        tables take float32 values (quantized), or uint8 codes with ``scales`` [len(idx),
+        dim // 32] of UE8M0 bytes (numpy/torch uint8 or torch.float8_e8m0fnu). Values that are
+        a view of the table's own memory are read before anything is written (as numpy does).
         """
         ids = _indices(idx).astype(np.int64).reshape(-1)
         vals = values
@@ -336,7 +415,7 @@ class HostTable:
         if self.dtype == "float8_e4m3":
             if vals.dtype == np.float32 and scales is None and vals.ndim == 2:
                 codes, fp8_scales = _engram_rs.quantize_fp8(np.ascontiguousarray(vals))
-                vals, scales = codes.reshape(vals.shape), fp8_scales
+                vals, scales = codes.reshape(vals.shape), fp8_scales.reshape(len(vals), -1)
             elif vals.dtype != np.uint8 or scales is None:
                 raise ValueError(
                     "an FP8 table takes float32 values (quantized with UE8M0 block scales) or "
@@ -355,15 +434,26 @@ class HostTable:
             )
         if vals.shape != (ids.size, self.dim):
             raise ValueError(f"values have shape {vals.shape}, expected {(ids.size, self.dim)}")
-        sc = None if scales is None else np.ascontiguousarray(np.asarray(scales), dtype=np.uint8)
+        sc = None
+        if scales is not None:
+            if self.dtype != "float8_e4m3":
+                raise ValueError(
+                    f"scales are only for FP8 tables, this one is {self.dtype}: drop scales="
+                )
+            sc = _scale_bytes(scales, ids.size, self.dim)
         self._core.write_rows(ids, np.ascontiguousarray(vals), sc)
 
     def flush(self) -> None:
-        """Makes written rows durable (msync, or a write-back of a resident copy)."""
+        """Makes written rows durable (msync, or a write-back of a resident copy).
+
+        A resident table writes back through the descriptor it opened, so if the path was
+        replaced meanwhile the rows go to the file it opened, never to the new one.
+        """
         self._core.flush()
 
     def close(self) -> None:
-        """Releases the table (waits for gathers still running on it)."""
+        """Releases the table and its file lock; safe from any thread, it waits for every
+        gather, prefetch, write and flush still running on it."""
         self._core.close()
 
     def __enter__(self) -> HostTable:

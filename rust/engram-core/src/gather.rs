@@ -490,7 +490,7 @@ mod tests {
                 let row = dim * out.size();
                 let n = STREAM_MIN_BYTES / row + 1000;
                 let idx: Vec<i32> = (0..n).map(|i| (i * 7919 % rows) as i32).collect();
-                let buf = crate::buffer::AlignedBuf::new(n * row);
+                let buf = crate::buffer::AlignedBuf::new(n * row).unwrap();
                 // SAFETY: the buffer holds n * row bytes and lives to the end of the iteration.
                 let fast = unsafe { std::slice::from_raw_parts_mut(buf.as_ptr(), n * row) };
                 let mut slow = vec![0u8; n * row];

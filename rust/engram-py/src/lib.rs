@@ -107,13 +107,18 @@ pub(crate) unsafe fn pooled_array<'py, T: Element>(
     rows: usize,
     cols: usize,
 ) -> PyResult<Bound<'py, PyArray2<T>>> {
+    // As numpy: a size beyond isize::MAX is a ValueError, an allocation refused a MemoryError.
     let bytes = rows
         .checked_mul(cols)
         .and_then(|n| n.checked_mul(std::mem::size_of::<T>()))
+        .filter(|&n| n <= isize::MAX as usize)
         .ok_or_else(|| {
-            PyValueError::new_err(format!("output of {rows} x {cols} elements is too large"))
+            PyValueError::new_err(format!(
+                "an output of {rows} x {cols} elements is too large: it exceeds the largest \
+                 possible array (isize::MAX bytes); process fewer rows at a time"
+            ))
         })?;
-    let buf = OUTPUT_POOL.take(bytes);
+    let buf = OUTPUT_POOL.take(bytes).map_err(|e| to_pyerr(e, &[]))?;
     let ptr = buf.as_ptr() as *const T;
     let owner = Bound::new(py, PooledBuffer { buf: Some(buf) })?;
     // SAFETY: the buffer holds `rows * cols` elements of `T`, is aligned for `T` (64 bytes), and

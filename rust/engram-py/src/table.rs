@@ -12,8 +12,9 @@ use numpy::{
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 /// A table and the Python objects whose memory it uses (kept alive while any job runs).
 struct Shared {
@@ -48,6 +49,23 @@ fn raw_bytes(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(*mut u8, 
     Ok((ptr, nbytes, flags & numpy::npyffi::NPY_ARRAY_WRITEABLE != 0))
 }
 
+/// A copy of `len` bytes at `ptr`, or a MemoryError.
+///
+/// # Safety
+/// `ptr` must be valid for reads of `len` bytes.
+unsafe fn copy_bytes(ptr: *const u8, len: usize) -> PyResult<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        pyo3::exceptions::PyMemoryError::new_err(format!(
+            "cannot allocate {len} bytes for a copy of rows that overlap the table: write fewer \
+             rows at a time"
+        ))
+    })?;
+    // SAFETY: the caller guarantees `len` readable bytes at `ptr`.
+    v.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) });
+    Ok(v)
+}
+
 /// Indices as a slice of i32 or i64, or a TypeError.
 macro_rules! with_indices {
     ($idx:expr, |$slice:ident| $body:expr) => {{
@@ -67,30 +85,46 @@ macro_rules! with_indices {
     }};
 }
 
-#[pyclass(module = "engram_rs._engram_rs")]
+/// A table shared by the Python object and every operation in flight. The class is frozen
+/// (no PyO3 borrow flag), so `close` from one thread never fails on an operation running in
+/// another: it takes the table out and waits for the operations' clones to go.
+#[pyclass(module = "engram_rs._engram_rs", frozen)]
 pub struct TableCore {
-    shared: Option<Arc<Shared>>,
+    shared: Mutex<Option<Arc<Shared>>>,
 }
 
 impl TableCore {
-    fn shared(&self) -> PyResult<&Arc<Shared>> {
+    /// The open table (a clone each operation holds until it ends), or a closed-table error.
+    fn shared(&self) -> PyResult<Arc<Shared>> {
         self.shared
-            .as_ref()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
             .ok_or_else(|| PyValueError::new_err("this HostTable is closed"))
     }
 
     fn wrap(table: HostTable, owners: Vec<Py<PyAny>>) -> Self {
         Self {
-            shared: Some(Arc::new(Shared {
+            shared: Mutex::new(Some(Arc::new(Shared {
                 table: RwLock::new(table),
                 _owners: owners,
-            })),
+            }))),
         }
     }
 
     fn with_table<R>(&self, f: impl FnOnce(&HostTable) -> R) -> PyResult<R> {
         Ok(f(&self.shared()?.read()))
     }
+}
+
+/// A Python path (str, bytes or os.PathLike, as `os.fspath` takes) as a `PathBuf`.
+fn fs_path(path: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
+    let fspath = path.py().import("os")?.getattr("fspath")?.call1((path,))?;
+    if let Ok(b) = fspath.cast::<PyBytes>() {
+        use std::os::unix::ffi::OsStrExt;
+        return Ok(PathBuf::from(std::ffi::OsStr::from_bytes(b.as_bytes())));
+    }
+    fspath.extract::<PathBuf>()
 }
 
 fn gather_into<I: IdElem>(
@@ -109,12 +143,13 @@ impl TableCore {
     #[pyo3(signature = (path, name=None, scales=None, mode="mmap", writable=false))]
     fn open(
         py: Python<'_>,
-        path: PathBuf,
+        path: &Bound<'_, PyAny>,
         name: Option<String>,
         scales: Option<String>,
         mode: &str,
         writable: bool,
     ) -> PyResult<Self> {
+        let path = fs_path(path)?;
         let mode = Mode::parse(mode).map_err(|e| to_pyerr(e, &[]))?;
         let table = crate::detached(py, || {
             HostTable::open(&path, name.as_deref(), scales.as_deref(), mode, writable)
@@ -128,7 +163,7 @@ impl TableCore {
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
-        path: PathBuf,
+        path: &Bound<'_, PyAny>,
         rows: usize,
         dim: usize,
         dtype: &str,
@@ -138,6 +173,7 @@ impl TableCore {
         name: &str,
         progress: bool,
     ) -> PyResult<Self> {
+        let path = fs_path(path)?;
         let dt = self::dtype(dtype)?;
         let init = match init {
             "zeros" => Init::Zeros,
@@ -174,20 +210,20 @@ impl TableCore {
         dtype: &str,
     ) -> PyResult<Self> {
         let dt = self::dtype(dtype)?;
+        let (need_values, need_scales) =
+            engram_core::table::table_bytes(dt, rows, dim).map_err(|e| to_pyerr(e, &[]))?;
         let (vptr, vlen, vw) = raw_bytes(values, "values")?;
-        if vlen != rows * dim * dt.size() {
+        if vlen != need_values {
             return Err(PyValueError::new_err(format!(
-                "values hold {vlen} bytes, a {rows} x {dim} {} table needs {}",
+                "values hold {vlen} bytes, a {rows} x {dim} {} table needs {need_values}",
                 dt.name(),
-                rows * dim * dt.size()
             )));
         }
         let mut owners = vec![values.clone().into_any().unbind()];
         let (sptr, sw) = match (dt, scales) {
             (DType::F8E4M3, Some(s)) => {
                 let (p, len, w) = raw_bytes(s, "scales")?;
-                let need = rows * (dim / engram_core::dtype::FP8_BLOCK);
-                if len != need || !dim.is_multiple_of(engram_core::dtype::FP8_BLOCK) {
+                if len != need_scales {
                     return Err(PyValueError::new_err(format!(
                         "scales hold {len} bytes; an FP8 {rows} x {dim} table needs one UE8M0 byte \
                          per 32 values: [{rows}, {}] uint8",
@@ -254,7 +290,10 @@ impl TableCore {
 
     #[getter]
     fn closed(&self) -> bool {
-        self.shared.is_none()
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
     }
 
     /// Gathers rows `idx` (int32/int64, C-contiguous, any shape) into `out`, a C-contiguous
@@ -386,12 +425,28 @@ impl TableCore {
             }
             None => (std::ptr::NonNull::<u8>::dangling().as_ptr() as *const u8, 0),
         };
-        // SAFETY: both arrays are live and C-contiguous with the given byte lengths.
-        let (values, scales) = unsafe {
-            (
-                std::slice::from_raw_parts(vp, vl),
-                std::slice::from_raw_parts(sp, sl),
-            )
+        // Sources that share memory with the table (a view of the array a from_numpy table
+        // wraps) are copied first: the table writes that memory while reading the sources.
+        let owned: Option<(Vec<u8>, Vec<u8>)> = {
+            let t = shared.read();
+            if t.overlaps(vp, vl) || t.overlaps(sp, sl) {
+                // SAFETY: both arrays are live and C-contiguous with the given byte lengths;
+                // nothing writes the table while `t` (a read guard) is held.
+                unsafe { Some((copy_bytes(vp, vl)?, copy_bytes(sp, sl)?)) }
+            } else {
+                None
+            }
+        };
+        // SAFETY: both arrays are live and C-contiguous with the given byte lengths; when they
+        // overlap the table, the slices point at the copies instead.
+        let (values, scales) = match &owned {
+            Some((v, s)) => (v.as_slice(), s.as_slice()),
+            None => unsafe {
+                (
+                    std::slice::from_raw_parts(vp, vl),
+                    std::slice::from_raw_parts(sp, sl),
+                )
+            },
         };
         crate::detached(py, || {
             let mut t = shared.table.write().unwrap_or_else(|e| e.into_inner());
@@ -412,11 +467,13 @@ impl TableCore {
         .map_err(|e| to_pyerr(e, &[]))
     }
 
-    /// Releases the table; waits for gathers still running on it.
-    fn close(&mut self, py: Python<'_>) {
-        if let Some(shared) = self.shared.take() {
+    /// Releases the table; waits (without the GIL) for every operation still running on it:
+    /// gathers, prefetches, writes and flushes.
+    fn close(&self, py: Python<'_>) {
+        let taken = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(shared) = taken {
             py.detach(|| {
-                // Each running job holds a clone; the memory goes when the last one finishes.
+                // Each running operation holds a clone; the memory goes when the last one ends.
                 while Arc::strong_count(&shared) > 1 {
                     std::thread::sleep(std::time::Duration::from_micros(200));
                 }
