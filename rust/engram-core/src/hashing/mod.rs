@@ -665,7 +665,9 @@ impl NgramHasher {
             // SAFETY: SSE2 is baseline on x86_64. Streaming stores are weakly ordered: fence them
             // before rayon reports this chunk done to the thread that returns the output.
             #[cfg(target_arch = "x86_64")]
-            unsafe { std::arch::x86_64::_mm_sfence() };
+            unsafe {
+                std::arch::x86_64::_mm_sfence()
+            };
         }
         valid
     }
