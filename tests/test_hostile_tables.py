@@ -433,3 +433,33 @@ def test_a_truncated_file_is_refused_at_open(tmp_path) -> None:
         """
     )
     assert out.stdout.count("(truncated?)") == 2, out
+
+
+def test_create_reports_progress_through_python(tmp_path) -> None:
+    """Progress goes through a Python callable (or tqdm), not prints from worker threads; an
+    exception from the callable stops the creation and leaves nothing behind."""
+    seen: list[tuple[int, int]] = []
+    er.HostTable.create(
+        tmp_path / "t.safetensors", 100_000, 8, progress=lambda d, n: seen.append((d, n))
+    )
+    assert (100_000, 100_000) in seen
+    assert all(n == 100_000 and 0 < d <= n for d, n in seen)
+    assert len(seen) <= 101
+
+    def stop(done: int, rows: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        er.HostTable.create(tmp_path / "u.safetensors", 100_000, 8, progress=stop)
+    assert sorted(os.listdir(tmp_path)) == ["t.safetensors"]
+    with pytest.raises(TypeError, match="progress must be a bool or a callable"):
+        er.HostTable.create(tmp_path / "v.safetensors", 10, 8, progress="yes")  # type: ignore[arg-type]
+    out = run_isolated(
+        """
+import sys, engram_rs as er, tempfile, os
+d = tempfile.mkdtemp()
+er.HostTable.create(os.path.join(d, "t.safetensors"), 50_000, 8, progress=True)
+"""
+    )
+    assert out.returncode == 0, out
+    assert "50000" in out.stderr, out

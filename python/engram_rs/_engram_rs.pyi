@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from os import PathLike
 from typing import Any, final
 
@@ -94,7 +95,7 @@ class TableCore:
         std: float,
         seed: int,
         name: str,
-        progress: bool = False,
+        progress: Callable[[int, int], object] | None = None,
     ) -> TableCore: ...
     @staticmethod
     def from_buffers(

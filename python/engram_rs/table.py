@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -116,6 +117,28 @@ def _indices(idx: npt.ArrayLike) -> np.ndarray:
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
+def _progress_bar(rows: int) -> Callable[[int, int], object]:
+    """tqdm's bar when tqdm is installed (it shows in Jupyter), else a line on stderr."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+
+        def line(done: int, total: int) -> None:
+            end = "\n" if done == total else ""
+            print(f"\rengram_rs: initialised {done}/{total} rows", end=end, file=sys.stderr)
+
+        return line
+    bar = tqdm(total=rows, unit="rows", desc="engram_rs: initialising")
+
+    def update(done: int, total: int) -> None:
+        if done > bar.n:  # workers may report out of order
+            bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
+
+
 class Prefetch:
     """A gather started in the background; ``wait()`` returns its result."""
 
@@ -151,13 +174,16 @@ class HostTable:
         std: float = 0.02,
         seed: int = 0,
         name: str = "weight",
-        progress: bool | None = None,
+        progress: bool | Callable[[int, int], object] | None = None,
     ) -> HostTable:
         """Writes a new safetensors table atomically (tmp + rename), initialised in parallel.
 
-        FP8 tables get per-block UE8M0 scales in a tensor ``{name}_scale``. ``progress`` (default:
-        tables over 1 GiB on a terminal) prints rows done to stderr. ``path`` may be str, bytes
-        or os.PathLike; its directory must exist.
+        FP8 tables get per-block UE8M0 scales in a tensor ``{name}_scale``. ``progress``: a
+        callable ``progress(rows_done, rows)`` (called at each percent, from worker threads; an
+        exception it raises stops the creation), ``True`` for a progress bar (tqdm when
+        installed, else a line on stderr), ``False`` for none; the default shows the bar for
+        tables over 1 GiB when stderr is a terminal. ``path`` may be str, bytes or
+        os.PathLike; its directory must exist.
 
         The file's blocks are reserved before it is written, so a full disk raises ``OSError``
         (naming the file and size) instead of crashing. The temporary file,
@@ -175,6 +201,14 @@ class HostTable:
             raise ValueError(f"std must be >= 0, got {std}")
         if progress is None:
             progress = rows * dim * 2 > 1 << 30 and sys.stderr.isatty()
+        if progress is True:
+            progress = _progress_bar(rows)
+        elif progress is False:
+            progress = None
+        elif not callable(progress):
+            raise TypeError(
+                f"progress must be a bool or a callable(rows_done, rows), got {progress!r}"
+            )
         p = _path(path)
         parent = os.path.dirname(os.path.abspath(p))
         if not os.path.isdir(parent):
@@ -182,9 +216,7 @@ class HostTable:
                 f"cannot create {os.fsdecode(p)!r}: the directory {os.fsdecode(parent)!r} does "
                 "not exist: create it first (os.makedirs)"
             )
-        core = _engram_rs.TableCore.create(
-            p, rows, dim, dt, init, float(std), seed, name, bool(progress)
-        )
+        core = _engram_rs.TableCore.create(p, rows, dim, dt, init, float(std), seed, name, progress)
         return cls(core)
 
     @classmethod

@@ -496,7 +496,8 @@ impl HostTable {
     /// `<path>.tmp-<pid>-<n>-<hex>` in the same directory (blocks reserved first, so a full
     /// disk is an error, not a SIGBUS), synced, and renamed over `path`; the temporary file is
     /// removed on every error, and is left behind only if the process is killed meanwhile.
-    /// `progress` is called with the rows initialised so far.
+    /// `progress` is called now and then, from the worker threads, with the rows initialised so
+    /// far; an error from it stops the creation (nothing is left behind) and is returned.
     pub fn create(
         path: &Path,
         rows: usize,
@@ -504,7 +505,7 @@ impl HostTable {
         dtype: DType,
         init: Init,
         name: &str,
-        progress: Option<&(dyn Fn(usize) + Sync)>,
+        progress: Option<&(dyn Fn(usize) -> Result<()> + Sync)>,
     ) -> Result<Self> {
         let (vbytes, sbytes) = table_bytes(dtype, rows, dim)?;
         let scale_name = format!("{name}_scale");
@@ -566,7 +567,11 @@ impl HostTable {
             let scales_at = base + offsets.get(1).copied().unwrap_or(0);
             const ROWS: usize = 4096;
             let done = AtomicU64::new(0);
+            let stopped: std::sync::Mutex<Option<EngramError>> = std::sync::Mutex::new(None);
             (0..rows.div_ceil(ROWS)).into_par_iter().for_each(|block| {
+                if stopped.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                    return;
+                }
                 let mut vals = vec![0f32; dim];
                 let (a, b) = (block * ROWS, ((block + 1) * ROWS).min(rows));
                 for r in a..b {
@@ -590,10 +595,16 @@ impl HostTable {
                     }
                 }
                 let total = done.fetch_add((b - a) as u64, Ordering::Relaxed) as usize + b - a;
-                if let Some(p) = progress {
-                    p(total);
+                if let Some(Err(e)) = progress.map(|p| p(total)) {
+                    stopped
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(e);
                 }
             });
+            if let Some(e) = stopped.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                return Err(e);
+            }
             map.flush().map_err(|e| EngramError::io(&tmp.path, e))?;
         }
         file.sync_all().map_err(|e| EngramError::io(&tmp.path, e))?;

@@ -159,7 +159,7 @@ impl TableCore {
     }
 
     #[staticmethod]
-    #[pyo3(signature = (path, rows, dim, dtype, init, std, seed, name, progress=false))]
+    #[pyo3(signature = (path, rows, dim, dtype, init, std, seed, name, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
@@ -171,7 +171,7 @@ impl TableCore {
         std: f32,
         seed: u64,
         name: &str,
-        progress: bool,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let path = fs_path(path)?;
         let dt = self::dtype(dtype)?;
@@ -184,18 +184,31 @@ impl TableCore {
                 )))
             }
         };
-        let report = move |done: usize| {
-            if progress {
-                eprint!("\rengram_rs: initialising {done}/{rows} rows");
-                if done == rows {
-                    eprintln!();
-                }
+        // `progress(done, rows)` is called from the worker threads (attaching to Python) at each
+        // percent and at the end; an exception it raises stops the creation and is re-raised.
+        let reported = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        let raised: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
+        let report = |done: usize| -> Result<(), EngramError> {
+            let Some(callback) = progress.as_ref() else {
+                return Ok(());
+            };
+            let percent = done * 100 / rows.max(1);
+            let last = reported.swap(percent, std::sync::atomic::Ordering::Relaxed);
+            if last == percent && done != rows {
+                return Ok(());
             }
+            Python::attach(|py| callback.call1(py, (done, rows)).map(drop)).map_err(|e| {
+                raised.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                EngramError::Invalid("stopped by the progress callback".into())
+            })
         };
         let table = crate::detached(py, || {
             HostTable::create(&path, rows, dim, dt, init, name, Some(&report))
-        })
-        .map_err(|e| to_pyerr(e, &[]))?;
+        });
+        if let Some(e) = raised.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        let table = table.map_err(|e| to_pyerr(e, &[]))?;
         Ok(Self::wrap(table, Vec::new()))
     }
 
