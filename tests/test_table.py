@@ -170,12 +170,20 @@ def test_open_real_safetensors_checkpoint(tmp_path) -> None:
         },
         p8,
     )
+    odd = tmp_path / "fp8-odd-names.safetensors"
+    save_torch(
+        {
+            "w": torch.from_numpy(fp8).view(torch.float8_e4m3fn),
+            "w_s": torch.from_numpy(sc).view(torch.float8_e8m0fnu),
+        },
+        odd,
+    )
     with pytest.raises(
         ValueError,
-        match=r"pass scales=<name of its UE8M0 \[20, 2\] tensor> "
-        r"\(candidates: \[\"w_scale_inv\"\]\)",
+        match=r"pass scales=<name of its UE8M0 \[20, 2\] tensor> \(candidates: \[\"w_s\"\]\)",
     ):
-        er.HostTable.open(p8, name="w")
+        er.HostTable.open(odd, name="w")
+    assert er.HostTable.open(p8, name="w").dtype == "float8_e4m3"  # w_scale_inv found by name
     t8 = er.HostTable.open(p8, name="w", scales="w_scale_inv")
     expected = torch_rows(
         torch.from_numpy(fp8).view(torch.float8_e4m3fn), torch.from_numpy(sc), np.arange(20)
@@ -413,3 +421,30 @@ def test_table_dropped_while_prefetching_keeps_its_memory() -> None:
     gc.collect()
     for p in pending:
         np.testing.assert_array_equal(p.wait()[:5], expected)
+
+
+def test_fp8_scales_are_found_by_name(tmp_path) -> None:
+    """A table from create(dtype="float8_e4m3") reopens without scales=; so does a DeepSeek-style
+    shard whose scales are `{name}_scale_inv`; two candidates need scales= to choose."""
+    path = tmp_path / "t.safetensors"
+    er.HostTable.create(path, 10, 64, dtype="float8_e4m3", seed=1).close()
+    with er.HostTable.open(path) as t:
+        assert t.dtype == "float8_e4m3"
+        first = t.gather(np.arange(10))
+    from safetensors.torch import save_file
+
+    codes = torch.randint(0, 0x70, (10, 64), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    scales = torch.full((10, 2), 127, dtype=torch.uint8)
+    shard = tmp_path / "model-00001.safetensors"
+    save_file({"layer.weight": codes, "layer.weight_scale_inv": scales}, str(shard))
+    with er.HostTable.open(shard) as t:
+        np.testing.assert_array_equal(t.gather(np.arange(10)), codes.float().numpy())
+    both = tmp_path / "both.safetensors"
+    save_file({"w": codes, "w_scale": scales, "w_scale_inv": scales.clone()}, str(both))
+    with pytest.raises(
+        ValueError, match="no single tensor w_scale or w_scale_inv holds its scales"
+    ):
+        er.HostTable.open(both)
+    with er.HostTable.open(both, scales="w_scale_inv") as t:
+        assert t.rows == 10
+    assert first.shape == (10, 64)

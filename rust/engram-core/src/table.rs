@@ -313,6 +313,17 @@ impl HostTable {
         })?;
         let (rows, dim) = (values.shape[0], values.shape[1]);
         let (vbytes, sbytes) = table_bytes(dtype, rows, dim)?;
+        // An FP8 table's scales are found by name when not given: `{name}_scale` (what `create`
+        // writes) or `{name}_scale_inv` (DeepSeek's checkpoints), if exactly one exists.
+        let found: Vec<String> = ["_scale", "_scale_inv"]
+            .iter()
+            .map(|suffix| format!("{}{suffix}", values.name))
+            .filter(|n| tensors.iter().any(|t| &t.name == n))
+            .collect();
+        let scales = match (dtype, scales, found.as_slice()) {
+            (DType::F8E4M3, None, [one]) => Some(one.as_str()),
+            _ => scales,
+        };
         let scale_info = match (dtype, scales) {
             (DType::F8E4M3, None) => {
                 let hint: Vec<&str> = tensors
@@ -320,10 +331,11 @@ impl HostTable {
                     .filter(|t| t.shape == [rows, dim / FP8_BLOCK])
                     .map(|t| t.name.as_str())
                     .collect();
+                let n = &values.name;
                 return Err(EngramError::Invalid(format!(
-                    "tensor {:?} is FP8: pass scales=<name of its UE8M0 [{rows}, {}] tensor> \
+                    "tensor {n:?} is FP8 and no single tensor {n}_scale or {n}_scale_inv holds \
+                     its scales: pass scales=<name of its UE8M0 [{rows}, {}] tensor> \
                      (candidates: {hint:?})",
-                    values.name,
                     dim / FP8_BLOCK
                 )));
             }

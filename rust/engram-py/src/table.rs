@@ -198,7 +198,10 @@ impl TableCore {
                 return Ok(());
             }
             Python::attach(|py| callback.call1(py, (done, rows)).map(drop)).map_err(|e| {
-                raised.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                raised
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
                 EngramError::Invalid("stopped by the progress callback".into())
             })
         };
