@@ -448,3 +448,51 @@ def test_fp8_scales_are_found_by_name(tmp_path) -> None:
     with er.HostTable.open(both, scales="w_scale_inv") as t:
         assert t.rows == 10
     assert first.shape == (10, 64)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_write_rows_rounds_float64_and_lists_once(dtype: str) -> None:
+    """float64 values (and lists) are rounded to the table's dtype once, exactly as torch's
+    .to(dtype): values picked at and next to the midpoints between representable numbers,
+    where rounding through float32 first would go the wrong way."""
+    rng = np.random.default_rng(0)
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    grid = torch.from_numpy(rng.standard_normal(4096).astype(np.float32)).to(tdt)
+    up = torch.nextafter(grid.double(), torch.tensor(np.inf, dtype=torch.float64)).to(tdt)
+    mids = (grid.double() + torch.nextafter(grid, up).double()) / 2  # ties
+    eps = np.abs(mids.numpy()) * 2.0**-40
+    values = np.concatenate(
+        [mids.numpy(), mids.numpy() + eps, mids.numpy() - eps, rng.standard_normal(4096) * 1e5]
+    ).reshape(-1, 64)
+    table = er.HostTable.from_numpy(
+        np.zeros((values.shape[0], 64), np.uint16 if dtype == "bfloat16" else dtype),
+        dtype=dtype,
+    )
+    table.write_rows(np.arange(values.shape[0]), values)
+    got = table.gather(np.arange(values.shape[0]), out_dtype="float32")
+    want = torch.from_numpy(values).to(tdt).float().numpy()
+    np.testing.assert_array_equal(np.asarray(got), want)
+    table.write_rows([0], values[:1].tolist())
+    np.testing.assert_array_equal(np.asarray(table.gather([0], out_dtype="float32")), want[:1])
+
+
+def test_one_dtype_spelling_rule(tmp_path) -> None:
+    for spelling in ("bf16", "BFloat16", torch.bfloat16):
+        t = er.HostTable.create(tmp_path / "t.safetensors", 4, 32, dtype=spelling)
+        assert t.dtype == "bfloat16"
+        t.close()
+    for spelling in ("fp8", "float8_e4m3fn", torch.float8_e4m3fn):
+        with er.HostTable.create(tmp_path / "t.safetensors", 4, 32, dtype=spelling) as t:
+            assert t.dtype == "float8_e4m3"
+    for spelling in ("f32", np.float32, np.dtype("float32"), torch.float32):
+        with er.HostTable.create(tmp_path / "t.safetensors", 4, 32, dtype=spelling) as t:
+            assert t.gather([1], out_dtype="f16").dtype == np.float16
+    with pytest.raises(ValueError, match=r"bfloat16 bits in uint16: pass dtype=\"bfloat16\""):
+        er.HostTable.create(tmp_path / "t.safetensors", 4, 32, dtype=np.uint16)
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        er.HostTable.create(tmp_path / "t.safetensors", 4, 32, dtype="int8")
+
+
+def test_the_constructor_points_to_open() -> None:
+    with pytest.raises(TypeError, match=r"HostTable\('x.safetensors'\) is not how tables are made"):
+        er.HostTable("x.safetensors")

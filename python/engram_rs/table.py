@@ -37,17 +37,51 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
 
 
+#: Every spelling of a table or output dtype, lower-cased, to its one name.
+_SPELLINGS = {
+    **dict.fromkeys(("float32", "f32", "fp32", "float"), "float32"),
+    **dict.fromkeys(("float16", "f16", "fp16", "half"), "float16"),
+    **dict.fromkeys(("bfloat16", "bf16"), "bfloat16"),
+    **dict.fromkeys(("float8_e4m3", "float8_e4m3fn", "fp8", "e4m3", "f8_e4m3"), "float8_e4m3"),
+}
+
+
 def _dtype_name(dtype: Any, what: str, allowed: tuple[str, ...]) -> str:
-    """Normalizes "bfloat16", np.float32, torch.float16, ... to one of ``allowed``."""
+    """One rule for every dtype argument: a name ("bfloat16", "bf16", "fp8", "f32", ...), a
+    numpy dtype (np.float32, np.dtype("float16")) or a torch dtype (torch.bfloat16,
+    torch.float8_e4m3fn) -> one of ``allowed``."""
     if isinstance(dtype, str):
-        name = {"float8_e4m3fn": "float8_e4m3"}.get(dtype, dtype)
+        key = dtype.lower()
+    elif type(dtype).__module__ == "torch":
+        key = str(dtype).removeprefix("torch.")
     else:
-        text = str(dtype)
-        name = text.removeprefix("torch.").removeprefix("<class 'numpy.").rstrip("'>")
-        name = {"float8_e4m3fn": "float8_e4m3"}.get(name, name)
+        try:
+            key = np.dtype(dtype).name
+        except TypeError:
+            key = repr(dtype)
+    name = _SPELLINGS.get(key)
     if name not in allowed:
-        raise ValueError(f"unsupported {what} {dtype!r}: use one of {', '.join(allowed)}")
-    return name
+        hint = ' (bfloat16 bits in uint16: pass dtype="bfloat16")' if key == "uint16" else ""
+        raise ValueError(
+            f"unsupported {what} {dtype!r}{hint}: use one of {', '.join(allowed)} "
+            "(or bf16, f16, f32, fp8, a numpy or torch dtype)"
+        )
+    return str(name)
+
+
+def _round_to_f32_odd(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+    """float64 -> float32 rounded to odd: truncated, with the last bit set when inexact. A
+    second rounding to bfloat16, float16 or E4M3 (far fewer bits) then rounds exactly as one
+    direct rounding of the float64 would (as torch's ``.to(dtype)`` does)."""
+    f = values.astype(np.float32)
+    wide = f.astype(np.float64)
+    # Where rounding went away from zero, step back toward zero (truncation).
+    away = np.isfinite(values) & (np.abs(wide) > np.abs(values))
+    f = np.where(away, np.nextafter(f, np.float32(0)), f)
+    inexact = np.isfinite(values) & (f.astype(np.float64) != values)
+    bits = f.view(np.uint32) | inexact.astype(np.uint32)
+    out: npt.NDArray[np.float32] = bits.view(np.float32)
+    return out
 
 
 #: What ``HostTable.create``/``open`` take as a path, as ``os.fspath`` does.
@@ -159,6 +193,12 @@ class HostTable:
     """Rows of an embedding table in host memory or on disk, gathered by index."""
 
     def __init__(self, core: Any) -> None:
+        if not isinstance(core, _engram_rs.TableCore):
+            raise TypeError(
+                f"HostTable({core!r}) is not how tables are made: use HostTable.open(path) for a "
+                "safetensors file, HostTable.create(path, rows, dim) for a new one, or "
+                "HostTable.from_numpy / from_torch to wrap an array"
+            )
         self._core = core
 
     # -- constructors ----------------------------------------------------------------------
@@ -427,42 +467,34 @@ class HostTable:
     def write_rows(self, idx: npt.ArrayLike, values: Any, scales: Any = None) -> None:
         """Overwrites rows ``idx`` with ``values`` [len(idx), dim] of the table's dtype.
 
-        float32 values are accepted for float16/bfloat16 tables (rounded to nearest even). FP8
-        tables take float32 values (quantized), or uint8 codes with ``scales`` [len(idx),
-        dim // 32] of UE8M0 bytes (numpy/torch uint8 or torch.float8_e8m0fnu). Values that are
+        Values may be any float array (float64, float32, float16, torch bfloat16) or nested lists:
+        they are rounded to the table's dtype once, to nearest even, as torch's ``.to(dtype)``
+        does. A bfloat16 table also takes its raw uint16 bits. FP8 tables quantize float values
+        with UE8M0 block scales, or take uint8 codes with ``scales`` [len(idx), dim // 32] of
+        UE8M0 bytes (numpy/torch uint8 or torch.float8_e8m0fnu). Values that are
         a view of the table's own memory are read before anything is written (as numpy does).
         """
         ids = _indices(idx).astype(np.int64).reshape(-1)
-        vals = values
-        if _is_torch(vals):
-            torch = _torch()
-            vals = vals.detach().cpu()
-            if vals.dtype == torch.bfloat16:
-                vals = vals.view(torch.uint16)
-            elif vals.dtype == torch.float8_e4m3fn:
-                vals = vals.view(torch.uint8)
-            vals = vals.numpy()
-        vals = np.asarray(vals)
-        want = _NUMPY_OF
+        vals = self._values(values, scales)
         if self.dtype == "float8_e4m3":
             if vals.dtype == np.float32 and scales is None and vals.ndim == 2:
                 codes, fp8_scales = _engram_rs.quantize_fp8(np.ascontiguousarray(vals))
                 vals, scales = codes.reshape(vals.shape), fp8_scales.reshape(len(vals), -1)
             elif vals.dtype != np.uint8 or scales is None:
                 raise ValueError(
-                    "an FP8 table takes float32 values (quantized with UE8M0 block scales) or "
+                    "an FP8 table takes float values (quantized with UE8M0 block scales) or "
                     "uint8 E4M3 codes with uint8 scales [n, dim // 32]"
                 )
         elif vals.dtype == np.float32 and self.dtype != "float32":
             vals = (
                 _engram_rs.cast_f32(np.ascontiguousarray(vals), self.dtype)
-                .view(want[self.dtype])
+                .view(_NUMPY_OF[self.dtype])
                 .reshape(vals.shape)
             )
-        elif vals.dtype != want[self.dtype]:
+        elif vals.dtype != _NUMPY_OF[self.dtype]:
             raise ValueError(
-                f"values for a {self.dtype} table must be {np.dtype(want[self.dtype])}"
-                f" (or float32), got {vals.dtype}"
+                f"values for a {self.dtype} table must be floats (float64, float32, float16, "
+                f"bfloat16: rounded to {self.dtype}) or lists of numbers, got {vals.dtype}"
             )
         if vals.shape != (ids.size, self.dim):
             raise ValueError(f"values have shape {vals.shape}, expected {(ids.size, self.dim)}")
@@ -474,6 +506,30 @@ class HostTable:
                 )
             sc = _scale_bytes(scales, ids.size, self.dim)
         self._core.write_rows(ids, np.ascontiguousarray(vals), sc)
+
+    def _values(self, values: Any, scales: Any) -> np.ndarray:
+        """``write_rows`` values as float32 (exactly, or rounded to odd from float64 so that the
+        table's rounding is exact), or as the raw bits a table takes as they are: uint16 for a
+        bfloat16 table, uint8 E4M3 codes (with scales) for an FP8 one."""
+        if _is_torch(values):
+            torch = _torch()
+            values = values.detach().cpu()
+            if values.dtype == torch.bfloat16:
+                values = values.float()  # exact
+            elif values.dtype == torch.float8_e4m3fn:
+                values = values.view(torch.uint8)
+            values = values.numpy()
+        elif isinstance(values, (list, tuple)):
+            values = np.asarray(values, dtype=np.float64)
+        arr = np.asarray(values)
+        raw = (self.dtype == "bfloat16" and arr.dtype == np.uint16) or (
+            self.dtype == "float8_e4m3" and arr.dtype == np.uint8 and scales is not None
+        )
+        if raw or arr.dtype.kind != "f":
+            return arr
+        if arr.dtype == np.float64 and self.dtype != "float32":
+            return _round_to_f32_odd(arr)
+        return arr.astype(np.float32)
 
     def flush(self) -> None:
         """Makes written rows durable (msync, or a write-back of a resident copy).
