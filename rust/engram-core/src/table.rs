@@ -222,7 +222,8 @@ impl HostTable {
     /// `r < self.rows`.
     #[inline(always)]
     pub unsafe fn row_ptr(&self, r: usize) -> *const u8 {
-        self.values.add(r * self.row_bytes())
+        // SAFETY: `r < rows` (the caller's contract), so the offset stays inside the values.
+        unsafe { self.values.add(r * self.row_bytes()) }
     }
 
     /// Row `r`'s scale bytes (FP8 tables).
@@ -231,7 +232,8 @@ impl HostTable {
     /// `r < self.rows` and the table is FP8.
     #[inline(always)]
     pub unsafe fn scale_ptr(&self, r: usize) -> *const u8 {
-        self.scales.add(r * self.scale_bytes())
+        // SAFETY: `r < rows` of an FP8 table (the caller's contract): inside the scales.
+        unsafe { self.scales.add(r * self.scale_bytes()) }
     }
 
     /// Whether `len` bytes at `ptr` share any byte with this table's values or scales.
@@ -485,8 +487,8 @@ impl HostTable {
                 .map_err(|e| EngramError::io(&path, e))?;
         }
         let values = buf.as_ptr();
-        // SAFETY: the scales follow the values inside `buf`.
         let scales = if sbytes > 0 {
+            // SAFETY: the scales follow the values inside `buf`.
             unsafe { buf.as_ptr().add(vbytes) }
         } else {
             std::ptr::null_mut()
