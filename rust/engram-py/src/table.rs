@@ -453,10 +453,10 @@ impl TableCore {
                 None
             }
         };
-        // SAFETY: both arrays are live and C-contiguous with the given byte lengths; when they
-        // overlap the table, the slices point at the copies instead.
+        // When the arrays overlap the table, the slices point at the copies instead.
         let (values, scales) = match &owned {
             Some((v, s)) => (v.as_slice(), s.as_slice()),
+            // SAFETY: both arrays are live and C-contiguous with the given byte lengths.
             None => unsafe {
                 (
                     std::slice::from_raw_parts(vp, vl),
