@@ -20,7 +20,7 @@ const PIECE: usize = 4096;
 /// Indices copied and checked at a time, on the stack.
 const CHUNK: usize = 256;
 /// The largest prefetch distance, in rows.
-const MAX_AHEAD: usize = 32;
+const MAX_AHEAD: usize = 16;
 /// Cache lines a thread keeps in flight through prefetches (about what its fill buffers and the
 /// L2 queue hold); the rows-ahead distance follows from the row size.
 const LINES_IN_FLIGHT: usize = 64;
@@ -36,8 +36,8 @@ fn simd() -> bool {
 /// read it again: the caller's index memory changed during the call.
 fn changed() -> EngramError {
     EngramError::Invalid(
-        "the index array changed during the gather (another thread wrote it): nothing past \
-         the changed index was gathered; do not modify the indices until the call returns"
+        "the index array changed during the gather (another thread wrote it), which stopped \
+         with out partly written: do not modify the indices until the call returns"
             .into(),
     )
 }
@@ -53,7 +53,11 @@ pub fn check_indices<I: IdElem>(idx: &[I], rows: usize) -> Result<()> {
     if top < rows as u64 {
         return Ok(());
     }
-    match idx.iter().enumerate().find(|(_, v)| v.bits() >= rows as u64) {
+    match idx
+        .iter()
+        .enumerate()
+        .find(|(_, v)| v.bits() >= rows as u64)
+    {
         Some((index, v)) => Err(EngramError::IndexOutOfRange {
             value: v.wide(),
             index,
@@ -134,6 +138,12 @@ pub fn gather<I: IdElem>(
     // Same-dtype rows into a large output go out with streaming stores, whatever the output's
     // alignment (numpy arrays are usually 16 bytes off a cache line).
     let stream = fast && table.dtype == out_dtype && out.len() >= STREAM_MIN_BYTES;
+    // FP8 rows convert to whole lines (64 bytes per block of 32 bf16/f16 values): into a large,
+    // aligned output they go out with streaming stores too.
+    let fp8_stream = fast
+        && table.dtype == DType::F8E4M3
+        && out.len() >= STREAM_MIN_BYTES
+        && (out.as_ptr() as usize).is_multiple_of(64);
     let ahead = rows_ahead(table);
     let all_in_range = out
         .par_chunks_mut(PIECE * out_row)
@@ -151,10 +161,16 @@ pub fn gather<I: IdElem>(
                 out_row,
                 out_dtype,
                 fast,
+                nt: fp8_stream,
                 scratch: vec![0f32; table.dim],
             };
-            // SAFETY: `out` holds one output row per index of `idx`.
+            // SAFETY: `out` holds one output row per index of `idx`; `nt` implies AVX-512.
             let ok = unsafe { walk(table, idx, ahead, &mut op) };
+            #[cfg(target_arch = "x86_64")]
+            if fp8_stream {
+                // SAFETY: `fp8_stream` implies AVX-512.
+                unsafe { avx512::sfence() };
+            }
             ok.then_some(()).ok_or(())
         })
         .is_ok();
@@ -172,6 +188,8 @@ struct Convert<'a> {
     out_row: usize,
     out_dtype: DType,
     fast: bool,
+    /// FP8 rows into an aligned output, with streaming stores (AVX-512).
+    nt: bool,
     scratch: Vec<f32>,
 }
 
@@ -179,6 +197,14 @@ impl RowOp for Convert<'_> {
     #[inline(always)]
     unsafe fn row(&mut self, i: usize, r: usize) {
         let dst = std::slice::from_raw_parts_mut(self.out.add(i * self.out_row), self.out_row);
+        #[cfg(target_arch = "x86_64")]
+        if self.nt {
+            let t = self.table;
+            let src = std::slice::from_raw_parts(t.row_ptr(r), t.row_bytes());
+            let scales = std::slice::from_raw_parts(t.scale_ptr(r), t.scale_bytes());
+            avx512::fp8::<true>(src, scales, self.out_dtype, dst);
+            return;
+        }
         copy_row(
             self.table,
             r,
@@ -198,7 +224,12 @@ impl RowOp for Convert<'_> {
 /// # Safety
 /// `op` may be called for every position of `idx` with a row below `table.rows`.
 #[inline(always)]
-unsafe fn walk<I: IdElem, O: RowOp>(table: &HostTable, idx: &[I], ahead: usize, op: &mut O) -> bool {
+unsafe fn walk<I: IdElem, O: RowOp>(
+    table: &HostTable,
+    idx: &[I],
+    ahead: usize,
+    op: &mut O,
+) -> bool {
     let ahead = ahead.min(MAX_AHEAD);
     let rows = table.rows as u64;
     let n = idx.len();
@@ -257,7 +288,8 @@ pub fn read_rows<I: IdElem>(table: &HostTable, idx: &[I]) -> Result<u64> {
             }
         }
     }
-    idx.par_chunks(PIECE)
+    // Folds of 512-row pieces, xor-ed: the result tests pin down.
+    idx.par_chunks(512)
         .map(|idx| {
             let mut op = Read { table, acc: 0 };
             // SAFETY: `Read` only reads rows below `table.rows`.
@@ -273,8 +305,8 @@ pub fn read_rows<I: IdElem>(table: &HostTable, idx: &[I]) -> Result<u64> {
 /// The ceiling of a gather on this machine: a plain loop that copies the same rows (values,
 /// then scale bytes) into `out` (`idx.len() * (row_bytes + scale_bytes)` bytes), one contiguous
 /// share of the rows per thread, each row prefetched as far ahead as [`gather`] does, with
-/// `copy_from_slice`. No conversion, no separate index pass (each index is bounds-checked by
-/// the slicing).
+/// `copy_from_slice`. No conversion, no separate index pass (each index is checked where it is
+/// used, and the slicing is bounds-checked).
 pub fn copy_rows_ceiling<I: IdElem>(table: &HostTable, idx: &[I], out: &mut [u8]) -> Result<()> {
     let (row, sc) = (table.row_bytes(), table.scale_bytes());
     let unit = row + sc;
@@ -300,27 +332,27 @@ pub fn copy_rows_ceiling<I: IdElem>(table: &HostTable, idx: &[I], out: &mut [u8]
     };
     let ahead = rows_ahead(table);
     let share = idx.len().div_ceil(rayon::current_num_threads());
+    let one = |part: usize, out: &mut [u8], idx: &[I]| -> std::result::Result<(), usize> {
+        for (i, (dst, &r)) in out.chunks_exact_mut(unit).zip(idx).enumerate() {
+            if let Some(&next) = idx.get(i + ahead) {
+                prefetch_row(table, next.bits() as usize);
+            }
+            if r.bits() >= table.rows as u64 {
+                return Err(part * share + i);
+            }
+            let r = r.bits() as usize;
+            dst[..row].copy_from_slice(&values[r * row..][..row]);
+            if sc > 0 {
+                dst[row..].copy_from_slice(&scales[r * sc..][..sc]);
+            }
+        }
+        Ok(())
+    };
     let bad = out
         .par_chunks_mut(share * unit)
         .zip(idx.par_chunks(share))
         .enumerate()
-        .try_for_each(|(part, (out, idx))| -> std::result::Result<(), usize> {
-            for (i, (dst, &r)) in out.chunks_exact_mut(unit).zip(idx).enumerate() {
-                if let Some(&next) = idx.get(i + ahead) {
-                    prefetch_row(table, next.bits() as usize);
-                }
-                let r = r.bits() as usize;
-                let src = r
-                    .checked_mul(row)
-                    .and_then(|at| values.get(at..at + row))
-                    .ok_or(part * share + i)?;
-                dst[..row].copy_from_slice(src);
-                if sc > 0 {
-                    dst[row..].copy_from_slice(&scales[r * sc..][..sc]);
-                }
-            }
-            Ok(())
-        });
+        .try_for_each(|(part, (out, idx))| one(part, out, idx));
     match bad {
         Ok(()) => Ok(()),
         Err(index) => Err(EngramError::IndexOutOfRange {
@@ -334,7 +366,7 @@ pub fn copy_rows_ceiling<I: IdElem>(table: &HostTable, idx: &[I], out: &mut [u8]
 /// Rows to prefetch ahead so that about [`LINES_IN_FLIGHT`] cache lines are in flight.
 fn rows_ahead(table: &HostTable) -> usize {
     let lines = table.row_bytes().div_ceil(64) + usize::from(table.scale_bytes() > 0);
-    (LINES_IN_FLIGHT / lines).clamp(2, 16)
+    (LINES_IN_FLIGHT / lines).clamp(2, MAX_AHEAD)
 }
 
 /// Prefetches row `r` (and its scales). The addresses are computed with wrapping arithmetic, so
@@ -419,7 +451,7 @@ mod avx512 {
             (a, b) if a == b => copy(src, dst),
             (DType::BF16, DType::F32) => widen::<false>(src, dst),
             (DType::F16, DType::F32) => widen::<true>(src, dst),
-            (DType::F8E4M3, _) => fp8(src, scales, out, dst),
+            (DType::F8E4M3, _) => fp8::<false>(src, scales, out, dst),
             _ => return false,
         }
         true
@@ -499,10 +531,7 @@ mod avx512 {
             }
             // `d + k` is line-aligned from here on (or the row is done).
             while k + 64 <= row {
-                _mm512_stream_si512(
-                    d.add(k) as *mut _,
-                    _mm512_loadu_si512(s.add(k) as *const _),
-                );
+                _mm512_stream_si512(d.add(k) as *mut _, _mm512_loadu_si512(s.add(k) as *const _));
                 k += 64;
             }
             if k < row {
@@ -609,9 +638,9 @@ mod avx512 {
     /// the result is the table entry with `k = s - 127` added to its exponent field (zero codes
     /// excepted). Valid while every exponent stays normal: 118 + k >= 1 and 135 + k <= 254.
     #[inline(always)]
-    unsafe fn fp8_block_bf16(src: *const u8, s: u8, lut: &[__m512i; 4], dst: *mut u8) -> bool {
+    unsafe fn fp8_block_bf16(src: *const u8, s: u8, lut: &[__m512i; 4]) -> Option<__m512i> {
         if !(10..=246).contains(&s) {
-            return false;
+            return None;
         }
         let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(src as *const _));
         let mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7F));
@@ -624,35 +653,67 @@ mod avx512 {
         let nan = _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7F));
         let v = _mm512_mask_mov_epi16(v, nan, _mm512_set1_epi16(0x7FC0));
         let sign = _mm512_slli_epi16::<8>(_mm512_and_si512(w, _mm512_set1_epi16(0x80)));
-        _mm512_storeu_si512(dst as *mut _, _mm512_or_si512(v, sign));
-        true
+        Some(_mm512_or_si512(v, sign))
     }
 
+    /// Stores one line's worth of bytes at `p`: streaming (`p` 64-byte aligned) or ordinary.
+    #[inline(always)]
+    unsafe fn put<const NT: bool>(p: *mut u8, v: __m512i) {
+        if NT {
+            _mm512_stream_si512(p as *mut _, v);
+        } else {
+            _mm512_storeu_si512(p as *mut _, v);
+        }
+    }
+
+    /// Two 32-byte halves as one 64-byte vector.
+    #[inline(always)]
+    unsafe fn halves(a: __m256i, b: __m256i) -> __m512i {
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
+    }
+
+    /// Fences the streaming stores of one piece before it is reported done.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sfence() {
+        _mm_sfence();
+    }
+
+    /// One FP8 row to `out`; with `NT`, `dst` is 64-byte aligned and every 64 bytes go out with
+    /// a streaming store (an FP8 block is 64 bytes of bfloat16 or float16, 128 of float32).
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn fp8(src: &[u8], scales: &[u8], out: DType, dst: &mut [u8]) {
+    pub(super) unsafe fn fp8<const NT: bool>(
+        src: &[u8],
+        scales: &[u8],
+        out: DType,
+        dst: &mut [u8],
+    ) {
         let lut: [__m512i; 4] = std::array::from_fn(|i| {
             _mm512_loadu_si512(BF16_OF_E4M3.as_ptr().add(32 * i) as *const _)
         });
         for (block, &s) in scales.iter().enumerate() {
             let i = block * FP8_BLOCK;
-            if out == DType::BF16
-                && fp8_block_bf16(src.as_ptr().add(i), s, &lut, dst.as_mut_ptr().add(i * 2))
-            {
-                continue;
+            let d = dst.as_mut_ptr().add(i * out.size());
+            if out == DType::BF16 {
+                if let Some(v) = fp8_block_bf16(src.as_ptr().add(i), s, &lut) {
+                    put::<NT>(d, v);
+                    continue;
+                }
             }
             let scale = _mm512_set1_ps(crate::dtype::ue8m0_to_f32(s));
-            for half in 0..FP8_BLOCK / 16 {
-                let i = i + half * 16;
-                let v = dequant16(_mm_loadu_si128(src.as_ptr().add(i) as *const _), scale);
-                match out {
-                    DType::F32 => _mm512_storeu_ps(dst.as_mut_ptr().add(i * 4) as *mut f32, v),
-                    DType::BF16 => {
-                        _mm256_storeu_si256(dst.as_mut_ptr().add(i * 2) as *mut _, to_bf16(v))
-                    }
-                    _ => _mm256_storeu_si256(
-                        dst.as_mut_ptr().add(i * 2) as *mut _,
-                        _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v),
-                    ),
+            let lo = dequant16(_mm_loadu_si128(src.as_ptr().add(i) as *const _), scale);
+            let hi = dequant16(_mm_loadu_si128(src.as_ptr().add(i + 16) as *const _), scale);
+            match out {
+                DType::F32 => {
+                    put::<NT>(d, _mm512_castps_si512(lo));
+                    put::<NT>(d.add(64), _mm512_castps_si512(hi));
+                }
+                DType::BF16 => put::<NT>(d, halves(to_bf16(lo), to_bf16(hi))),
+                _ => {
+                    const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                    put::<NT>(
+                        d,
+                        halves(_mm512_cvtps_ph::<R>(lo), _mm512_cvtps_ph::<R>(hi)),
+                    )
                 }
             }
         }
@@ -873,9 +934,17 @@ mod tests {
         assert!(check_separate(&table, before, 4, std::ptr::null(), 0).is_ok());
         assert!(msg(check_separate(&table, s, 4, std::ptr::null(), 0))
             .contains("out overlaps the table's scales: pass a separate output array"));
-        assert!(msg(check_separate(&table, other.as_ptr(), 16, other.as_ptr().wrapping_add(15), 8))
-            .contains("out overlaps the index array"));
-        assert!(check_separate(&table, other.as_ptr(), 8, other.as_ptr().wrapping_add(8), 8).is_ok());
+        assert!(msg(check_separate(
+            &table,
+            other.as_ptr(),
+            16,
+            other.as_ptr().wrapping_add(15),
+            8
+        ))
+        .contains("out overlaps the index array"));
+        assert!(
+            check_separate(&table, other.as_ptr(), 8, other.as_ptr().wrapping_add(8), 8).is_ok()
+        );
         assert!(check_separate(&table, v, 0, v, 8).is_ok());
         // `gather` itself refuses an output inside the table.
         let mut copy = bytes.clone();

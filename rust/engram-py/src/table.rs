@@ -390,11 +390,10 @@ impl TableCore {
             Some(o) => o,
             None => {
                 // SAFETY: the job writes every byte before `wait()` hands the array out.
-                let out = unsafe {
-                    pooled_array::<u8>(py, indices.len(), self.dim()? * od.size())?
-                }
-                .as_untyped()
-                .clone();
+                let out =
+                    unsafe { pooled_array::<u8>(py, indices.len(), self.dim()? * od.size())? }
+                        .as_untyped()
+                        .clone();
                 let (ptr, len, _) = raw_bytes(&out, "out")?;
                 (out, ptr, len)
             }
