@@ -201,10 +201,14 @@ def environment() -> str:
     return f"{cpu}, {os.cpu_count()} cores, hashing path: {path}"
 
 
-def interleaved_best(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def interleaved_best(
+    fns: dict[str, Callable[[], Any]], repeats: int, settle: float = 0.0
+) -> dict[str, float]:
     """Seconds of the fastest run of each function over ``repeats`` rounds that each run every
     function once, in turn (after one untimed warm-up round): all contenders see the same
-    machine state, which on a shared machine moves between seconds."""
+    machine state, which on a shared machine moves between seconds. ``settle`` seconds of
+    sleep follow every call (untimed), so that work a call leaves to the kernel does not land in
+    the next contender's time."""
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, float("inf"))
@@ -213,6 +217,7 @@ def interleaved_best(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[st
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
+            time.sleep(settle)
     return best
 
 
@@ -400,7 +405,9 @@ def bench_gather(
             torch_table = torch_table.view(torch.bfloat16)
         idx = np.random.default_rng(0).integers(0, table.rows, size=batch, dtype=np.int64)
         fns = _gather_contenders(table, torch_table, torch_scales, values, idx, dtype)
-        secs = interleaved_best(fns, repeats)
+        # Freeing a new 256 MB result leaves the kernel (and, on a virtual machine, the host)
+        # work that slowed the next contender by up to 2x here: let it finish between calls.
+        secs = interleaved_best(fns, repeats, settle=0.2)
         where = (
             f"{table.rows} x {table.dim} {table.dtype} ({table.nbytes / 2**30:.1f} GiB), "
             f"{mode}, {huge:.0%} of the values on huge pages"
