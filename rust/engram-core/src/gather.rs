@@ -231,6 +231,7 @@ unsafe fn walk<I: IdElem, O: RowOp>(
     op: &mut O,
 ) -> bool {
     let ahead = ahead.min(MAX_AHEAD);
+    let prefetch = Prefetcher::new(table);
     let rows = table.rows as u64;
     let n = idx.len();
     let mut local = [0u64; CHUNK + MAX_AHEAD];
@@ -252,12 +253,12 @@ unsafe fn walk<I: IdElem, O: RowOp>(
         let local = &local[..look - start];
         if start == 0 {
             for &r in local.iter().take(ahead) {
-                prefetch_row(table, r as usize);
+                prefetch.row(r as usize);
             }
         }
         for j in 0..end - start {
             if let Some(&next) = local.get(j + ahead) {
-                prefetch_row(table, next as usize);
+                prefetch.row(next as usize);
             }
             op.row(start + j, local[j] as usize);
         }
@@ -330,17 +331,21 @@ pub fn copy_rows_ceiling<I: IdElem>(table: &HostTable, idx: &[I], out: &mut [u8]
     } else {
         &[]
     };
-    let ahead = rows_ahead(table);
+    let (ahead, prefetch) = (rows_ahead(table), Prefetcher::new(table));
     let share = idx.len().div_ceil(rayon::current_num_threads());
+    let rows = table.rows as u64;
+    // Indexed like the C loop it stands for: a few instructions a row beyond the copy.
     let one = |part: usize, out: &mut [u8], idx: &[I]| -> std::result::Result<(), usize> {
-        for (i, (dst, &r)) in out.chunks_exact_mut(unit).zip(idx).enumerate() {
-            if let Some(&next) = idx.get(i + ahead) {
-                prefetch_row(table, next.bits() as usize);
+        let n = idx.len();
+        for i in 0..n {
+            if i + ahead < n {
+                prefetch.row(idx[i + ahead].bits() as usize);
             }
-            if r.bits() >= table.rows as u64 {
+            let r = idx[i].bits();
+            if r >= rows {
                 return Err(part * share + i);
             }
-            let r = r.bits() as usize;
+            let (r, dst) = (r as usize, &mut out[i * unit..][..unit]);
             dst[..row].copy_from_slice(&values[r * row..][..row]);
             if sc > 0 {
                 dst[row..].copy_from_slice(&scales[r * sc..][..sc]);
@@ -369,32 +374,52 @@ fn rows_ahead(table: &HostTable) -> usize {
     (LINES_IN_FLIGHT / lines).clamp(2, MAX_AHEAD)
 }
 
-/// Prefetches row `r` (and its scales). The addresses are computed with wrapping arithmetic, so
-/// an index that was never checked cannot make this undefined; a prefetch never faults.
-#[inline(always)]
-fn prefetch_row(table: &HostTable, r: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: `row_ptr(0)`/`scale_ptr(0)` offset by 0; the rest is wrapping arithmetic and
-        // prefetches, which never fault.
-        unsafe {
-            let p = table
-                .row_ptr(0)
-                .wrapping_add(r.wrapping_mul(table.row_bytes()));
-            for off in (0..table.row_bytes()).step_by(64) {
-                _mm_prefetch(p.wrapping_add(off) as *const i8, _MM_HINT_T0);
-            }
-            if table.scale_bytes() > 0 {
-                let s = table
-                    .scale_ptr(0)
-                    .wrapping_add(r.wrapping_mul(table.scale_bytes()));
-                _mm_prefetch(s as *const i8, _MM_HINT_T0);
-            }
+/// Prefetches rows of a table: its addresses and sizes read once, so that a row costs the few
+/// instructions of a C loop (per-row work limits how far a core runs ahead of its misses). The
+/// addresses are computed with wrapping arithmetic, so an index that was never checked cannot
+/// make this undefined; a prefetch never faults.
+#[derive(Clone, Copy)]
+struct Prefetcher {
+    values: usize,
+    row: usize,
+    scales: usize,
+    scale_bytes: usize,
+}
+
+impl Prefetcher {
+    fn new(table: &HostTable) -> Self {
+        // SAFETY: `row_ptr(0)`/`scale_ptr(0)` offset by 0.
+        let (values, scales) = unsafe { (table.row_ptr(0), table.scale_ptr(0)) };
+        Self {
+            values: values as usize,
+            row: table.row_bytes(),
+            scales: scales as usize,
+            scale_bytes: table.scale_bytes(),
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (table, r);
+
+    /// Prefetches row `r` and its scale bytes.
+    #[inline(always)]
+    fn row(&self, r: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let p = (self.values as *const u8).wrapping_add(r.wrapping_mul(self.row));
+            let mut off = 0;
+            while off < self.row {
+                // SAFETY: a prefetch never faults, whatever the address.
+                unsafe { _mm_prefetch(p.wrapping_add(off) as *const i8, _MM_HINT_T0) };
+                off += 64;
+            }
+            if self.scale_bytes > 0 {
+                let s = (self.scales as *const u8).wrapping_add(r.wrapping_mul(self.scale_bytes));
+                // SAFETY: as above.
+                unsafe { _mm_prefetch(s as *const i8, _MM_HINT_T0) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = r;
+    }
 }
 
 /// Copies or converts row `r` into `dst`.
@@ -472,27 +497,54 @@ mod avx512 {
         out: &mut [u8],
         ahead: usize,
     ) -> bool {
-        let mut op = Stream {
-            table,
-            out: out.as_mut_ptr(),
-            row: table.row_bytes(),
-            line: _mm512_setzero_si512(),
-            line_at: out.as_mut_ptr(),
-            have: 0,
+        let (row, off) = (table.row_bytes(), out.as_ptr() as usize % 64);
+        let ok = if row.is_multiple_of(64) && off.is_multiple_of(2) {
+            // Whole-line rows, every one `off` bytes past a line (0 included; a numpy output
+            // is usually 16 bytes off): a short path, a few instructions a row.
+            let mut op = Shifted {
+                values: table.row_ptr(0),
+                out: out.as_mut_ptr(),
+                row,
+                off,
+                window: _mm512_add_epi16(
+                    _mm512_loadu_si512(IOTA16.as_ptr() as *const _),
+                    _mm512_set1_epi16((32 - off / 2) as i16),
+                ),
+                prev_last: _mm512_setzero_si512(),
+                done: 0,
+            };
+            let ok = super::walk(table, idx, ahead, &mut op);
+            if op.done > 0 {
+                // The last row's end: the first `off` bytes of the line after the piece.
+                let v = _mm512_permutex2var_epi16(op.prev_last, op.window, _mm512_setzero_si512());
+                let at = op.out.add(op.done * row).sub(off);
+                _mm512_mask_storeu_epi8(at as *mut _, (1u64 << off) - 1, v);
+            }
+            ok
+        } else {
+            let mut op = Stream {
+                values: table.row_ptr(0),
+                out: out.as_mut_ptr(),
+                row,
+                line: _mm512_setzero_si512(),
+                line_at: out.as_mut_ptr(),
+                have: 0,
+            };
+            let ok = super::walk(table, idx, ahead, &mut op);
+            if op.have != 0 {
+                _mm512_mask_storeu_epi8(op.line_at as *mut _, op.have, op.line);
+            }
+            ok
         };
-        let ok = super::walk(table, idx, ahead, &mut op);
-        if op.have != 0 {
-            _mm512_mask_storeu_epi8(op.line_at as *mut _, op.have, op.line);
-        }
         // Streaming stores are weakly ordered: fence them before rayon reports the piece done.
         _mm_sfence();
         ok
     }
 
-    /// The state of [`stream_piece`]: `line` holds the bytes (mask `have`) of the output line at
+    /// The state of [`stream_piece`] (`values`: the table's row 0): `line` holds the bytes (mask `have`) of the output line at
     /// `line_at` that the rows written so far have filled.
-    struct Stream<'a> {
-        table: &'a HostTable,
+    struct Stream {
+        values: *const u8,
         out: *mut u8,
         row: usize,
         line: __m512i,
@@ -500,10 +552,69 @@ mod avx512 {
         have: u64,
     }
 
-    impl RowOp for Stream<'_> {
+    /// [`stream_piece`] for rows of whole lines into an output `off` (even) bytes past a line: output line 0 of a row is the previous row's last `off` bytes then the row's
+    /// first `64 - off` (one two-register permute, `window`: lane `j` takes lane
+    /// `j + 32 - off / 2` of `prev_last` then the row's first 64 bytes); its other lines are
+    /// single unaligned loads inside the row. The piece's first and last partial lines get
+    /// masked ordinary stores.
+    struct Shifted {
+        values: *const u8,
+        out: *mut u8,
+        row: usize,
+        off: usize,
+        window: __m512i,
+        /// The last 64 bytes of the previous row.
+        prev_last: __m512i,
+        /// Rows written.
+        done: usize,
+    }
+
+    impl RowOp for Shifted {
         #[inline(always)]
         unsafe fn row(&mut self, i: usize, r: usize) {
-            let (s, d, row) = (self.table.row_ptr(r), self.out.add(i * self.row), self.row);
+            let (s, row, off) = (self.values.add(r * self.row), self.row, self.off);
+            // The line holding the row's first byte; for the piece's first row it starts
+            // before `out`, so only masked stores use it.
+            let line0 = self.out.add(i * row).wrapping_sub(off);
+            let first = _mm512_loadu_si512(s as *const _);
+            let v = _mm512_permutex2var_epi16(self.prev_last, self.window, first);
+            if i == 0 {
+                _mm512_mask_storeu_epi8(line0 as *mut _, u64::MAX << off, v);
+            } else {
+                _mm512_stream_si512(line0 as *mut _, v);
+            }
+            let mut k = 64;
+            while k < row {
+                _mm512_stream_si512(
+                    line0.wrapping_add(k) as *mut _,
+                    _mm512_loadu_si512(s.add(k - off) as *const _),
+                );
+                k += 64;
+            }
+            self.prev_last = _mm512_loadu_si512(s.add(row - 64) as *const _);
+            self.done = i + 1;
+        }
+    }
+
+    /// 0, 1, ..., 31 as 16-bit lanes.
+    static IOTA16: [u16; 32] = {
+        let mut v = [0u16; 32];
+        let mut i = 0;
+        while i < 32 {
+            v[i] = i as u16;
+            i += 1;
+        }
+        v
+    };
+
+    impl RowOp for Stream {
+        #[inline(always)]
+        unsafe fn row(&mut self, i: usize, r: usize) {
+            let (s, d, row) = (
+                self.values.add(r * self.row),
+                self.out.add(i * self.row),
+                self.row,
+            );
             let mut k = 0;
             let off = d as usize & 63;
             if off != 0 {
@@ -516,8 +627,22 @@ mod avx512 {
                 }
                 let n = (64 - off).min(row);
                 let mask = ((1u64 << n) - 1) << off;
-                self.line =
-                    _mm512_mask_loadu_epi8(self.line, mask, s.wrapping_sub(off) as *const _);
+                let head = if off.is_multiple_of(2) {
+                    // Load the row's first bytes where they are and move them up by `off` bytes
+                    // (16-bit lanes): no byte outside the row is touched, where a shifted load
+                    // would reach into the line before the row (another row, not prefetched).
+                    let from = _mm512_sub_epi16(
+                        _mm512_loadu_si512(IOTA16.as_ptr() as *const _),
+                        _mm512_set1_epi16((off / 2) as i16),
+                    );
+                    let bytes = _mm512_maskz_loadu_epi8((1u64 << n) - 1, s as *const _);
+                    _mm512_permutexvar_epi16(from, bytes)
+                } else {
+                    // Odd offsets (byte outputs from Rust only): a load shifted back by `off`,
+                    // whose masked-off bytes are not read.
+                    _mm512_maskz_loadu_epi8(mask, s.wrapping_sub(off) as *const _)
+                };
+                self.line = _mm512_mask_mov_epi8(self.line, mask, head);
                 self.have |= mask;
                 k = n;
                 if off + n == 64 {
@@ -912,8 +1037,8 @@ mod tests {
             idx[at] = 3;
         }
         // Far-off rows are only prefetched, with wrapping address arithmetic.
-        prefetch_row(&table, usize::MAX);
-        prefetch_row(&table, 1 << 60);
+        Prefetcher::new(&table).row(usize::MAX);
+        Prefetcher::new(&table).row(1 << 60);
         assert_eq!(changed().to_string(), changed().to_string());
         assert!(changed().to_string().contains("changed during the gather"));
     }
