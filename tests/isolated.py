@@ -61,13 +61,9 @@ def run_isolated(code: str, timeout: float = 120, env: dict[str, str] | None = N
 
 def expect_error(code: str, exc_type: str, match: str, **kwargs: object) -> Outcome:
     """Runs ``code`` (which must raise) and checks the exception it reported, cleanly."""
-    wrapped = (
-        "try:\n"
-        + textwrap.indent(textwrap.dedent(code), "    ")
-        + (
-            "\nexcept BaseException as exc:\n    _report(exc)\n    sys.exit(3)\n"
-            "print('NO EXCEPTION')\n"
-        )
+    wrapped = "try:\n" + textwrap.indent(textwrap.dedent(code), "    ") + (
+        "\nexcept BaseException as exc:\n    _report(exc)\n    sys.exit(3)\n"
+        "print('NO EXCEPTION')\n"
     )
     out = run_isolated(wrapped, **kwargs)  # type: ignore[arg-type]
     assert out.returncode == 3, f"expected {exc_type}, got {out!r}"
