@@ -53,6 +53,7 @@ bench: develop
 	$(PY) -m engram_rs bench gather --dtype bfloat16 --dim 64 --mode resident
 	$(PY) -m engram_rs bench gather --dtype float8_e4m3 --dim 256 --mode resident
 	$(PY) -m engram_rs bench gather --dtype float32 --dim 64 --mode mmap
+	$(PY) -m engram_rs bench gather --dtype bfloat16 --dim 64 --mode mmap
 	$(PY) -m engram_rs bench compress
 	$(PY) -m pytest benches -o python_files='bench_*.py' --benchmark-enable --benchmark-only -q
 	cargo bench -p engram-core --bench hashing -- --warm-up-time 1 --measurement-time 3

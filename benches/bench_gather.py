@@ -1,4 +1,5 @@
-"""pytest-benchmark view of gathers: engram_rs, numpy.take and torch.index_select, same rows."""
+"""pytest-benchmark view of gathers on equal terms: engram_rs, numpy.take and torch.index_select
+read the same table array; ``out=`` contenders write the same preallocated output."""
 
 from __future__ import annotations
 
@@ -11,29 +12,49 @@ ROWS, DIM, BATCH = 1 << 20, 64, 1 << 16
 
 
 @pytest.fixture(scope="module")
-def data() -> tuple[np.ndarray, np.ndarray]:
+def data() -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     rng = np.random.default_rng(0)
     table = rng.standard_normal((ROWS, DIM), dtype=np.float32)
-    return table, rng.integers(0, ROWS, size=BATCH)
+    out = torch.empty((BATCH, DIM), dtype=torch.float32)
+    return table, rng.integers(0, ROWS, size=BATCH), out
 
 
-@pytest.mark.benchmark(group="gather-f32-dim64")
-def test_engram_rs(benchmark, data) -> None:
-    table, idx = data
+@pytest.mark.benchmark(group="gather-f32-dim64-out")
+def test_engram_rs_out(benchmark, data) -> None:
+    table, idx, out = data
     t = er.HostTable.from_numpy(table)
-    out = np.empty((BATCH, DIM), np.float32)
     benchmark(t.gather, idx, out=out)
-    np.testing.assert_array_equal(out, table[idx])
+    np.testing.assert_array_equal(out.numpy(), table[idx])
 
 
-@pytest.mark.benchmark(group="gather-f32-dim64")
+@pytest.mark.benchmark(group="gather-f32-dim64-out")
+def test_torch_index_select_out(benchmark, data) -> None:
+    table, idx, out = data
+    t, i = torch.from_numpy(table), torch.from_numpy(idx)
+    benchmark(torch.index_select, t, 0, i, out=out)
+
+
+@pytest.mark.benchmark(group="gather-f32-dim64-out")
+def test_numpy_take_out(benchmark, data) -> None:
+    table, idx, out = data
+    benchmark(np.take, table, idx, axis=0, out=out.numpy())
+
+
+@pytest.mark.benchmark(group="gather-f32-dim64-new")
+def test_engram_rs_new(benchmark, data) -> None:
+    table, idx, _ = data
+    t = er.HostTable.from_numpy(table)
+    benchmark(t.gather, idx)
+
+
+@pytest.mark.benchmark(group="gather-f32-dim64-new")
 def test_numpy_take(benchmark, data) -> None:
-    table, idx = data
+    table, idx, _ = data
     benchmark(np.take, table, idx, axis=0)
 
 
-@pytest.mark.benchmark(group="gather-f32-dim64")
+@pytest.mark.benchmark(group="gather-f32-dim64-new")
 def test_torch_index_select(benchmark, data) -> None:
-    table, idx = data
+    table, idx, _ = data
     t, i = torch.from_numpy(table), torch.from_numpy(idx)
     benchmark(torch.index_select, t, 0, i)

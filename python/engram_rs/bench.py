@@ -19,6 +19,7 @@ from .reference import reference_hash, reference_lookup_table
 from .table import _NUMPY_OF
 
 __all__ = [
+    "GATHER_DTYPES",
     "PRESET_VOCAB",
     "bench_compress",
     "bench_hash_tokens",
@@ -26,6 +27,9 @@ __all__ = [
     "best_of",
     "deepseek_v4_tokenizer_json",
     "format_table",
+    "gather_table_info",
+    "huge_page_share",
+    "interleaved_best",
 ]
 
 #: Compressed vocabulary sizes the presets are used with (SPEC section 4).
@@ -197,86 +201,166 @@ def environment() -> str:
     return f"{cpu}, {os.cpu_count()} cores, hashing path: {path}"
 
 
-def _gather_baselines(
-    table: Any, path: str, name: str, dtype: str, mode: str, idx: np.ndarray, repeats: int
-) -> dict[str, tuple[float, int]]:
-    """Seconds (best of ``repeats``) and bytes moved for engram_rs and each baseline."""
+def interleaved_best(
+    fns: dict[str, Callable[[], Any]], repeats: int, settle: float = 0.0
+) -> dict[str, float]:
+    """Seconds of the fastest run of each function over ``repeats`` rounds that each run every
+    function once, in turn (after one untimed warm-up round): all contenders see the same
+    machine state, which on a shared machine moves between seconds. ``settle`` seconds of
+    sleep follow every call (untimed), so that work a call leaves to the kernel does not land in
+    the next contender's time."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+            time.sleep(settle)
+    return best
+
+
+def huge_page_share(arr: np.ndarray) -> float:
+    """The fraction of the memory mappings holding ``arr`` that is on transparent huge pages."""
+    lo, hi = arr.ctypes.data, arr.ctypes.data + arr.nbytes
+    try:
+        with open("/proc/self/smaps", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0.0
+    inside, size, huge = False, 0, 0
+    for line in lines:
+        head = line.split()[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start < hi and lo < end
+        elif inside and head == "Size:":
+            size += int(line.split()[1])
+        elif inside and head == "AnonHugePages:":
+            huge += int(line.split()[1])
+    return huge / size if size else 0.0
+
+
+#: Table dtypes the gather benchmark takes, with torch's dtype of each.
+GATHER_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3")
+
+
+def _fill_table(values: np.ndarray, scales: np.ndarray | None, dtype: str) -> None:
+    """Fills a table with a repeated 32 MiB block of random rows (the values do not change the
+    speed of a gather; generating 4 GB of them would take a minute)."""
+    from . import _engram_rs
+
+    rng = np.random.default_rng(0)
+    rows, dim = values.shape
+    block = max(1, min(rows, (32 << 20) // values[0].nbytes))
+    f32 = rng.standard_normal((block, dim), dtype=np.float32)
+    if dtype == "float8_e4m3":
+        codes, sc = _engram_rs.quantize_fp8(f32)
+        src = codes.reshape(block, dim)
+        src_sc = sc.reshape(block, -1)
+    elif dtype == "bfloat16":
+        src = _engram_rs.cast_f32(f32, "bfloat16").view(np.uint16).reshape(block, dim)
+    else:
+        src = f32.astype(values.dtype)
+    for at in range(0, rows, block):
+        n = min(block, rows - at)
+        values[at : at + n] = src[:n]
+        if scales is not None:
+            scales[at : at + n] = src_sc[:n]
+
+
+def _gather_contenders(
+    table: Any,
+    torch_table: Any,
+    torch_scales: Any,
+    numpy_table: np.ndarray,
+    idx: np.ndarray,
+    dtype: str,
+) -> dict[str, Callable[[], Any]]:
+    """The timed calls, all reading the same table memory: engram_rs, its baselines into the
+    same preallocated output and as new arrays, and the plain copy loop (the ceiling)."""
     import torch
 
-    from .safetensors_view import tensor_memmap
-
-    scale_bytes = table.dim // 32 if dtype == "float8_e4m3" else 0
-    moved = idx.size * (table.nbytes // table.rows)  # values and scales of the gathered rows
-    view: np.ndarray = tensor_memmap(path, name)
-    scales_view: np.ndarray = tensor_memmap(path, f"{name}_scale") if scale_bytes else view[:0]
-    if mode == "resident":
-        # The baselines get the same advantage: an in-memory copy, not the map.
-        view, scales_view = np.array(view), np.array(scales_view)
-    out_np = np.empty((idx.size, view.shape[1]), dtype=view.dtype)
-    res: dict[str, tuple[float, int]] = {}
+    n, dim = idx.size, table.dim
     t_idx = torch.from_numpy(idx)
-    with warnings.catch_warnings():
-        # torch warns that a read-only memmap is not writable; the baseline only reads it.
-        warnings.simplefilter("ignore", UserWarning)
-        torch_table = torch.from_numpy(np.asarray(view))
-    if dtype == "bfloat16":
-        torch_table = torch_table.view(torch.bfloat16)
+    unit = table.nbytes // table.rows  # table bytes per row, scales included
     if dtype == "float8_e4m3":
-        out = torch.empty((idx.size, table.dim), dtype=torch.bfloat16)
-        res["engram_rs (FP8 -> bf16, into out)"] = (
-            best_of(lambda: table.gather(idx, out=out), repeats),
-            moved,
-        )
+        out = torch.empty((n, dim), dtype=torch.bfloat16)
         codes = torch_table.view(torch.float8_e4m3fn)
-        sc = torch.from_numpy(scales_view).view(torch.float8_e8m0fnu)
+        sc = torch_scales.view(torch.float8_e8m0fnu)
 
         def torch_dequant() -> Any:
-            rows = codes.index_select(0, t_idx).float().view(idx.size, -1, 32)
+            rows = codes.index_select(0, t_idx).float().view(n, -1, 32)
             s = sc.index_select(0, t_idx).float()
-            return (rows * s[..., None]).view(idx.size, -1).to(torch.bfloat16)
+            return (rows * s[..., None]).view(n, -1).to(torch.bfloat16)
 
-        res["torch ops (index_select + dequant)"] = (best_of(torch_dequant, repeats), moved)
-        out_sc = np.empty((idx.size, scale_bytes), np.uint8)
+        # The copy loop writes the same bytes it reads (264 per row) into the start of `out`.
+        ceiling_out = out.view(torch.uint8).numpy().reshape(-1)[: n * unit]
+        return {
+            "engram_rs FP8 -> bf16 gather(out=)": lambda: table.gather(idx, out=out),
+            "engram_rs FP8 -> bf16 gather (new)": lambda: table.gather(idx, out_dtype="bfloat16"),
+            "torch index_select + dequant (new)": torch_dequant,
+            "copy loop, same rows (ceiling)": lambda: table._core.copy_rows_ceiling(
+                idx, ceiling_out
+            ),
+        }
+    out = torch.empty((n, dim), dtype=torch_table.dtype)
+    out_np = out.view(torch.uint16).numpy() if dtype == "bfloat16" else out.numpy()
+    new_dtype = "bfloat16" if dtype == "bfloat16" else None
+    return {
+        "engram_rs gather(out=)": lambda: table.gather(idx, out=out),
+        "torch.index_select(out=)": lambda: torch.index_select(torch_table, 0, t_idx, out=out),
+        "numpy.take(out=)": lambda: np.take(numpy_table, idx, axis=0, out=out_np),
+        "engram_rs gather (new)": lambda: table.gather(idx, out_dtype=new_dtype),
+        "torch.index_select (new)": lambda: torch.index_select(torch_table, 0, t_idx),
+        "numpy.take (new)": lambda: np.take(numpy_table, idx, axis=0),
+        "copy loop, same rows (ceiling)": lambda: table._core.copy_rows_ceiling(
+            idx, out_np.view(np.uint8).reshape(-1)
+        ),
+    }
 
-        def numpy_take() -> None:
-            np.take(view, idx, axis=0, out=out_np)
-            np.take(scales_view, idx, axis=0, out=out_sc)
 
-        res["numpy.take (raw bytes, no dequant)"] = (best_of(numpy_take, repeats), moved)
-    else:
-        out_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        out = torch.empty((idx.size, table.dim), dtype=out_dtype[dtype])
-        res["engram_rs (into out)"] = (best_of(lambda: table.gather(idx, out=out), repeats), moved)
-        new_dtype = "bfloat16" if dtype == "bfloat16" else None
-        res["engram_rs (new array)"] = (
-            best_of(lambda: table.gather(idx, out_dtype=new_dtype), repeats),
-            moved,
-        )
-        res["numpy.take"] = (best_of(lambda: np.take(view, idx, axis=0), repeats), moved)
-        res["numpy.take (into out)"] = (
-            best_of(lambda: np.take(view, idx, axis=0, out=out_np), repeats),
-            moved,
-        )
-        res["torch.index_select"] = (
-            best_of(lambda: torch.index_select(torch_table, 0, t_idx), repeats),
-            moved,
-        )
-        t_out = torch.empty_like(out)
-        res["torch.index_select (into out)"] = (
-            best_of(lambda: torch.index_select(torch_table, 0, t_idx, out=t_out), repeats),
-            moved,
-        )
-    # What any gather of these rows is bound by here: the same rows read with the same
-    # prefetching on the same threads, nothing written.
-    res["read the same rows, write nothing"] = (
-        best_of(lambda: table._core.read_rows(idx), repeats),
-        moved,
-    )
-    src = np.empty(moved, np.uint8)
-    dst = np.empty(moved, np.uint8)
-    src.fill(1)
-    res["memcpy (1 thread, same bytes)"] = (best_of(lambda: np.copyto(dst, src), repeats), moved)
-    return res
+def _open_gather_tables(
+    dtype: str, dim: int, rows: int, mode: str, path: str | None, tmp: str
+) -> tuple[Any, np.ndarray, np.ndarray | None, float]:
+    """The table for engram_rs and the numpy arrays of the same memory (resident) or of the
+    same file (mmap) for the baselines; the fraction of the values on huge pages."""
+    from .safetensors_view import tensor_memmap
+    from .table import HostTable
+
+    fp8 = dtype == "float8_e4m3"
+    if mode == "resident" and path is None:
+        # One numpy array (on transparent huge pages, as numpy allocates large arrays) that
+        # engram_rs and torch both wrap.
+        values = np.empty((rows, dim), _NUMPY_OF[dtype])
+        scales = np.empty((rows, dim // 32), np.uint8) if fp8 else None
+        _fill_table(values, scales, dtype)
+        return HostTable.from_numpy(values, scales, dtype), values, scales, huge_page_share(values)
+    if path is None:
+        path = os.path.join(tmp, "table.safetensors")
+        HostTable.create(path, rows, dim, dtype=dtype, init="normal", seed=0).close()
+    if mode == "resident":
+        values = np.array(tensor_memmap(path, "weight"))
+        scales = np.array(tensor_memmap(path, "weight_scale")) if fp8 else None
+        return HostTable.from_numpy(values, scales, dtype), values, scales, huge_page_share(values)
+    # mmap: the file in the page cache, mapped by engram_rs and by np.memmap for the others.
+    table = HostTable.open(path, name="weight", scales="weight_scale" if fp8 else None)
+    values = tensor_memmap(path, "weight")
+    scales = tensor_memmap(path, "weight_scale") if fp8 else None
+    for arr in (values, scales):
+        if arr is not None:  # read the file once through both maps
+            arr.view(np.uint8).reshape(-1)[::4096].sum()
+    table.gather(np.arange(0, table.rows, max(1, 4096 // (table.nbytes // table.rows))))
+    return table, values, scales, huge_page_share(values)
+
+
+def gather_table_info(path: str) -> tuple[str, int, int]:
+    """The dtype, rows and dim of the table a benchmark would reuse from ``path``."""
+    from .table import HostTable
+
+    with HostTable.open(path, name="weight") as t:
+        return t.dtype, t.rows, t.dim
 
 
 def bench_gather(
@@ -288,53 +372,66 @@ def bench_gather(
     repeats: int = 5,
     path: str | None = None,
     table_gib: float = 4.0,
-) -> list[dict[str, Any]]:
-    """GB/s and M rows/s of random row gathers: engram_rs against numpy, torch and memcpy."""
-    import os
+) -> tuple[list[dict[str, Any]], str]:
+    """GB/s and M rows/s of random row gathers on equal terms: engram_rs, torch and numpy read
+    the same table memory, write into the same preallocated output (``out=``) or return new
+    arrays, in interleaved rounds (best of ``repeats``), next to a plain prefetching copy loop
+    of the same rows (the ceiling). Returns the rows and a line describing the table."""
     import tempfile
 
     import torch
 
-    from .table import HostTable
-
-    row_bytes = dim * np.dtype(_NUMPY_OF[dtype]).itemsize
-    if dtype == "float8_e4m3":
-        row_bytes += dim // 32
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1 row, got {batch}")
+    if dtype not in GATHER_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(GATHER_DTYPES)}")
+    row_bytes = dim * np.dtype(_NUMPY_OF[dtype]).itemsize + (
+        dim // 32 if dtype == "float8_e4m3" else 0
+    )
     if rows is None:
         rows = int(table_gib * 2**30) // row_bytes + 1
-    tmpdir = None
-    if path is None:
-        tmpdir = tempfile.TemporaryDirectory(prefix="engram-bench-")
-        path = os.path.join(tmpdir.name, "table.safetensors")
-    try:
-        if not os.path.exists(path):
-            HostTable.create(path, rows, dim, dtype=dtype, init="normal", seed=0).close()
-        scales = "weight_scale" if dtype == "float8_e4m3" else None
-        table = HostTable.open(path, name="weight", scales=scales, mode=mode)
-        if mode == "mmap":
-            # "A file already in the page cache": read it once through the map.
-            table.gather(np.arange(0, table.rows, max(1, 4096 // row_bytes)))
+    with tempfile.TemporaryDirectory(prefix="engram-bench-") as tmp:
+        table, values, scales, huge = _open_gather_tables(dtype, dim, rows, mode, path, tmp)
+        if table.dtype != dtype or table.dim != dim:
+            raise ValueError(
+                f"the table in {path} is {table.dtype} with dim {table.dim}, not {dtype} dim {dim}"
+            )
+        with warnings.catch_warnings():
+            # torch warns that a read-only memmap is not writable; the baselines only read it.
+            warnings.simplefilter("ignore", UserWarning)
+            torch_table = torch.from_numpy(np.asarray(values))
+            torch_scales = None if scales is None else torch.from_numpy(np.asarray(scales))
+        if dtype == "bfloat16":
+            torch_table = torch_table.view(torch.bfloat16)
         idx = np.random.default_rng(0).integers(0, table.rows, size=batch, dtype=np.int64)
-        torch.set_num_threads(os.cpu_count() or 1)
-        timings = _gather_baselines(table, path, "weight", dtype, mode, idx, repeats)
-        table.close()
-    finally:
-        if tmpdir is not None:
-            tmpdir.cleanup()
-    ours = next(v for k, v in timings.items() if k.startswith("engram_rs"))[0]
-    # Ratios against each baseline as users call it (a new result) and into a given output.
-    base_np = next(v[0] for k, v in timings.items() if k.startswith("numpy"))
-    base_torch = next(v[0] for k, v in timings.items() if k.startswith("torch"))
-    rows_out = []
-    for what, (secs, moved) in timings.items():
-        rows_out.append(
-            {
-                "what": what,
-                "GB/s": moved / secs / 1e9,
-                "M rows/s": batch / secs / 1e6,
-                "x numpy.take": base_np / secs,
-                "x torch": base_torch / secs,
-                "time / engram_rs": secs / ours,
-            }
+        fns = _gather_contenders(table, torch_table, torch_scales, values, idx, dtype)
+        # Freeing a new 256 MB result leaves the kernel (and, on a virtual machine, the host)
+        # work that slowed the next contender by up to 2x here: let it finish between calls.
+        secs = interleaved_best(fns, repeats, settle=0.2)
+        where = (
+            f"{table.rows} x {table.dim} {table.dtype} ({table.nbytes / 2**30:.1f} GiB), "
+            f"{mode}, {huge:.0%} of the values on huge pages"
         )
-    return rows_out
+        moved = batch * (table.nbytes // table.rows)  # table bytes of the gathered rows
+        del fns, torch_table, torch_scales
+        table.close()
+    ceiling = secs["copy loop, same rows (ceiling)"]
+
+    def torch_of(what: str) -> float:
+        """torch's time of the same kind (out= or new; FP8: its one way, index_select +
+        dequant into new tensors)."""
+        kind = "(out=)" if what.endswith("(out=)") else "(new)"
+        torch_secs = {k: v for k, v in secs.items() if k.startswith("torch")}
+        same = [v for k, v in torch_secs.items() if k.endswith(kind)]
+        return (same or list(torch_secs.values()))[0]
+
+    return [
+        {
+            "what": what,
+            "GB/s": moved / t / 1e9,
+            "M rows/s": batch / t / 1e6,
+            "x torch (same kind)": torch_of(what) / t,
+            "of ceiling": ceiling / t,
+        }
+        for what, t in secs.items()
+    ], where

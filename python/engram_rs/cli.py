@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 
 from .bench import (
+    GATHER_DTYPES,
     PRESET_VOCAB,
     bench_compress,
     bench_gather,
@@ -15,6 +17,7 @@ from .bench import (
     deepseek_v4_tokenizer_json,
     environment,
     format_table,
+    gather_table_info,
 )
 from .compress import CompressedTokenizer
 from .config import PRESETS, EngramConfig
@@ -76,11 +79,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     print(f"machine: {environment()}")
     if args.what == "gather":
-        import os
-
         if args.threads:
             os.environ["RAYON_NUM_THREADS"] = str(args.threads)
-        rows = bench_gather(
+        rows, where = bench_gather(
             args.rows,
             args.dim,
             args.dtype,
@@ -91,8 +92,9 @@ def _bench(args: argparse.Namespace) -> int:
             args.table_gib,
         )
         print(
-            f"random gathers of {args.batch_rows} rows, {args.dtype} dim {args.dim}, "
-            f"{args.mode} table of >= {args.table_gib} GiB, best of {args.repeats}"
+            f"random gathers of {args.batch_rows} rows from {where}; interleaved rounds, best of "
+            f"{args.repeats}; every contender reads the same table memory, out= rows write the "
+            "same preallocated output"
         )
         print(format_table(rows))
     if args.what == "hash":
@@ -129,18 +131,58 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--batch", type=int, default=16)
     bench.add_argument("--seqlen", type=int, default=8192)
     bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--dtype", default="float32", help="gather: table dtype")
-    bench.add_argument("--dim", type=int, default=64, help="gather: values per row")
+    bench.add_argument(
+        "--dtype", choices=GATHER_DTYPES, default=None, help="gather: table dtype (float32)"
+    )
+    bench.add_argument("--dim", type=int, default=None, help="gather: values per row (64)")
     bench.add_argument("--rows", type=int, default=None, help="gather: table rows")
     bench.add_argument("--table-gib", type=float, default=4.0, help="gather: size if no --rows")
     bench.add_argument("--batch-rows", type=int, default=1 << 20, help="gather: rows per call")
     bench.add_argument("--mode", choices=["resident", "mmap"], default="resident")
     bench.add_argument("--threads", type=int, default=0, help="gather: threads (0: all cores)")
-    bench.add_argument("--path", default=None, help="gather: reuse this table file")
+    bench.add_argument(
+        "--path", default=None, help="gather: a table file to reuse (created if missing)"
+    )
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     for opt in ("batch", "seqlen", "repeats"):
         if getattr(args, opt) < 1:
             parser.error(f"--{opt} must be >= 1, got {getattr(args, opt)}")
-    result: int = args.func(args)
+    if args.func is _bench and args.what == "gather":
+        _check_gather_args(parser, args)
+    try:
+        result: int = args.func(args)
+    except (ValueError, OSError) as e:
+        if args.func is _bench and args.what == "gather":
+            parser.error(str(e))
+        raise
     return result
+
+
+def _check_gather_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses bad ``bench gather`` arguments with a usage error (exit status 2); with
+    ``--path``, takes the dtype and dim from the file (refusing a mismatch)."""
+    if args.path is not None and os.path.exists(args.path):
+        try:
+            dtype, _, dim = gather_table_info(args.path)
+        except (ValueError, OSError) as e:
+            parser.error(f"--path {args.path}: {e}")
+        for opt, given, real in (("dtype", args.dtype, dtype), ("dim", args.dim, dim)):
+            if given is not None and given != real:
+                parser.error(
+                    f"--{opt} {given} does not match the table in {args.path} ({opt} {real}): "
+                    f"drop --{opt} or pass --{opt} {real}"
+                )
+        args.dtype, args.dim = dtype, dim
+    args.dtype = args.dtype or "float32"
+    args.dim = 64 if args.dim is None else args.dim
+    for opt in ("dim", "batch_rows", "rows"):
+        value = getattr(args, opt)
+        if value is not None and value < 1:
+            parser.error(f"--{opt.replace('_', '-')} must be >= 1, got {value}")
+    if args.dtype == "float8_e4m3" and args.dim % 32:
+        parser.error(f"float8_e4m3 rows need --dim to be a multiple of 32, got {args.dim}")
+    if not args.table_gib > 0:
+        parser.error(f"--table-gib must be > 0, got {args.table_gib}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")

@@ -127,6 +127,19 @@ fn fs_path(path: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
     fspath.extract::<PathBuf>()
 }
 
+/// Refuses an `out` (`len` bytes at `ptr`) that overlaps the table or the indices; called while
+/// attached, before any slice of `out` is made.
+fn check_out<I: IdElem>(shared: &Shared, ptr: *mut u8, len: usize, idx: &[I]) -> PyResult<()> {
+    engram_core::gather::check_separate(
+        &shared.read(),
+        ptr,
+        len,
+        idx.as_ptr() as *const u8,
+        std::mem::size_of_val(idx),
+    )
+    .map_err(|e| to_pyerr(e, &[]))
+}
+
 fn gather_into<I: IdElem>(
     shared: &Shared,
     idx: &[I],
@@ -336,11 +349,38 @@ impl TableCore {
             Backend::Auto
         };
         with_indices!(idx, |slice| {
+            check_out(&shared, ptr, len, slice)?;
             // SAFETY: `out` is a live, writable, C-contiguous array of `len` bytes, borrowed for
-            // this call (callers must not use it from another thread meanwhile).
+            // this call (callers must not use it from another thread meanwhile), that overlaps
+            // neither the table nor the indices (checked above).
             let out = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
             crate::detached(py, || gather_into(&shared, slice, out, od, backend))
                 .map_err(|e| to_pyerr(e, &shape))
+        })
+    }
+
+    /// The benchmark's ceiling: copies the bytes of rows `idx` (values, then FP8 scales) into
+    /// `out` (`idx.size * (row_bytes + scale_bytes)` bytes) with a plain prefetching loop.
+    fn copy_rows_ceiling(
+        &self,
+        py: Python<'_>,
+        idx: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyUntypedArray>,
+    ) -> PyResult<()> {
+        let shared = self.shared()?.clone();
+        let (ptr, len, writable) = raw_bytes(out, "out")?;
+        if !writable {
+            return Err(PyValueError::new_err("out is read-only"));
+        }
+        let shape = idx.cast::<PyUntypedArray>()?.shape().to_vec();
+        with_indices!(idx, |slice| {
+            check_out(&shared, ptr, len, slice)?;
+            // SAFETY: as in `gather`.
+            let out = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+            crate::detached(py, || {
+                engram_core::gather::copy_rows_ceiling(&shared.read(), slice, out)
+            })
+            .map_err(|e| to_pyerr(e, &shape))
         })
     }
 
@@ -384,22 +424,35 @@ impl TableCore {
         let od = dtype(out_dtype)?;
         let idx_arr = idx.cast::<PyUntypedArray>()?;
         let shape = idx_arr.shape().to_vec();
-        // The indices are copied: the caller may reuse its array as soon as this returns.
-        let indices: Vec<i64> = with_indices!(idx, |slice| Ok(slice
-            .iter()
-            .map(|v| v.wide() as i64)
-            .collect()))?;
-        let out: Bound<'_, PyUntypedArray> = match out {
-            Some(o) => o.clone(),
-            // SAFETY: the job writes every byte before `wait()` hands the array out.
-            None => unsafe { pooled_array::<u8>(py, indices.len(), self.dim()? * od.size())? }
-                .as_untyped()
-                .clone(),
+        let out: Option<(Bound<'_, PyUntypedArray>, *mut u8, usize)> = match out {
+            Some(o) => {
+                let (ptr, len, writable) = raw_bytes(o, "out")?;
+                if !writable {
+                    return Err(PyValueError::new_err("out is read-only"));
+                }
+                Some((o.clone(), ptr, len))
+            }
+            None => None,
         };
-        let (ptr, len, writable) = raw_bytes(&out, "out")?;
-        if !writable {
-            return Err(PyValueError::new_err("out is read-only"));
-        }
+        // The indices are copied: the caller may reuse its array as soon as this returns.
+        let indices: Vec<i64> = with_indices!(idx, |slice| {
+            if let Some((_, ptr, len)) = &out {
+                check_out(&shared, *ptr, *len, slice)?;
+            }
+            Ok(slice.iter().map(|v| v.wide() as i64).collect())
+        })?;
+        let (out, ptr, len) = match out {
+            Some(o) => o,
+            None => {
+                // SAFETY: the job writes every byte before `wait()` hands the array out.
+                let out =
+                    unsafe { pooled_array::<u8>(py, indices.len(), self.dim()? * od.size())? }
+                        .as_untyped()
+                        .clone();
+                let (ptr, len, _) = raw_bytes(&out, "out")?;
+                (out, ptr, len)
+            }
+        };
         let addr = ptr as usize;
         // The job keeps its own reference to the output, so dropping the Prefetch early is safe
         // (the reference is released without the GIL; PyO3 defers the decref).
