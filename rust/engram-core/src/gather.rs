@@ -196,23 +196,27 @@ struct Convert<'a> {
 impl RowOp for Convert<'_> {
     #[inline(always)]
     unsafe fn row(&mut self, i: usize, r: usize) {
-        let dst = std::slice::from_raw_parts_mut(self.out.add(i * self.out_row), self.out_row);
-        #[cfg(target_arch = "x86_64")]
-        if self.nt {
-            let t = self.table;
-            let src = std::slice::from_raw_parts(t.row_ptr(r), t.row_bytes());
-            let scales = std::slice::from_raw_parts(t.scale_ptr(r), t.scale_bytes());
-            avx512::fp8::<true>(src, scales, self.out_dtype, dst);
-            return;
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe {
+            let dst = std::slice::from_raw_parts_mut(self.out.add(i * self.out_row), self.out_row);
+            #[cfg(target_arch = "x86_64")]
+            if self.nt {
+                let t = self.table;
+                let src = std::slice::from_raw_parts(t.row_ptr(r), t.row_bytes());
+                let scales = std::slice::from_raw_parts(t.scale_ptr(r), t.scale_bytes());
+                avx512::fp8::<true>(src, scales, self.out_dtype, dst);
+                return;
+            }
+            copy_row(
+                self.table,
+                r,
+                dst,
+                self.out_dtype,
+                self.fast,
+                &mut self.scratch,
+            );
         }
-        copy_row(
-            self.table,
-            r,
-            dst,
-            self.out_dtype,
-            self.fast,
-            &mut self.scratch,
-        );
     }
 }
 
@@ -230,41 +234,45 @@ unsafe fn walk<I: IdElem, O: RowOp>(
     ahead: usize,
     op: &mut O,
 ) -> bool {
-    let ahead = ahead.min(MAX_AHEAD);
-    let prefetch = Prefetcher::new(table);
-    let rows = table.rows as u64;
-    let n = idx.len();
-    let mut local = [0u64; CHUNK + MAX_AHEAD];
-    let mut start = 0;
-    while start < n {
-        let end = (start + CHUNK).min(n);
-        let look = (end + ahead).min(n);
-        let mut top = 0;
-        for (k, slot) in (start..look).zip(local.iter_mut()) {
-            // A volatile read: exactly one read of each index, whatever another thread does to
-            // the memory, so the value checked below is the value used.
-            let r = std::ptr::read_volatile(idx.as_ptr().add(k)).bits();
-            *slot = r;
-            top = top.max(r);
-        }
-        if top >= rows {
-            return false;
-        }
-        let local = &local[..look - start];
-        if start == 0 {
-            for &r in local.iter().take(ahead) {
-                prefetch.row(r as usize);
+    // SAFETY: the caller upholds this function's safety contract (documented above or
+    // on the trait method): CPU features, bounds and aliasing as stated there.
+    unsafe {
+        let ahead = ahead.min(MAX_AHEAD);
+        let prefetch = Prefetcher::new(table);
+        let rows = table.rows as u64;
+        let n = idx.len();
+        let mut local = [0u64; CHUNK + MAX_AHEAD];
+        let mut start = 0;
+        while start < n {
+            let end = (start + CHUNK).min(n);
+            let look = (end + ahead).min(n);
+            let mut top = 0;
+            for (k, slot) in (start..look).zip(local.iter_mut()) {
+                // A volatile read: exactly one read of each index, whatever another thread does to
+                // the memory, so the value checked below is the value used.
+                let r = std::ptr::read_volatile(idx.as_ptr().add(k)).bits();
+                *slot = r;
+                top = top.max(r);
             }
-        }
-        for j in 0..end - start {
-            if let Some(&next) = local.get(j + ahead) {
-                prefetch.row(next as usize);
+            if top >= rows {
+                return false;
             }
-            op.row(start + j, local[j] as usize);
+            let local = &local[..look - start];
+            if start == 0 {
+                for &r in local.iter().take(ahead) {
+                    prefetch.row(r as usize);
+                }
+            }
+            for j in 0..end - start {
+                if let Some(&next) = local.get(j + ahead) {
+                    prefetch.row(next as usize);
+                }
+                op.row(start + j, local[j] as usize);
+            }
+            start = end;
         }
-        start = end;
+        true
     }
-    true
 }
 
 /// Reads every cache line of rows `idx` (and of their scales), prefetched and split over
@@ -280,12 +288,16 @@ pub fn read_rows<I: IdElem>(table: &HostTable, idx: &[I]) -> Result<u64> {
     impl RowOp for Read<'_> {
         #[inline(always)]
         unsafe fn row(&mut self, _i: usize, r: usize) {
-            let p = self.table.row_ptr(r);
-            for off in (0..self.table.row_bytes()).step_by(64) {
-                self.acc = self.acc.rotate_left(1) ^ std::ptr::read_volatile(p.add(off)) as u64;
-            }
-            if self.table.scale_bytes() > 0 {
-                self.acc ^= std::ptr::read_volatile(self.table.scale_ptr(r)) as u64;
+            // SAFETY: the caller upholds this function's safety contract (documented above or
+            // on the trait method): CPU features, bounds and aliasing as stated there.
+            unsafe {
+                let p = self.table.row_ptr(r);
+                for off in (0..self.table.row_bytes()).step_by(64) {
+                    self.acc = self.acc.rotate_left(1) ^ std::ptr::read_volatile(p.add(off)) as u64;
+                }
+                if self.table.scale_bytes() > 0 {
+                    self.acc ^= std::ptr::read_volatile(self.table.scale_ptr(r)) as u64;
+                }
             }
         }
     }
@@ -435,22 +447,26 @@ unsafe fn copy_row(
     fast: bool,
     scratch: &mut [f32],
 ) {
-    let src = std::slice::from_raw_parts(table.row_ptr(r), table.row_bytes());
-    let scales: &[u8] = if table.scale_bytes() > 0 {
-        std::slice::from_raw_parts(table.scale_ptr(r), table.scale_bytes())
-    } else {
-        &[]
-    };
-    #[cfg(target_arch = "x86_64")]
-    if fast && avx512::convert(table.dtype, src, scales, out, dst) {
-        return;
-    }
-    let _ = fast;
-    if table.dtype == out {
-        dst.copy_from_slice(src);
-    } else {
-        dtype::row_to_f32(table.dtype, src, scales, scratch);
-        dtype::f32_to_row(out, scratch, dst);
+    // SAFETY: the caller upholds this function's safety contract (documented above or
+    // on the trait method): CPU features, bounds and aliasing as stated there.
+    unsafe {
+        let src = std::slice::from_raw_parts(table.row_ptr(r), table.row_bytes());
+        let scales: &[u8] = if table.scale_bytes() > 0 {
+            std::slice::from_raw_parts(table.scale_ptr(r), table.scale_bytes())
+        } else {
+            &[]
+        };
+        #[cfg(target_arch = "x86_64")]
+        if fast && avx512::convert(table.dtype, src, scales, out, dst) {
+            return;
+        }
+        let _ = fast;
+        if table.dtype == out {
+            dst.copy_from_slice(src);
+        } else {
+            dtype::row_to_f32(table.dtype, src, scales, scratch);
+            dtype::f32_to_row(out, scratch, dst);
+        }
     }
 }
 
@@ -472,14 +488,18 @@ mod avx512 {
         out: DType,
         dst: &mut [u8],
     ) -> bool {
-        match (dt, out) {
-            (a, b) if a == b => copy(src, dst),
-            (DType::BF16, DType::F32) => widen::<false>(src, dst),
-            (DType::F16, DType::F32) => widen::<true>(src, dst),
-            (DType::F8E4M3, _) => fp8::<false>(src, scales, out, dst),
-            _ => return false,
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe {
+            match (dt, out) {
+                (a, b) if a == b => copy(src, dst),
+                (DType::BF16, DType::F32) => widen::<false>(src, dst),
+                (DType::F16, DType::F32) => widen::<true>(src, dst),
+                (DType::F8E4M3, _) => fp8::<false>(src, scales, out, dst),
+                _ => return false,
+            }
+            true
         }
-        true
     }
 
     /// Copies same-dtype rows of one piece into `out` with streaming stores for every whole,
@@ -497,52 +517,57 @@ mod avx512 {
         out: &mut [u8],
         ahead: usize,
     ) -> bool {
-        let (row, off) = (table.row_bytes(), out.as_ptr() as usize % 64);
-        let ok = if row.is_multiple_of(64) && off.is_multiple_of(2) {
-            // Whole-line rows, every one `off` bytes past a line (0 included; a numpy output
-            // is usually 16 bytes off): a short path, a few instructions a row.
-            let mut op = Shifted {
-                values: table.row_ptr(0),
-                out: out.as_mut_ptr(),
-                row,
-                off,
-                window: _mm512_add_epi16(
-                    _mm512_loadu_si512(IOTA16.as_ptr() as *const _),
-                    _mm512_set1_epi16((32 - off / 2) as i16),
-                ),
-                prev_last: _mm512_setzero_si512(),
-                done: 0,
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe {
+            let (row, off) = (table.row_bytes(), out.as_ptr() as usize % 64);
+            let ok = if row.is_multiple_of(64) && off.is_multiple_of(2) {
+                // Whole-line rows, every one `off` bytes past a line (0 included; a numpy output
+                // is usually 16 bytes off): a short path, a few instructions a row.
+                let mut op = Shifted {
+                    values: table.row_ptr(0),
+                    out: out.as_mut_ptr(),
+                    row,
+                    off,
+                    window: _mm512_add_epi16(
+                        _mm512_loadu_si512(IOTA16.as_ptr() as *const _),
+                        _mm512_set1_epi16((32 - off / 2) as i16),
+                    ),
+                    prev_last: _mm512_setzero_si512(),
+                    done: 0,
+                };
+                let ok = super::walk(table, idx, ahead, &mut op);
+                if op.done > 0 {
+                    // The last row's end: the first `off` bytes of the line after the piece.
+                    let v =
+                        _mm512_permutex2var_epi16(op.prev_last, op.window, _mm512_setzero_si512());
+                    let at = op.out.add(op.done * row).sub(off);
+                    _mm512_mask_storeu_epi8(at as *mut _, (1u64 << off) - 1, v);
+                }
+                ok
+            } else {
+                let mut op = Stream {
+                    values: table.row_ptr(0),
+                    out: out.as_mut_ptr(),
+                    row,
+                    line: _mm512_setzero_si512(),
+                    line_at: out.as_mut_ptr(),
+                    have: 0,
+                };
+                let ok = super::walk(table, idx, ahead, &mut op);
+                if op.have != 0 {
+                    _mm512_mask_storeu_epi8(op.line_at as *mut _, op.have, op.line);
+                }
+                ok
             };
-            let ok = super::walk(table, idx, ahead, &mut op);
-            if op.done > 0 {
-                // The last row's end: the first `off` bytes of the line after the piece.
-                let v = _mm512_permutex2var_epi16(op.prev_last, op.window, _mm512_setzero_si512());
-                let at = op.out.add(op.done * row).sub(off);
-                _mm512_mask_storeu_epi8(at as *mut _, (1u64 << off) - 1, v);
-            }
+            // Streaming stores are weakly ordered: fence them before rayon reports the piece done.
+            _mm_sfence();
             ok
-        } else {
-            let mut op = Stream {
-                values: table.row_ptr(0),
-                out: out.as_mut_ptr(),
-                row,
-                line: _mm512_setzero_si512(),
-                line_at: out.as_mut_ptr(),
-                have: 0,
-            };
-            let ok = super::walk(table, idx, ahead, &mut op);
-            if op.have != 0 {
-                _mm512_mask_storeu_epi8(op.line_at as *mut _, op.have, op.line);
-            }
-            ok
-        };
-        // Streaming stores are weakly ordered: fence them before rayon reports the piece done.
-        _mm_sfence();
-        ok
+        }
     }
 
-    /// The state of [`stream_piece`] (`values`: the table's row 0): `line` holds the bytes (mask `have`) of the output line at
-    /// `line_at` that the rows written so far have filled.
+    /// The state of [`stream_piece`] (`values`: the table's row 0): `line` holds the bytes
+    /// (mask `have`) of the output line at `line_at` that the rows written so far have filled.
     struct Stream {
         values: *const u8,
         out: *mut u8,
@@ -552,7 +577,8 @@ mod avx512 {
         have: u64,
     }
 
-    /// [`stream_piece`] for rows of whole lines into an output `off` (even) bytes past a line: output line 0 of a row is the previous row's last `off` bytes then the row's
+    /// [`stream_piece`] for rows of whole lines into an output `off` (even) bytes past a line:
+    /// output line 0 of a row is the previous row's last `off` bytes then the row's
     /// first `64 - off` (one two-register permute, `window`: lane `j` takes lane
     /// `j + 32 - off / 2` of `prev_last` then the row's first 64 bytes); its other lines are
     /// single unaligned loads inside the row. The piece's first and last partial lines get
@@ -572,27 +598,31 @@ mod avx512 {
     impl RowOp for Shifted {
         #[inline(always)]
         unsafe fn row(&mut self, i: usize, r: usize) {
-            let (s, row, off) = (self.values.add(r * self.row), self.row, self.off);
-            // The line holding the row's first byte; for the piece's first row it starts
-            // before `out`, so only masked stores use it.
-            let line0 = self.out.add(i * row).wrapping_sub(off);
-            let first = _mm512_loadu_si512(s as *const _);
-            let v = _mm512_permutex2var_epi16(self.prev_last, self.window, first);
-            if i == 0 {
-                _mm512_mask_storeu_epi8(line0 as *mut _, u64::MAX << off, v);
-            } else {
-                _mm512_stream_si512(line0 as *mut _, v);
+            // SAFETY: the caller upholds this function's safety contract (documented above or
+            // on the trait method): CPU features, bounds and aliasing as stated there.
+            unsafe {
+                let (s, row, off) = (self.values.add(r * self.row), self.row, self.off);
+                // The line holding the row's first byte; for the piece's first row it starts
+                // before `out`, so only masked stores use it.
+                let line0 = self.out.add(i * row).wrapping_sub(off);
+                let first = _mm512_loadu_si512(s as *const _);
+                let v = _mm512_permutex2var_epi16(self.prev_last, self.window, first);
+                if i == 0 {
+                    _mm512_mask_storeu_epi8(line0 as *mut _, u64::MAX << off, v);
+                } else {
+                    _mm512_stream_si512(line0 as *mut _, v);
+                }
+                let mut k = 64;
+                while k < row {
+                    _mm512_stream_si512(
+                        line0.wrapping_add(k) as *mut _,
+                        _mm512_loadu_si512(s.add(k - off) as *const _),
+                    );
+                    k += 64;
+                }
+                self.prev_last = _mm512_loadu_si512(s.add(row - 64) as *const _);
+                self.done = i + 1;
             }
-            let mut k = 64;
-            while k < row {
-                _mm512_stream_si512(
-                    line0.wrapping_add(k) as *mut _,
-                    _mm512_loadu_si512(s.add(k - off) as *const _),
-                );
-                k += 64;
-            }
-            self.prev_last = _mm512_loadu_si512(s.add(row - 64) as *const _);
-            self.done = i + 1;
         }
     }
 
@@ -610,100 +640,120 @@ mod avx512 {
     impl RowOp for Stream {
         #[inline(always)]
         unsafe fn row(&mut self, i: usize, r: usize) {
-            let (s, d, row) = (
-                self.values.add(r * self.row),
-                self.out.add(i * self.row),
-                self.row,
-            );
-            let mut k = 0;
-            let off = d as usize & 63;
-            if off != 0 {
-                // The row starts inside a line: its first bytes join the pending line (begun by
-                // the previous row, or empty at the piece's start). The load is shifted back by
-                // `off` so bytes land at their line positions; masked-off bytes are not read.
-                if self.have == 0 {
-                    // May lie before `out` (the piece's first line): only masked stores use it.
-                    self.line_at = d.wrapping_sub(off);
-                }
-                let n = (64 - off).min(row);
-                let mask = ((1u64 << n) - 1) << off;
-                let head = if off.is_multiple_of(2) {
-                    // Load the row's first bytes where they are and move them up by `off` bytes
-                    // (16-bit lanes): no byte outside the row is touched, where a shifted load
-                    // would reach into the line before the row (another row, not prefetched).
-                    let from = _mm512_sub_epi16(
-                        _mm512_loadu_si512(IOTA16.as_ptr() as *const _),
-                        _mm512_set1_epi16((off / 2) as i16),
-                    );
-                    let bytes = _mm512_maskz_loadu_epi8((1u64 << n) - 1, s as *const _);
-                    _mm512_permutexvar_epi16(from, bytes)
-                } else {
-                    // Odd offsets (byte outputs from Rust only): a load shifted back by `off`,
-                    // whose masked-off bytes are not read.
-                    _mm512_maskz_loadu_epi8(mask, s.wrapping_sub(off) as *const _)
-                };
-                self.line = _mm512_mask_mov_epi8(self.line, mask, head);
-                self.have |= mask;
-                k = n;
-                if off + n == 64 {
-                    if self.have == u64::MAX {
-                        _mm512_stream_si512(self.line_at as *mut _, self.line);
-                    } else {
-                        _mm512_mask_storeu_epi8(self.line_at as *mut _, self.have, self.line);
+            // SAFETY: the caller upholds this function's safety contract (documented above or
+            // on the trait method): CPU features, bounds and aliasing as stated there.
+            unsafe {
+                let (s, d, row) = (
+                    self.values.add(r * self.row),
+                    self.out.add(i * self.row),
+                    self.row,
+                );
+                let mut k = 0;
+                let off = d as usize & 63;
+                if off != 0 {
+                    // The row starts inside a line: its first bytes join the pending line (begun by
+                    // the previous row, or empty at the piece's start). The load is shifted back by
+                    // `off` so bytes land at their line positions; masked-off bytes are not read.
+                    if self.have == 0 {
+                        // May lie before `out` (the piece's first line): only masked stores use it.
+                        self.line_at = d.wrapping_sub(off);
                     }
-                    self.have = 0;
+                    let n = (64 - off).min(row);
+                    let mask = ((1u64 << n) - 1) << off;
+                    let head = if off.is_multiple_of(2) {
+                        // Load the row's first bytes where they are and move them up by `off` bytes
+                        // (16-bit lanes): no byte outside the row is touched, where a shifted load
+                        // would reach into the line before the row (another row, not prefetched).
+                        let from = _mm512_sub_epi16(
+                            _mm512_loadu_si512(IOTA16.as_ptr() as *const _),
+                            _mm512_set1_epi16((off / 2) as i16),
+                        );
+                        let bytes = _mm512_maskz_loadu_epi8((1u64 << n) - 1, s as *const _);
+                        _mm512_permutexvar_epi16(from, bytes)
+                    } else {
+                        // Odd offsets (byte outputs from Rust only): a load shifted back by `off`,
+                        // whose masked-off bytes are not read.
+                        _mm512_maskz_loadu_epi8(mask, s.wrapping_sub(off) as *const _)
+                    };
+                    self.line = _mm512_mask_mov_epi8(self.line, mask, head);
+                    self.have |= mask;
+                    k = n;
+                    if off + n == 64 {
+                        if self.have == u64::MAX {
+                            _mm512_stream_si512(self.line_at as *mut _, self.line);
+                        } else {
+                            _mm512_mask_storeu_epi8(self.line_at as *mut _, self.have, self.line);
+                        }
+                        self.have = 0;
+                    }
                 }
-            }
-            // `d + k` is line-aligned from here on (or the row is done).
-            while k + 64 <= row {
-                _mm512_stream_si512(d.add(k) as *mut _, _mm512_loadu_si512(s.add(k) as *const _));
-                k += 64;
-            }
-            if k < row {
-                let mask = (1u64 << (row - k)) - 1;
-                self.line = _mm512_maskz_loadu_epi8(mask, s.add(k) as *const _);
-                self.line_at = d.add(k);
-                self.have = mask;
+                // `d + k` is line-aligned from here on (or the row is done).
+                while k + 64 <= row {
+                    _mm512_stream_si512(
+                        d.add(k) as *mut _,
+                        _mm512_loadu_si512(s.add(k) as *const _),
+                    );
+                    k += 64;
+                }
+                if k < row {
+                    let mask = (1u64 << (row - k)) - 1;
+                    self.line = _mm512_maskz_loadu_epi8(mask, s.add(k) as *const _);
+                    self.line_at = d.add(k);
+                    self.have = mask;
+                }
             }
         }
     }
 
+    /// # Safety
+    /// AVX-512F/BW available; `dst` is at least as long as `src`.
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn copy(src: &[u8], dst: &mut [u8]) {
-        let n = src.len();
-        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
-        let mut i = 0;
-        while i + 64 <= n {
-            _mm512_storeu_si512(d.add(i) as *mut _, _mm512_loadu_si512(s.add(i) as *const _));
-            i += 64;
-        }
-        if i < n {
-            let mask = (1u64 << (n - i)) - 1;
-            _mm512_mask_storeu_epi8(
-                d.add(i) as *mut _,
-                mask,
-                _mm512_maskz_loadu_epi8(mask, s.add(i) as *const _),
-            );
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe {
+            let n = src.len();
+            let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+            let mut i = 0;
+            while i + 64 <= n {
+                _mm512_storeu_si512(d.add(i) as *mut _, _mm512_loadu_si512(s.add(i) as *const _));
+                i += 64;
+            }
+            if i < n {
+                let mask = (1u64 << (n - i)) - 1;
+                _mm512_mask_storeu_epi8(
+                    d.add(i) as *mut _,
+                    mask,
+                    _mm512_maskz_loadu_epi8(mask, s.add(i) as *const _),
+                );
+            }
         }
     }
 
     /// 16-bit floats (IEEE half with `HALF`, else bfloat16) -> f32, 16 at a time.
+    ///
+    /// # Safety
+    /// AVX-512F/BW available; `dst` holds `src.len() / 2` f32 values.
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn widen<const HALF: bool>(src: &[u8], dst: &mut [u8]) {
-        let n = src.len() / 2;
-        let (s, d) = (src.as_ptr() as *const u16, dst.as_mut_ptr() as *mut f32);
-        let mut i = 0;
-        while i < n {
-            let k = (n - i).min(16);
-            let mask = ((1u32 << k) - 1) as u16;
-            let v = _mm256_maskz_loadu_epi16(mask, s.add(i) as *const _);
-            let w = if HALF {
-                _mm512_cvtph_ps(v)
-            } else {
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
-            };
-            _mm512_mask_storeu_ps(d.add(i), mask, w);
-            i += 16;
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe {
+            let n = src.len() / 2;
+            let (s, d) = (src.as_ptr() as *const u16, dst.as_mut_ptr() as *mut f32);
+            let mut i = 0;
+            while i < n {
+                let k = (n - i).min(16);
+                let mask = ((1u32 << k) - 1) as u16;
+                let v = _mm256_maskz_loadu_epi16(mask, s.add(i) as *const _);
+                let w = if HALF {
+                    _mm512_cvtph_ps(v)
+                } else {
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+                };
+                _mm512_mask_storeu_ps(d.add(i), mask, w);
+                i += 16;
+            }
         }
     }
 
@@ -711,34 +761,49 @@ mod avx512 {
     /// (`(e + 120) << 23 | m << 20`), subnormal ones converted as `m * 2**-9`: no floating-point
     /// operation ever sees a subnormal input, which would cost a microcode assist per vector.
     /// `S.1111.111` is NaN.
+    ///
+    /// # Safety
+    /// AVX-512F/BW available (inlined into kernels that enable them).
     #[inline(always)]
     unsafe fn dequant16(bytes: __m128i, scale: __m512) -> __m512 {
-        let b = _mm512_cvtepu8_epi32(bytes);
-        let mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
-        let normal = _mm512_add_epi32(_mm512_slli_epi32::<20>(mag), _mm512_set1_epi32(120 << 23));
-        let sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0 / 512.0));
-        let is_sub = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8));
-        let v = _mm512_mask_mov_ps(_mm512_castsi512_ps(normal), is_sub, sub);
-        let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F));
-        let v = _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(f32::NAN));
-        let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80)));
-        let v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
-        // NaN codes stay themselves (see `dtype::dequant`).
-        _mm512_mask_mov_ps(_mm512_mul_ps(v, scale), nan, v)
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe {
+            let b = _mm512_cvtepu8_epi32(bytes);
+            let mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+            let normal =
+                _mm512_add_epi32(_mm512_slli_epi32::<20>(mag), _mm512_set1_epi32(120 << 23));
+            let sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0 / 512.0));
+            let is_sub = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8));
+            let v = _mm512_mask_mov_ps(_mm512_castsi512_ps(normal), is_sub, sub);
+            let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F));
+            let v = _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(f32::NAN));
+            let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80)));
+            let v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+            // NaN codes stay themselves (see `dtype::dequant`).
+            _mm512_mask_mov_ps(_mm512_mul_ps(v, scale), nan, v)
+        }
     }
 
     /// f32 -> bf16 bits, round to nearest even, NaN quietened (as `dtype::f32_to_bf16`).
+    ///
+    /// # Safety
+    /// AVX-512F/BW available (inlined into kernels that enable them).
     #[inline(always)]
     unsafe fn to_bf16(v: __m512) -> __m256i {
-        let bits = _mm512_castps_si512(v);
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
-            bits,
-            _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
-        ));
-        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet))
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe {
+            let bits = _mm512_castps_si512(v);
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                bits,
+                _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
+            ));
+            let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet))
+        }
     }
 
     /// bfloat16 bits of each E4M3 magnitude code (scale 1); 0x7F (NaN) is patched later.
@@ -762,42 +827,68 @@ mod avx512 {
     /// One block of 32 E4M3 values straight to bfloat16: e4m3 * 2**k is exact in bfloat16, so
     /// the result is the table entry with `k = s - 127` added to its exponent field (zero codes
     /// excepted). Valid while every exponent stays normal: 118 + k >= 1 and 135 + k <= 254.
+    ///
+    /// # Safety
+    /// AVX-512F/BW available; `src` points at 32 readable bytes.
     #[inline(always)]
     unsafe fn fp8_block_bf16(src: *const u8, s: u8, lut: &[__m512i; 4]) -> Option<__m512i> {
-        if !(10..=246).contains(&s) {
-            return None;
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe {
+            if !(10..=246).contains(&s) {
+                return None;
+            }
+            let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(src as *const _));
+            let mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7F));
+            let lo = _mm512_permutex2var_epi16(lut[0], mag, lut[1]);
+            let hi = _mm512_permutex2var_epi16(lut[2], mag, lut[3]);
+            let v = _mm512_mask_blend_epi16(
+                _mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40)),
+                lo,
+                hi,
+            );
+            let nonzero = _mm512_test_epi16_mask(mag, mag);
+            let v =
+                _mm512_mask_add_epi16(v, nonzero, v, _mm512_set1_epi16(((s as i16) - 127) << 7));
+            let nan = _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7F));
+            let v = _mm512_mask_mov_epi16(v, nan, _mm512_set1_epi16(0x7FC0));
+            let sign = _mm512_slli_epi16::<8>(_mm512_and_si512(w, _mm512_set1_epi16(0x80)));
+            Some(_mm512_or_si512(v, sign))
         }
-        let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(src as *const _));
-        let mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7F));
-        let lo = _mm512_permutex2var_epi16(lut[0], mag, lut[1]);
-        let hi = _mm512_permutex2var_epi16(lut[2], mag, lut[3]);
-        let v =
-            _mm512_mask_blend_epi16(_mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40)), lo, hi);
-        let nonzero = _mm512_test_epi16_mask(mag, mag);
-        let v = _mm512_mask_add_epi16(v, nonzero, v, _mm512_set1_epi16(((s as i16) - 127) << 7));
-        let nan = _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7F));
-        let v = _mm512_mask_mov_epi16(v, nan, _mm512_set1_epi16(0x7FC0));
-        let sign = _mm512_slli_epi16::<8>(_mm512_and_si512(w, _mm512_set1_epi16(0x80)));
-        Some(_mm512_or_si512(v, sign))
     }
 
     /// Stores one line's worth of bytes at `p`: streaming (`p` 64-byte aligned) or ordinary.
+    ///
+    /// # Safety
+    /// AVX-512F available; `p` points at 64 writable bytes, 64-byte aligned with `NT`.
     #[inline(always)]
     unsafe fn put<const NT: bool>(p: *mut u8, v: __m512i) {
-        if NT {
-            _mm512_stream_si512(p as *mut _, v);
-        } else {
-            _mm512_storeu_si512(p as *mut _, v);
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe {
+            if NT {
+                _mm512_stream_si512(p as *mut _, v);
+            } else {
+                _mm512_storeu_si512(p as *mut _, v);
+            }
         }
     }
 
     /// Two 32-byte halves as one 64-byte vector.
+    ///
+    /// # Safety
+    /// AVX-512F available (inlined into kernels that enable it).
     #[inline(always)]
     unsafe fn halves(a: __m256i, b: __m256i) -> __m512i {
-        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b) }
     }
 
     /// Fences the streaming stores of one piece before it is reported done.
+    ///
+    /// # Safety
+    /// AVX-512F available (SSE's fence; only the target feature makes it unsafe).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn sfence() {
         _mm_sfence();
@@ -805,6 +896,10 @@ mod avx512 {
 
     /// One FP8 row to `out`; with `NT`, `dst` is 64-byte aligned and every 64 bytes go out with
     /// a streaming store (an FP8 block is 64 bytes of bfloat16 or float16, 128 of float32).
+    ///
+    /// # Safety
+    /// AVX-512F/BW available; `src` and `scales` hold one FP8 row and its scale bytes, `dst`
+    /// one row of `out`, 64-byte aligned with `NT`.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn fp8<const NT: bool>(
         src: &[u8],
@@ -812,33 +907,37 @@ mod avx512 {
         out: DType,
         dst: &mut [u8],
     ) {
-        let lut: [__m512i; 4] = std::array::from_fn(|i| {
-            _mm512_loadu_si512(BF16_OF_E4M3.as_ptr().add(32 * i) as *const _)
-        });
-        for (block, &s) in scales.iter().enumerate() {
-            let i = block * FP8_BLOCK;
-            let d = dst.as_mut_ptr().add(i * out.size());
-            if out == DType::BF16 {
-                if let Some(v) = fp8_block_bf16(src.as_ptr().add(i), s, &lut) {
-                    put::<NT>(d, v);
-                    continue;
+        // SAFETY: the caller upholds this function's safety contract (documented above or
+        // on the trait method): CPU features, bounds and aliasing as stated there.
+        unsafe {
+            let lut: [__m512i; 4] = std::array::from_fn(|i| {
+                _mm512_loadu_si512(BF16_OF_E4M3.as_ptr().add(32 * i) as *const _)
+            });
+            for (block, &s) in scales.iter().enumerate() {
+                let i = block * FP8_BLOCK;
+                let d = dst.as_mut_ptr().add(i * out.size());
+                if out == DType::BF16 {
+                    if let Some(v) = fp8_block_bf16(src.as_ptr().add(i), s, &lut) {
+                        put::<NT>(d, v);
+                        continue;
+                    }
                 }
-            }
-            let scale = _mm512_set1_ps(crate::dtype::ue8m0_to_f32(s));
-            let lo = dequant16(_mm_loadu_si128(src.as_ptr().add(i) as *const _), scale);
-            let hi = dequant16(_mm_loadu_si128(src.as_ptr().add(i + 16) as *const _), scale);
-            match out {
-                DType::F32 => {
-                    put::<NT>(d, _mm512_castps_si512(lo));
-                    put::<NT>(d.add(64), _mm512_castps_si512(hi));
-                }
-                DType::BF16 => put::<NT>(d, halves(to_bf16(lo), to_bf16(hi))),
-                _ => {
-                    const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-                    put::<NT>(
-                        d,
-                        halves(_mm512_cvtps_ph::<R>(lo), _mm512_cvtps_ph::<R>(hi)),
-                    )
+                let scale = _mm512_set1_ps(crate::dtype::ue8m0_to_f32(s));
+                let lo = dequant16(_mm_loadu_si128(src.as_ptr().add(i) as *const _), scale);
+                let hi = dequant16(_mm_loadu_si128(src.as_ptr().add(i + 16) as *const _), scale);
+                match out {
+                    DType::F32 => {
+                        put::<NT>(d, _mm512_castps_si512(lo));
+                        put::<NT>(d.add(64), _mm512_castps_si512(hi));
+                    }
+                    DType::BF16 => put::<NT>(d, halves(to_bf16(lo), to_bf16(hi))),
+                    _ => {
+                        const R: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                        put::<NT>(
+                            d,
+                            halves(_mm512_cvtps_ph::<R>(lo), _mm512_cvtps_ph::<R>(hi)),
+                        )
+                    }
                 }
             }
         }

@@ -16,8 +16,6 @@ pub mod compress;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
-// TEMPORARY until the gathers' rewrite lands with its SAFETY notes.
-#[allow(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 pub mod gather;
 pub mod hashing;
 pub mod multipliers;
