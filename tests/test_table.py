@@ -63,7 +63,8 @@ def test_gather_matches_torch(dtype: str, out_dtype: str, idx_shape: tuple[int, 
     table = er.HostTable.from_torch(values, scales)
     idx = np.random.default_rng(1).integers(0, 50, size=idx_shape)
     expected = torch_rows(values, scales, np.asarray(idx)).to(TORCH[out_dtype])
-    got = table.gather(idx, out_dtype=out_dtype)
+    fw = "torch" if out_dtype == "bfloat16" else None
+    got = table.gather(idx, out_dtype=out_dtype, framework=fw)
     got = got if isinstance(got, torch.Tensor) else torch.from_numpy(np.asarray(got))
     same_bits(got, expected)
     for kind in ("numpy", "torch", "pinned"):
@@ -91,7 +92,7 @@ def test_default_output_dtypes() -> None:
         values, scales = random_table(dtype, 8, 32)
         t = er.HostTable.from_torch(values, scales)
         assert t.gather([1]).dtype == np.float32
-        assert t.gather([1], out_dtype="bfloat16").dtype == torch.bfloat16
+        assert t.gather([1], out_dtype="bfloat16", framework="torch").dtype == torch.bfloat16
 
 
 def test_fp8_dequant_every_code_and_scale_bit_exact() -> None:
@@ -102,7 +103,9 @@ def test_fp8_dequant_every_code_and_scale_bit_exact() -> None:
     idx = np.arange(256)
     expected = torch_rows(codes.view(torch.float8_e4m3fn), scales, idx)
     same_bits(torch.from_numpy(table.gather(idx)), expected)
-    same_bits(table.gather(idx, out_dtype="bfloat16"), expected.to(torch.bfloat16))
+    same_bits(
+        table.gather(idx, out_dtype="bfloat16", framework="torch"), expected.to(torch.bfloat16)
+    )
     same_bits(torch.from_numpy(table.gather(idx, out_dtype="float16")), expected.to(torch.float16))
     assert torch.signbit(torch.from_numpy(table.gather(idx))[127, 0x80])  # -0 stays -0
 
@@ -237,12 +240,74 @@ def test_bad_indices_raise_and_write_nothing() -> None:
         t.gather(np.array([[1, 2, -3], [0, 1, 1]]), out=out)
     assert (out == 7.0).all(), "nothing is written when an index is bad"
     for bad in (np.array([1.0, 2.0]), np.array([True, False])):
-        with pytest.raises(
-            TypeError, match=f"indices must be int32 or int64, got dtype {bad.dtype}"
-        ):
+        with pytest.raises(TypeError, match=f"indices must be integers, got dtype {bad.dtype}"):
             t.gather(bad)
     with pytest.raises(IndexError, match=r"row index 10 at position \(0,\)"):
         t.prefetch(np.array([10])).wait()
+
+
+def test_one_index_rule_positions_in_the_callers_shape() -> None:
+    """gather, prefetch and write_rows take any integer dtype, lists and torch tensors, and name
+    a bad index by its position in the caller's shape, the same for all three."""
+    t = er.HostTable.from_numpy(np.arange(40, dtype=np.float32).reshape(10, 4))
+    want = t.gather(np.array([[1, 2], [3, 9]]))
+    for idx in (
+        [[1, 2], [3, 9]],
+        np.array([[1, 2], [3, 9]], dtype=np.uint8),
+        np.array([[1, 2], [3, 9]], dtype=">i2"),
+        np.array([[1, 2], [3, 9]], dtype=np.uint64),
+        torch.tensor([[1, 2], [3, 9]]),
+    ):
+        np.testing.assert_array_equal(t.gather(idx), want)
+        np.testing.assert_array_equal(t.prefetch(idx).wait(), want)
+    bad = np.array([[1, 2], [3, 12]])
+    where = r"row index 12 at position \(1, 1\) is out of range"
+    with pytest.raises(IndexError, match=where):
+        t.gather(bad)
+    with pytest.raises(IndexError, match=where):
+        t.gather(bad, out=np.empty((2, 2, 4), np.float32))
+    with pytest.raises(IndexError, match=where):
+        t.prefetch(bad).wait()
+    with pytest.raises(IndexError, match=where):
+        t.write_rows(bad, np.zeros((2, 2, 4)))
+    with pytest.raises(IndexError, match=r"row index 18446744073709551615 at position \(1,\)"):
+        t.gather(np.array([1, 2**64 - 1], dtype=np.uint64))
+    assert t.gather([]).shape == (0, 4)
+
+
+def test_gather_returns_by_one_rule() -> None:
+    t = er.HostTable.from_torch(torch.randn(10, 64).to(torch.bfloat16))
+    assert isinstance(t.gather([1, 2]), np.ndarray) and t.gather([1]).dtype == np.float32
+    assert t.gather([1], framework="torch").dtype == torch.bfloat16
+    assert t.gather([1], out_dtype="f16", framework="torch").dtype == torch.float16
+    out = np.empty((1, 64), np.float32)
+    assert t.gather([1], out=out) is out
+    with pytest.raises(ValueError, match='numpy has no bfloat16: pass framework="torch"'):
+        t.gather([1], out_dtype="bf16")
+    with pytest.raises(ValueError, match="framework='torch' but out is a numpy array"):
+        t.gather([1], out=out, framework="torch")
+    p = t.prefetch([1, 2, 3], framework="torch")
+    assert repr(p).startswith("Prefetch(3 rows -> bfloat16")
+    assert p.wait().shape == (3, 64)
+
+
+def test_two_prefetches_into_one_output_are_refused() -> None:
+    t = er.HostTable.from_numpy(np.zeros((1 << 16, 64), np.float32))
+    idx = np.random.default_rng(0).integers(0, 1 << 16, size=1 << 20)
+    out = np.empty((1 << 20, 64), np.float32)
+    refused = False
+    for _ in range(5):  # the first prefetch must still be running when the second comes
+        first = t.prefetch(idx, out=out)
+        try:
+            t.prefetch(idx[: 1 << 10], out=out[: 1 << 10]).wait()
+        except ValueError as e:
+            assert "out overlaps the output of a prefetch still running" in str(e)
+            refused = True
+        first.wait()
+        if refused:
+            break
+    assert refused
+    t.prefetch(idx[: 1 << 10], out=out[: 1 << 10]).wait()  # done: the memory is free again
 
 
 def test_bad_outputs() -> None:
@@ -406,7 +471,8 @@ def test_gather_property(rows: int, dim: int, n: int, dtype: str, seed: int) -> 
     t = er.HostTable.from_torch(values)
     idx = np.random.default_rng(seed).integers(0, rows, size=n)
     for out_dtype in ("float32", "float16", "bfloat16"):
-        got = t.gather(idx, out_dtype=out_dtype)
+        fw = "torch" if out_dtype == "bfloat16" else None
+        got = t.gather(idx, out_dtype=out_dtype, framework=fw)
         got = got if isinstance(got, torch.Tensor) else torch.from_numpy(got)
         same_bits(got, values[torch.from_numpy(idx)].float().to(TORCH[out_dtype]))
 

@@ -299,7 +299,9 @@ def _gather_contenders(
         ceiling_out = out.view(torch.uint8).numpy().reshape(-1)[: n * unit]
         return {
             "engram_rs FP8 -> bf16 gather(out=)": lambda: table.gather(idx, out=out),
-            "engram_rs FP8 -> bf16 gather (new)": lambda: table.gather(idx, out_dtype="bfloat16"),
+            "engram_rs FP8 -> bf16 gather (new)": lambda: table.gather(
+                idx, out_dtype="bfloat16", framework="torch"
+            ),
             "torch index_select + dequant (new)": torch_dequant,
             "copy loop, same rows (ceiling)": lambda: table._core.copy_rows_ceiling(
                 idx, ceiling_out
@@ -307,12 +309,12 @@ def _gather_contenders(
         }
     out = torch.empty((n, dim), dtype=torch_table.dtype)
     out_np = out.view(torch.uint16).numpy() if dtype == "bfloat16" else out.numpy()
-    new_dtype = "bfloat16" if dtype == "bfloat16" else None
+    new_framework = "torch" if dtype == "bfloat16" else None
     return {
         "engram_rs gather(out=)": lambda: table.gather(idx, out=out),
         "torch.index_select(out=)": lambda: torch.index_select(torch_table, 0, t_idx, out=out),
         "numpy.take(out=)": lambda: np.take(numpy_table, idx, axis=0, out=out_np),
-        "engram_rs gather (new)": lambda: table.gather(idx, out_dtype=new_dtype),
+        "engram_rs gather (new)": lambda: table.gather(idx, framework=new_framework),
         "torch.index_select (new)": lambda: torch.index_select(torch_table, 0, t_idx),
         "numpy.take (new)": lambda: np.take(numpy_table, idx, axis=0),
         "copy loop, same rows (ceiling)": lambda: table._core.copy_rows_ceiling(

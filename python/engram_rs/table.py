@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -13,6 +13,11 @@ import numpy.typing as npt
 from . import _engram_rs
 
 __all__ = ["HostTable", "Prefetch"]
+
+if TYPE_CHECKING:
+    import torch
+
+_Out = TypeVar("_Out")
 
 _DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3")
 _OUT_DTYPES = ("float32", "float16", "bfloat16")
@@ -134,18 +139,25 @@ def _float_hint(scales: Any) -> str:
     return ""
 
 
-def _indices(idx: npt.ArrayLike) -> np.ndarray:
+def _indices(idx: Any) -> np.ndarray:
+    """One index rule for gather, prefetch and write_rows: an array, a list or a torch tensor of
+    any integer dtype and byte order, any shape; int32/int64 arrays pass without a copy. Range
+    checks (against the table's rows) happen in the core, positions in this shape."""
     if _is_torch(idx):
-        idx = idx.cpu().numpy()  # type: ignore[union-attr]
+        idx = idx.detach().cpu().numpy()
     arr = np.asarray(idx)
-    if arr.dtype.kind not in "iu" or arr.dtype not in (np.int32, np.int64, np.uint32):
-        if arr.dtype.kind in "iu" and arr.size == 0:
-            return arr.astype(np.int64)
+    if arr.size == 0 and arr.dtype.kind in "fiu":
+        return np.zeros(arr.shape, np.int64)  # numpy's dtype for [] is float64
+    if arr.dtype.kind not in "iu":
         raise TypeError(
-            f"indices must be int32 or int64, got dtype {arr.dtype}: "
-            "convert with idx.astype(numpy.int64)"
+            f"indices must be integers, got dtype {arr.dtype}: convert with idx.astype(numpy.int64)"
         )
-    if arr.dtype == np.uint32:
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) >= 2**63:
+        pos = tuple(int(i) for i in np.unravel_index(int(np.argmax(arr >= 2**63)), arr.shape))
+        raise IndexError(
+            f"row index {int(arr[pos])} at position {pos} is out of range (beyond int64)"
+        )
+    if arr.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
         arr = arr.astype(np.int64)
     # Not np.ascontiguousarray: it would turn a 0-d index into a 1-d one.
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
@@ -176,9 +188,15 @@ def _progress_bar(rows: int) -> Callable[[int, int], object]:
 class Prefetch:
     """A gather started in the background; ``wait()`` returns its result."""
 
-    def __init__(self, core: Any, finish: Any) -> None:
+    def __init__(self, core: Any, finish: Any, rows: int, out_dtype: str) -> None:
         self._core = core
         self._finish = finish
+        self._rows = rows
+        self._out_dtype = out_dtype
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "running"
+        return f"Prefetch({self._rows} rows -> {self._out_dtype}, {state})"
 
     def done(self) -> bool:
         """Whether the gather has finished."""
@@ -200,6 +218,7 @@ class HostTable:
                 "HostTable.from_numpy / from_torch to wrap an array"
             )
         self._core = core
+        self._in_flight: list[tuple[int, int, Any]] = []
 
     # -- constructors ----------------------------------------------------------------------
 
@@ -390,20 +409,38 @@ class HostTable:
 
     # -- gathers ---------------------------------------------------------------------------
 
-    def _default_out_dtype(self) -> str:
-        return self.dtype if self.dtype in ("float32", "float16") else "float32"
+    def _default_out_dtype(self, framework: str) -> str:
+        if self.dtype in ("float32", "float16"):
+            return self.dtype
+        return "bfloat16" if framework == "torch" else "float32"
 
-    def _plan(self, idx: npt.ArrayLike, out: Any, out_dtype: Any) -> tuple[Any, ...]:
+    def _plan(
+        self, idx: Any, out: Any, out_dtype: Any, framework: str | None = None
+    ) -> tuple[Any, ...]:
         """Checks arguments; returns (indices, out as numpy bytes or None, dtype, result)."""
         ids = _indices(idx)
         shape = (*ids.shape, self.dim)
+        if framework not in (None, "numpy", "torch"):
+            raise ValueError(f'framework must be "numpy" or "torch", got {framework!r}')
         if out is None:
+            fw = framework or "numpy"
             od = (
-                self._default_out_dtype()
+                self._default_out_dtype(fw)
                 if out_dtype is None
                 else _dtype_name(out_dtype, "out_dtype", _OUT_DTYPES)
             )
-            return ids, None, od, shape
+            if od == "bfloat16" and fw == "numpy":
+                raise ValueError(
+                    'numpy has no bfloat16: pass framework="torch" for a torch bfloat16 tensor, '
+                    'or out_dtype="float32"'
+                )
+            return ids, None, od, (shape, fw)
+        if framework is not None:
+            want = "torch" if _is_torch(out) else "numpy"
+            if framework != want:
+                raise ValueError(
+                    f"framework={framework!r} but out is a {want} array: the result is out"
+                )
         if _is_torch(out):
             torch = _torch()
             if out.device.type != "cpu":
@@ -430,37 +467,77 @@ class HostTable:
             raise ValueError("out is read-only")
         return ids, arr, od, out
 
-    def _wrap(self, raw: np.ndarray, od: str, shape: tuple[int, ...]) -> Any:
-        """Views a pooled uint8 result as the output dtype (a torch tensor for bfloat16)."""
+    def _wrap(self, raw: np.ndarray, od: str, plan: tuple[tuple[int, ...], str]) -> Any:
+        """Views a pooled uint8 result as the output dtype, as numpy or torch (zero-copy)."""
+        shape, framework = plan
         arr = raw.view(_NUMPY_OF[od]).reshape(shape)
-        if od == "bfloat16":
+        if framework == "torch":
             torch = _torch()
-            return torch.from_numpy(arr).view(torch.bfloat16)
+            t = torch.from_numpy(arr)
+            return t.view(torch.bfloat16) if od == "bfloat16" else t
         return arr
 
-    def gather(self, idx: npt.ArrayLike, out: Any = None, out_dtype: Any = None) -> Any:
-        """Rows ``idx`` (int32/int64, any shape) -> ``[*idx.shape, dim]``.
+    @overload
+    def gather(
+        self,
+        idx: Any,
+        out: None = None,
+        out_dtype: Any = None,
+        framework: Literal["numpy"] | None = None,
+    ) -> npt.NDArray[np.float32] | npt.NDArray[np.float16]: ...
+    @overload
+    def gather(
+        self, idx: Any, out: None = None, out_dtype: Any = None, *, framework: Literal["torch"]
+    ) -> torch.Tensor: ...
+    @overload
+    def gather(
+        self, idx: Any, out: _Out, out_dtype: Any = None, framework: None = None
+    ) -> _Out: ...
 
-        Without ``out``: numpy float32/float16 for those tables, float32 for bfloat16 and FP8
-        tables, or a torch bfloat16 tensor with ``out_dtype="bfloat16"``. ``out`` may be a numpy
-        array or a (pinned) CPU tensor, C-contiguous, float32/float16/bfloat16.
+    def gather(
+        self, idx: Any, out: Any = None, out_dtype: Any = None, framework: str | None = None
+    ) -> Any:
+        """Rows ``idx`` -> ``[*idx.shape, dim]``.
+
+        ``idx``: row ids of any integer dtype and shape, as a numpy array, a list or a torch
+        tensor; a bad one raises ``IndexError`` naming it and its position in ``idx``.
+
+        What comes back, one rule: ``out`` itself when given (a C-contiguous numpy array or
+        (pinned) CPU torch tensor of the right shape, float32/float16/bfloat16); otherwise a
+        new numpy array, or a torch tensor with ``framework="torch"``. ``out_dtype`` is one of
+        "float32", "float16", "bfloat16" (also "f32", "f16", "bf16", numpy or torch dtypes);
+        by default float32/float16 tables give their own dtype, bfloat16 and FP8 tables give
+        float32 in numpy (which has no bfloat16) and bfloat16 in torch.
         """
-        ids, arr, od, result = self._plan(idx, out, out_dtype)
+        ids, arr, od, result = self._plan(idx, out, out_dtype, framework)
         if arr is None:
-            return self._wrap(self._core.gather_new(ids.reshape(-1), od), od, result)
+            return self._wrap(self._core.gather_new(ids, od), od, result)
         self._core.gather(ids, arr, od)
         return result
 
-    def prefetch(self, idx: npt.ArrayLike, out: Any = None, out_dtype: Any = None) -> Prefetch:
-        """Starts the same gather on a background pool and returns at once.
-
-        Do not touch ``out`` until ``wait()``; several prefetches may be in flight.
+    def prefetch(
+        self, idx: Any, out: Any = None, out_dtype: Any = None, framework: str | None = None
+    ) -> Prefetch:
+        """Starts the same gather on a background pool and returns at once; ``wait()`` returns
+        what ``gather`` would. Do not touch ``out`` until ``wait()``; several prefetches may be
+        in flight, but not two into the same ``out`` memory (refused).
         """
-        ids, arr, od, result = self._plan(idx, out, out_dtype)
+        ids, arr, od, result = self._plan(idx, out, out_dtype, framework)
+        if arr is not None:
+            start = arr.ctypes.data
+            span = (start, start + arr.nbytes)
+            self._in_flight = [(a, b, c) for a, b, c in self._in_flight if not c.done()]
+            for a, b, _ in self._in_flight:
+                if a < span[1] and span[0] < b and arr.nbytes:
+                    raise ValueError(
+                        "out overlaps the output of a prefetch still running: wait() for it, "
+                        "or pass a separate output array"
+                    )
         core = self._core.prefetch(ids, od, arr)
         if arr is None:
-            return Prefetch(core, lambda raw: self._wrap(raw, od, result))
-        return Prefetch(core, lambda _raw: result)
+            return Prefetch(core, lambda raw: self._wrap(raw, od, result), ids.size, od)
+        self._in_flight.append((span[0], span[1], core))
+        return Prefetch(core, lambda _raw: result, ids.size, od)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -474,7 +551,7 @@ class HostTable:
         UE8M0 bytes (numpy/torch uint8 or torch.float8_e8m0fnu). Values that are
         a view of the table's own memory are read before anything is written (as numpy does).
         """
-        ids = _indices(idx).astype(np.int64).reshape(-1)
+        ids = _indices(idx).astype(np.int64, copy=False)
         vals = self._values(values, scales)
         if self.dtype == "float8_e4m3":
             if vals.dtype == np.float32 and scales is None and vals.ndim == 2:
@@ -496,8 +573,13 @@ class HostTable:
                 f"values for a {self.dtype} table must be floats (float64, float32, float16, "
                 f"bfloat16: rounded to {self.dtype}) or lists of numbers, got {vals.dtype}"
             )
+        if vals.shape == (*ids.shape, self.dim):
+            vals = vals.reshape(ids.size, self.dim)
         if vals.shape != (ids.size, self.dim):
-            raise ValueError(f"values have shape {vals.shape}, expected {(ids.size, self.dim)}")
+            raise ValueError(
+                f"values have shape {vals.shape}, expected {(*ids.shape, self.dim)} "
+                f"(or {(ids.size, self.dim)})"
+            )
         sc = None
         if scales is not None:
             if self.dtype != "float8_e4m3":
