@@ -145,7 +145,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--dtype", "float8_e4m3", "--dim", "48"], "multiple of 32, got 48"),
         (["--table-gib", "0"], "--table-gib must be > 0"),
         (["--threads", "-1"], "--threads must be >= 0"),
-        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
     ],
 )
 def test_bench_gather_refuses_bad_arguments_with_a_usage_error(
@@ -188,3 +188,22 @@ def test_bench_gather_runs_every_dtype_and_mode_on_a_small_table() -> None:
             names = [r["what"] for r in rows]
             assert "copy loop, same rows (ceiling)" in names
             assert all(r["GB/s"] > 0 for r in rows)
+
+
+def test_each_benchmark_lists_only_its_own_options() -> None:
+    def helptext(*args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "engram_rs", *args, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc
+        return proc.stdout
+
+    gather = helptext("bench", "gather")
+    assert "--batch-rows" in gather and "{float32,float16,bfloat16,float8_e4m3}" in gather
+    assert "--preset" not in gather and "--seqlen" not in gather
+    hashing = helptext("bench", "hash")
+    assert "--preset" in hashing and "--dtype" not in hashing and "--batch-rows" not in hashing
+    assert "{hash,gather,compress}" in helptext("bench")

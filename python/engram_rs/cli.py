@@ -76,85 +76,111 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench_gather(args: argparse.Namespace) -> int:
     print(f"machine: {environment()}")
-    if args.what == "gather":
-        if args.threads:
-            os.environ["RAYON_NUM_THREADS"] = str(args.threads)
-        rows, where = bench_gather(
-            args.rows,
-            args.dim,
-            args.dtype,
-            args.batch_rows,
-            args.mode,
-            args.repeats,
-            args.path,
-            args.table_gib,
-        )
-        print(
-            f"random gathers of {args.batch_rows} rows from {where}; interleaved rounds, best of "
-            f"{args.repeats}; every contender reads the same table memory, out= rows write the "
-            "same preallocated output"
-        )
-        print(format_table(rows))
-    if args.what == "hash":
-        rows = bench_hashing(args.preset or list(PRESETS), args.batch, args.seqlen, args.repeats)
-        print(
-            f"hashing throughput, B={args.batch}, T={args.seqlen}, best of {args.repeats} warm runs"
-        )
-        print(format_table(rows))
-    if args.what == "compress":
-        path = deepseek_v4_tokenizer_json()
-        print(f"compression table of the DeepSeek-V4 tokenizer, best of {args.repeats} warm runs")
-        print(format_table(bench_compress(path, args.repeats)))
-        print(f"\nraw ids -> hash ids, B={args.batch}, T={args.seqlen}")
-        print(
-            format_table(
-                bench_hash_tokens(path, batch=args.batch, seqlen=args.seqlen, repeats=args.repeats)
-            )
-        )
+    if args.threads:
+        os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+    rows, where = bench_gather(
+        args.rows,
+        args.dim,
+        args.dtype,
+        args.batch_rows,
+        args.mode,
+        args.repeats,
+        args.path,
+        args.table_gib,
+    )
+    print(
+        f"random gathers of {args.batch_rows} rows from {where}; interleaved rounds, best of "
+        f"{args.repeats}; every contender reads the same table memory, out= rows write the "
+        "same preallocated output"
+    )
+    print(format_table(rows))
     return 0
+
+
+def _bench_hash(args: argparse.Namespace) -> int:
+    print(f"machine: {environment()}")
+    rows = bench_hashing(args.preset or list(PRESETS), args.batch, args.seqlen, args.repeats)
+    print(f"hashing throughput, B={args.batch}, T={args.seqlen}, best of {args.repeats} warm runs")
+    print(format_table(rows))
+    return 0
+
+
+def _bench_compress(args: argparse.Namespace) -> int:
+    print(f"machine: {environment()}")
+    path = deepseek_v4_tokenizer_json()
+    print(f"compression table of the DeepSeek-V4 tokenizer, best of {args.repeats} warm runs")
+    print(format_table(bench_compress(path, args.repeats)))
+    print(f"\nraw ids -> hash ids, B={args.batch}, T={args.seqlen}")
+    print(
+        format_table(
+            bench_hash_tokens(path, batch=args.batch, seqlen=args.seqlen, repeats=args.repeats)
+        )
+    )
+    return 0
+
+
+def _positive(value: str) -> int:
+    """An argparse type: an int >= 1, or a usage error naming the value."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _sizes(parser: argparse.ArgumentParser, batch: int = 16) -> None:
+    parser.add_argument("--batch", type=_positive, default=batch, help="sequences (%(default)s)")
+    parser.add_argument("--seqlen", type=_positive, default=8192, help="tokens a sequence")
+    parser.add_argument("--repeats", type=_positive, default=5, help="timed runs, best kept")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``engram-rs`` command."""
     parser = argparse.ArgumentParser(prog="engram-rs", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="hash a generated batch with both presets and time it")
-    demo.add_argument("--batch", type=int, default=16)
-    demo.add_argument("--seqlen", type=int, default=8192)
-    demo.add_argument("--repeats", type=int, default=5)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+    demo = sub.add_parser("demo", help="compress the DeepSeek-V4 tokenizer, hash, time it")
+    _sizes(demo)
     demo.set_defaults(func=_demo)
-    bench = sub.add_parser("bench", help="throughput benchmarks against baselines")
-    bench.add_argument("what", choices=["hash", "gather", "compress"])
-    bench.add_argument("--preset", action="append", choices=list(PRESETS))
-    bench.add_argument("--batch", type=int, default=16)
-    bench.add_argument("--seqlen", type=int, default=8192)
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument(
-        "--dtype", choices=GATHER_DTYPES, default=None, help="gather: table dtype (float32)"
+    bench = sub.add_parser("bench", help="throughput against baselines, in the same process")
+    what = bench.add_subparsers(dest="what", required=True, metavar="{hash,gather,compress}")
+    hash_ = what.add_parser("hash", help="hashing against the numpy reference")
+    hash_.add_argument(
+        "--preset", action="append", choices=list(PRESETS), help="repeatable (all presets)"
     )
-    bench.add_argument("--dim", type=int, default=None, help="gather: values per row (64)")
-    bench.add_argument("--rows", type=int, default=None, help="gather: table rows")
-    bench.add_argument("--table-gib", type=float, default=4.0, help="gather: size if no --rows")
-    bench.add_argument("--batch-rows", type=int, default=1 << 20, help="gather: rows per call")
-    bench.add_argument("--mode", choices=["resident", "mmap"], default="resident")
-    bench.add_argument("--threads", type=int, default=0, help="gather: threads (0: all cores)")
-    bench.add_argument(
-        "--path", default=None, help="gather: a table file to reuse (created if missing)"
+    _sizes(hash_)
+    hash_.set_defaults(func=_bench_hash)
+    gather = what.add_parser(
+        "gather", help="host-table gathers against torch and numpy, and the copy-loop ceiling"
     )
-    bench.set_defaults(func=_bench)
+    gather.add_argument(
+        "--dtype", choices=GATHER_DTYPES, default=None, help="table dtype (float32)"
+    )
+    gather.add_argument("--dim", type=int, default=None, help="values per row (64)")
+    gather.add_argument("--rows", type=int, default=None, help="table rows (from --table-gib)")
+    gather.add_argument("--table-gib", type=float, default=4.0, help="table size if no --rows")
+    gather.add_argument("--batch-rows", type=int, default=1 << 20, help="rows per call")
+    gather.add_argument("--mode", choices=["resident", "mmap"], default="resident")
+    gather.add_argument("--threads", type=int, default=0, help="threads (0: all cores)")
+    gather.add_argument("--repeats", type=_positive, default=5, help="interleaved rounds")
+    gather.add_argument("--path", default=None, help="a table file to reuse (created if missing)")
+    gather.set_defaults(func=_bench_gather)
+    compress = what.add_parser(
+        "compress", help="tokenizer compression against the Python reference, and hash_tokens"
+    )
+    _sizes(compress)
+    compress.set_defaults(func=_bench_compress)
     args = parser.parse_args(argv)
-    for opt in ("batch", "seqlen", "repeats"):
-        if getattr(args, opt) < 1:
-            parser.error(f"--{opt} must be >= 1, got {getattr(args, opt)}")
-    if args.func is _bench and args.what == "gather":
-        _check_gather_args(parser, args)
+    if args.func is _bench_gather:
+        _check_gather_args(gather, args)
     try:
         result: int = args.func(args)
     except (ValueError, OSError) as e:
-        if args.func is _bench and args.what == "gather":
-            parser.error(str(e))
+        if args.func is _bench_gather:
+            gather.error(str(e))
         raise
     return result
 
