@@ -342,7 +342,7 @@ def test_bad_shapes_dtypes_and_arguments(golden: dict) -> None:
         h.hash(np.zeros((1, 2), dtype=np.int64), layer_ids=[3])
     big = er.NgramHasher(er.EngramConfig(engram_vocab_size=[2**28, 2**28], n_head_per_ngram=8), 100)
     with pytest.raises(
-        ValueError, match="which do not fit int32 with flat=True: use dtype=numpy.int64"
+        ValueError, match=r"layer 1 has ids up to \d+, which do not fit int32 with flat=True: use"
     ):
         big.hash(np.zeros((1, 2), dtype=np.int64), dtype=np.int32, flat=True)
     assert big.hash(np.zeros((1, 2), dtype=np.int64), dtype=np.int32)[1].dtype == np.int32

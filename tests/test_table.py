@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 
 import engram_rs as er
@@ -562,3 +563,12 @@ def test_one_dtype_spelling_rule(tmp_path) -> None:
 def test_the_constructor_points_to_open() -> None:
     with pytest.raises(TypeError, match=r"HostTable\('x.safetensors'\) is not how tables are made"):
         er.HostTable("x.safetensors")
+
+
+def test_create_refuses_unknown_init_and_bad_std(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r'unknown init "uniform": use "normal"'):
+        er.HostTable.create(tmp_path / "t.safetensors", 4, 32, init="uniform")
+    for std in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="std must be a finite number >= 0"):
+            er.HostTable.create(tmp_path / "t.safetensors", 4, 32, std=std)
+    assert os.listdir(tmp_path) == []

@@ -260,15 +260,7 @@ class NgramHasher:
         if dt not in (np.dtype(np.int64), np.dtype(np.int32)):
             raise ValueError(f"dtype must be numpy.int64 or numpy.int32, got {dt}")
         layers = self._layers(layer_ids)
-        int32 = dt == np.int32
-        if int32:
-            for layer in layers:
-                top = self._core.max_value(self._index[layer], flat)
-                if top > np.iinfo(np.int32).max:
-                    raise ValueError(
-                        f"layer {layer} has ids up to {top}, which do not fit int32"
-                        f"{' with flat=True' if flat else ''}: use dtype=numpy.int64"
-                    )
+        int32 = dt == np.int32  # whether the ids fit is checked by the core
         outs = self._core.hash(
             ids, bounds, [self._index[x] for x in layers], int32, bool(flat), history, raw=raw
         )

@@ -256,8 +256,6 @@ class HostTable:
                 raise ValueError(f"{label} must be a non-negative int, got {value!r}")
         if dim < 1:
             raise ValueError(f"dim must be at least 1, got {dim}")
-        if not std >= 0:
-            raise ValueError(f"std must be >= 0, got {std}")
         if progress is None:
             progress = rows * dim * 2 > 1 << 30 and sys.stderr.isatty()
         if progress is True:

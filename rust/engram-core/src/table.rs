@@ -116,6 +116,22 @@ pub enum Init {
     },
 }
 
+impl Init {
+    /// The init called `name` ("normal" with `std` and `seed`, or "zeros").
+    pub fn parse(name: &str, std: f32, seed: u64) -> Result<Self> {
+        match name {
+            "zeros" => Ok(Init::Zeros),
+            "normal" if std.is_finite() && std >= 0.0 => Ok(Init::Normal { std, seed }),
+            "normal" => Err(EngramError::Invalid(format!(
+                "std must be a finite number >= 0, got {std}"
+            ))),
+            other => Err(EngramError::Invalid(format!(
+                "unknown init {other:?}: use \"normal\" (with std, seed) or \"zeros\""
+            ))),
+        }
+    }
+}
+
 /// Bytes of a table's values and of its scales, or why the shape is refused: a zero `dim`, an
 /// FP8 `dim` that is not a multiple of the block, or a size beyond `isize::MAX` in total.
 pub fn table_bytes(dtype: DType, rows: usize, dim: usize) -> Result<(usize, usize)> {

@@ -380,11 +380,6 @@ impl HasherCore {
         self.check_layer(layer)?;
         Ok(self.inner.table_rows(layer))
     }
-
-    fn max_value(&self, layer: usize, flat: bool) -> PyResult<u64> {
-        self.check_layer(layer)?;
-        Ok(self.inner.max_value(layer, flat))
-    }
 }
 
 impl HasherCore {

@@ -188,15 +188,7 @@ impl TableCore {
     ) -> PyResult<Self> {
         let path = fs_path(path)?;
         let dt = self::dtype(dtype)?;
-        let init = match init {
-            "zeros" => Init::Zeros,
-            "normal" => Init::Normal { std, seed },
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown init {other:?}: use \"normal\" (with std, seed) or \"zeros\""
-                )))
-            }
-        };
+        let init = Init::parse(init, std, seed).map_err(|e| to_pyerr(e, &[]))?;
         // `progress(done, rows)` is called from the worker threads (attaching to Python) at each
         // percent and at the end; an exception it raises stops the creation and is re-raised.
         let reported = std::sync::atomic::AtomicUsize::new(usize::MAX);

@@ -147,6 +147,8 @@ pub struct NgramHasher {
     layers: Vec<LayerPlan>,
     /// Raw token id -> compressed id, for hashing raw ids in one pass.
     lookup: Option<Vec<i64>>,
+    /// The model's layer id of each layer (its index when built from specs), for messages.
+    layer_ids: Vec<u64>,
 }
 
 /// `x mod p` for `x < 2**64`, `p >= 2`, with `m = floor(2**64 / p)`: the estimate `q` is the true
@@ -227,7 +229,9 @@ impl NgramHasher {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Self::new(n, config.n_head_per_ngram, vocab, pad, specs)
+        let mut hasher = Self::new(n, config.n_head_per_ngram, vocab, pad, specs)?;
+        hasher.layer_ids = config.layer_ids.clone();
+        Ok(hasher)
     }
 
     /// Layer `layer`'s multipliers (one per token of the n-gram window, oldest first).
@@ -344,6 +348,7 @@ impl NgramHasher {
             n_head,
             vocab,
             pad,
+            layer_ids: (0..plans.len() as u64).collect(),
             layers: plans,
             lookup: None,
         })
@@ -471,8 +476,10 @@ impl NgramHasher {
             let max = self.max_value(layer, flat);
             if max > O::MAX {
                 return Err(EngramError::Invalid(format!(
-                    "ids up to {max} do not fit the output dtype (max {}): use int64 output",
-                    O::MAX
+                    "layer {} has ids up to {max}, which do not fit int32{}: use int64 output \
+                     (dtype=numpy.int64)",
+                    self.layer_ids[layer],
+                    if flat { " with flat=True" } else { "" },
                 )));
             }
         }
