@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from .config import EngramConfig
 from .hashing import NgramHasher
 from .reference import reference_hash, reference_lookup_table
 from .table import _NUMPY_OF
+
+if TYPE_CHECKING:
+    from .table import DTypeSpec
 
 __all__ = [
     "GATHER_DTYPES",
@@ -34,6 +37,11 @@ __all__ = [
 
 #: Compressed vocabulary sizes the presets are used with (SPEC section 4).
 PRESET_VOCAB = {"demo": 98627, "deepseek-v4.1-flash": 99092}
+
+
+def _spec(dtype: str) -> DTypeSpec:
+    """A dtype name from the command line (argparse checked it against the choices)."""
+    return cast("DTypeSpec", dtype)
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:
@@ -338,14 +346,24 @@ def _open_gather_tables(
         values = np.empty((rows, dim), _NUMPY_OF[dtype])
         scales = np.empty((rows, dim // 32), np.uint8) if fp8 else None
         _fill_table(values, scales, dtype)
-        return HostTable.from_numpy(values, scales, dtype), values, scales, huge_page_share(values)
+        return (
+            HostTable.from_numpy(values, scales, _spec(dtype)),
+            values,
+            scales,
+            huge_page_share(values),
+        )
     if path is None:
         path = os.path.join(tmp, "table.safetensors")
-        HostTable.create(path, rows, dim, dtype=dtype, init="normal", seed=0).close()
+        HostTable.create(path, rows, dim, dtype=_spec(dtype), init="normal", seed=0).close()
     if mode == "resident":
         values = np.array(tensor_memmap(path, "weight"))
         scales = np.array(tensor_memmap(path, "weight_scale")) if fp8 else None
-        return HostTable.from_numpy(values, scales, dtype), values, scales, huge_page_share(values)
+        return (
+            HostTable.from_numpy(values, scales, _spec(dtype)),
+            values,
+            scales,
+            huge_page_share(values),
+        )
     # mmap: the file in the page cache, mapped by engram_rs and by np.memmap for the others.
     table = HostTable.open(path, name="weight", scales="weight_scale" if fp8 else None)
     values = tensor_memmap(path, "weight")

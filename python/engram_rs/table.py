@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +17,21 @@ __all__ = ["HostTable", "Prefetch"]
 if TYPE_CHECKING:
     import torch
 
-_Out = TypeVar("_Out")
+    #: Row ids: an array, a (nested) list or a torch tensor of any integer dtype.
+    Indices: TypeAlias = npt.ArrayLike | torch.Tensor
+    #: A dtype argument: a name (canonical or short), a numpy dtype or a torch dtype.
+    DTypeSpec: TypeAlias = (
+        Literal["float32", "f32", "float16", "f16", "bfloat16", "bf16", "float8_e4m3", "fp8"]
+        | np.dtype[np.generic]
+        | type[np.generic]
+        | torch.dtype
+    )
+    #: Values for write_rows: float arrays, lists, torch tensors (or a table's raw bits).
+    Values: TypeAlias = npt.ArrayLike | torch.Tensor
+    #: What gather returns or fills: a numpy array or a torch tensor.
+    Rows: TypeAlias = npt.NDArray[np.floating[Any]] | npt.NDArray[np.uint16] | torch.Tensor
+
+_Out = TypeVar("_Out", bound="npt.NDArray[Any] | torch.Tensor")
 
 _DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3")
 _OUT_DTYPES = ("float32", "float16", "bfloat16")
@@ -228,8 +242,8 @@ class HostTable:
         path: PathArg,
         rows: int,
         dim: int,
-        dtype: str = "bfloat16",
-        init: str = "normal",
+        dtype: DTypeSpec = "bfloat16",
+        init: Literal["normal", "zeros"] = "normal",
         std: float = 0.02,
         seed: int = 0,
         name: str = "weight",
@@ -282,7 +296,7 @@ class HostTable:
         path: PathArg,
         name: str | None = None,
         scales: str | None = None,
-        mode: str = "mmap",
+        mode: Literal["mmap", "resident"] = "mmap",
         writable: bool = False,
     ) -> HostTable:
         """Opens a table in any safetensors file (a checkpoint shard, say).
@@ -304,7 +318,10 @@ class HostTable:
 
     @classmethod
     def from_numpy(
-        cls, arr: np.ndarray, scales: np.ndarray | None = None, dtype: str | None = None
+        cls,
+        arr: npt.NDArray[Any],
+        scales: npt.NDArray[np.uint8] | None = None,
+        dtype: DTypeSpec | None = None,
     ) -> HostTable:
         """Wraps a C-contiguous 2-D array without copying (the table keeps it alive).
 
@@ -338,7 +355,7 @@ class HostTable:
         return cls(core)
 
     @classmethod
-    def from_torch(cls, tensor: Any, scales: Any = None) -> HostTable:
+    def from_torch(cls, tensor: torch.Tensor, scales: torch.Tensor | None = None) -> HostTable:
         """Wraps a CPU tensor (float32, float16, bfloat16, float8_e4m3fn) without copying."""
         torch = _torch()
         if not _is_torch(tensor):
@@ -363,7 +380,7 @@ class HostTable:
                     f"torch.float8_e8m0fnu tensor [rows, dim // 32], got {scales.dtype}"
                 )
             sc = scales.contiguous().view(torch.uint8).numpy()
-        return cls.from_numpy(arr, sc, dt)
+        return cls.from_numpy(arr, sc, cast("DTypeSpec", dt))
 
     # -- properties ------------------------------------------------------------------------
 
@@ -465,36 +482,45 @@ class HostTable:
             raise ValueError("out is read-only")
         return ids, arr, od, out
 
-    def _wrap(self, raw: np.ndarray, od: str, plan: tuple[tuple[int, ...], str]) -> Any:
+    def _wrap(self, raw: np.ndarray, od: str, plan: tuple[tuple[int, ...], str]) -> Rows:
         """Views a pooled uint8 result as the output dtype, as numpy or torch (zero-copy)."""
         shape, framework = plan
         arr = raw.view(_NUMPY_OF[od]).reshape(shape)
         if framework == "torch":
             torch = _torch()
             t = torch.from_numpy(arr)
-            return t.view(torch.bfloat16) if od == "bfloat16" else t
+            return cast("Rows", t.view(torch.bfloat16) if od == "bfloat16" else t)
         return arr
 
     @overload
     def gather(
         self,
-        idx: Any,
+        idx: Indices,
         out: None = None,
-        out_dtype: Any = None,
+        out_dtype: DTypeSpec | None = None,
         framework: Literal["numpy"] | None = None,
     ) -> npt.NDArray[np.float32] | npt.NDArray[np.float16]: ...
     @overload
     def gather(
-        self, idx: Any, out: None = None, out_dtype: Any = None, *, framework: Literal["torch"]
+        self,
+        idx: Indices,
+        out: None = None,
+        out_dtype: DTypeSpec | None = None,
+        *,
+        framework: Literal["torch"],
     ) -> torch.Tensor: ...
     @overload
     def gather(
-        self, idx: Any, out: _Out, out_dtype: Any = None, framework: None = None
+        self, idx: Indices, out: _Out, out_dtype: DTypeSpec | None = None, framework: None = None
     ) -> _Out: ...
 
     def gather(
-        self, idx: Any, out: Any = None, out_dtype: Any = None, framework: str | None = None
-    ) -> Any:
+        self,
+        idx: Indices,
+        out: Rows | None = None,
+        out_dtype: DTypeSpec | None = None,
+        framework: Literal["numpy", "torch"] | None = None,
+    ) -> Rows:
         """Rows ``idx`` -> ``[*idx.shape, dim]``.
 
         ``idx``: row ids of any integer dtype and shape, as a numpy array, a list or a torch
@@ -511,10 +537,14 @@ class HostTable:
         if arr is None:
             return self._wrap(self._core.gather_new(ids, od), od, result)
         self._core.gather(ids, arr, od)
-        return result
+        return cast("Rows", result)
 
     def prefetch(
-        self, idx: Any, out: Any = None, out_dtype: Any = None, framework: str | None = None
+        self,
+        idx: Indices,
+        out: Rows | None = None,
+        out_dtype: DTypeSpec | None = None,
+        framework: Literal["numpy", "torch"] | None = None,
     ) -> Prefetch:
         """Starts the same gather on a background pool and returns at once; ``wait()`` returns
         what ``gather`` would. Do not touch ``out`` until ``wait()``; several prefetches may be
@@ -539,7 +569,7 @@ class HostTable:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def write_rows(self, idx: npt.ArrayLike, values: Any, scales: Any = None) -> None:
+    def write_rows(self, idx: Indices, values: Values, scales: Values | None = None) -> None:
         """Overwrites rows ``idx`` with ``values`` [len(idx), dim] of the table's dtype.
 
         Values may be any float array (float64, float32, float16, torch bfloat16) or nested lists:
