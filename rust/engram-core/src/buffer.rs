@@ -58,13 +58,9 @@ impl AlignedBuf {
         Ok(Self { ptr, layout })
     }
 
-    /// Capacity in bytes.
-    pub fn len(&self) -> usize {
+    /// Capacity in bytes (at least one).
+    pub fn capacity(&self) -> usize {
         self.layout.size()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -102,8 +98,8 @@ impl BufferPool {
         if len >= MIN_POOLED {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
             let best = (0..free.len())
-                .filter(|&i| (len..=len.saturating_mul(2)).contains(&free[i].len()))
-                .min_by_key(|&i| free[i].len());
+                .filter(|&i| (len..=len.saturating_mul(2)).contains(&free[i].capacity()))
+                .min_by_key(|&i| free[i].capacity());
             if let Some(i) = best {
                 return Ok(free.swap_remove(i));
             }
@@ -120,21 +116,21 @@ impl BufferPool {
 
     /// Returns a buffer for reuse; the oldest idle buffers are freed beyond the pool's limit.
     pub fn give(&self, buf: AlignedBuf) {
-        if buf.len() < MIN_POOLED || buf.len() > self.limit {
+        if buf.capacity() < MIN_POOLED || buf.capacity() > self.limit {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         free.push(buf);
-        let mut held: usize = free.iter().map(AlignedBuf::len).sum();
+        let mut held: usize = free.iter().map(AlignedBuf::capacity).sum();
         while held > self.limit {
-            held -= free.remove(0).len();
+            held -= free.remove(0).capacity();
         }
     }
 
     /// Bytes held by idle buffers.
     pub fn idle_bytes(&self) -> usize {
         let free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.iter().map(AlignedBuf::len).sum()
+        free.iter().map(AlignedBuf::capacity).sum()
     }
 
     /// Frees every idle buffer.

@@ -398,6 +398,18 @@ struct Prefetcher {
     scale_bytes: usize,
 }
 
+/// Asks for the cache line at `p` (any address: a prefetch never faults).
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    std::hint::black_box(p);
+}
+
 impl Prefetcher {
     fn new(table: &HostTable) -> Self {
         // SAFETY: `row_ptr(0)`/`scale_ptr(0)` offset by 0.
@@ -413,24 +425,17 @@ impl Prefetcher {
     /// Prefetches row `r` and its scale bytes.
     #[inline(always)]
     fn row(&self, r: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let p = (self.values as *const u8).wrapping_add(r.wrapping_mul(self.row));
-            let mut off = 0;
-            while off < self.row {
-                // SAFETY: a prefetch never faults, whatever the address.
-                unsafe { _mm_prefetch(p.wrapping_add(off) as *const i8, _MM_HINT_T0) };
-                off += 64;
-            }
-            if self.scale_bytes > 0 {
-                let s = (self.scales as *const u8).wrapping_add(r.wrapping_mul(self.scale_bytes));
-                // SAFETY: as above.
-                unsafe { _mm_prefetch(s as *const i8, _MM_HINT_T0) };
-            }
+        let p = (self.values as *const u8).wrapping_add(r.wrapping_mul(self.row));
+        let mut off = 0;
+        while off < self.row {
+            prefetch_line(p.wrapping_add(off));
+            off += 64;
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = r;
+        if self.scale_bytes > 0 {
+            prefetch_line(
+                (self.scales as *const u8).wrapping_add(r.wrapping_mul(self.scale_bytes)),
+            );
+        }
     }
 }
 
@@ -456,11 +461,12 @@ unsafe fn copy_row(
         } else {
             &[]
         };
-        #[cfg(target_arch = "x86_64")]
-        if fast && avx512::convert(table.dtype, src, scales, out, dst) {
-            return;
+        if fast {
+            #[cfg(target_arch = "x86_64")]
+            if avx512::convert(table.dtype, src, scales, out, dst) {
+                return;
+            }
         }
-        let _ = fast;
         if table.dtype == out {
             dst.copy_from_slice(src);
         } else {
