@@ -4,6 +4,9 @@
 //! bfloat16/float16 rounds to nearest-even; FP8 E4M3 values dequantize as
 //! `float(e4m3) * float(ue8m0)` in f32 (SPEC section 5).
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
+
 use crate::error::{EngramError, Result};
 
 /// Storage type of a table's values.
