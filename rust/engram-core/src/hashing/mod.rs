@@ -601,15 +601,11 @@ impl NgramHasher {
                 let v = if pos >= seg_start + back {
                     // Read again (the ids are caller memory another thread may write), so
                     // checked again: an id is never hashed unchecked.
-                    let b = ids[pos - back].bits();
-                    match map {
-                        Some(m) => m.get(b as usize).copied(),
-                        None => (b < self.vocab).then_some(b as i64),
-                    }
-                    .unwrap_or_else(|| {
-                        valid = false;
-                        self.pad
-                    })
+                    self.compressed(ids[pos - back].bits(), map)
+                        .unwrap_or_else(|| {
+                            valid = false;
+                            self.pad
+                        })
                 } else {
                     match history {
                         Some(h) => h[seg * hist_len + hist_len - (seg_start + back - pos)],
@@ -692,23 +688,32 @@ fn ids_changed() -> EngramError {
 impl NgramHasher {
     /// One decode step: hashes `req` (whose `history` is ignored) with `history` as each
     /// sequence's past, then advances `history` past the new ids. On any error `history` is left
-    /// as it was. `history` is read once into a private copy, so the caller's memory is never
-    /// trusted twice.
+    /// as it was (the next history is built apart and copied in last). The `&mut` borrow keeps
+    /// anyone else from writing `history` meanwhile; the Python binding passes its own copy.
     pub fn hash_step<I: IdElem, O: OutElem>(
         &self,
         req: &HashRequest<'_, I>,
         history: &mut [i64],
         outs: &mut [&mut [O]],
     ) -> Result<()> {
-        let past = history.to_vec();
         let step = HashRequest {
-            history: Some(&past),
+            history: Some(&*history),
             ..*req
         };
         self.hash_segments(&step, outs)?;
-        let next = self.advanced_history(&past, req.ids, req.bounds, req.raw)?;
+        let next = self.advanced_history(history, req.ids, req.bounds, req.raw)?;
         history.copy_from_slice(&next);
         Ok(())
+    }
+
+    /// The compressed id of caller id `b` (mapped through `map` when the ids are raw), or `None`
+    /// when it is out of range: the check of every id read outside the vectorised main loop.
+    #[inline]
+    fn compressed(&self, b: u64, map: Option<&[i64]>) -> Option<i64> {
+        match map {
+            Some(m) => m.get(b as usize).copied(),
+            None => (b < self.vocab).then_some(b as i64),
+        }
     }
 
     /// The last `N - 1` compressed ids of each segment's full history (`past` row followed by
@@ -732,12 +737,7 @@ impl NgramHasher {
                 .iter_mut()
                 .zip(&new[new.len() - keep..])
             {
-                let b = src.bits();
-                *dst = match map {
-                    Some(m) => m.get(b as usize).copied(),
-                    None => (b < self.vocab).then_some(b as i64),
-                }
-                .ok_or_else(ids_changed)?;
+                *dst = self.compressed(src.bits(), map).ok_or_else(ids_changed)?;
             }
         }
         Ok(next)
