@@ -137,26 +137,44 @@ fn clear_buffer_pool() -> usize {
     idle
 }
 
+/// Carries a Python exception raised by a callback (a progress report, a signal check) out of
+/// a kernel that runs without the GIL: the callback stashes it and stops the kernel with an
+/// error; once the kernel returns, the stashed exception is what the caller sees.
+#[derive(Default)]
+pub(crate) struct Raised(std::sync::Mutex<Option<PyErr>>);
+
+impl Raised {
+    /// Keeps `err` (the first one raised) and returns the error that stops the kernel.
+    pub(crate) fn stash(&self, err: PyErr, why: &str) -> EngramError {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(err);
+        EngramError::Invalid(why.into())
+    }
+
+    /// The kernel's outcome: the stashed exception if a callback raised one, else `result`.
+    pub(crate) fn outcome<T>(self, result: Result<T, EngramError>) -> PyResult<T> {
+        match self.0.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => result.map_err(|e| to_pyerr(e, &[])),
+        }
+    }
+}
+
 /// Runs `f` without the GIL, handing it an interrupt check that raises Ctrl-C (and any other
 /// pending signal's exception) from the long loop it runs.
 fn interruptible<T: Send>(
     py: Python<'_>,
     f: impl FnOnce(&mut dyn FnMut() -> Result<(), EngramError>) -> Result<T, EngramError> + Send,
 ) -> PyResult<T> {
-    let mut signal: Option<PyErr> = None;
+    let raised = Raised::default();
     let result = detached(py, || {
-        f(&mut || match Python::attach(|py| py.check_signals()) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                signal = Some(e);
-                Err(EngramError::Invalid("interrupted".into()))
-            }
+        f(&mut || {
+            Python::attach(|py| py.check_signals()).map_err(|e| raised.stash(e, "interrupted"))
         })
     });
-    match (result, signal) {
-        (_, Some(e)) => Err(e),
-        (r, None) => r.map_err(|e| to_pyerr(e, &[])),
-    }
+    raised.outcome(result)
 }
 
 /// The odd multipliers of one Engram layer (SPEC section 2), as numpy's default_rng draws them.

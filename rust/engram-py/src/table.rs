@@ -192,7 +192,7 @@ impl TableCore {
         // `progress(done, rows)` is called from the worker threads (attaching to Python) at each
         // percent and at the end; an exception it raises stops the creation and is re-raised.
         let reported = std::sync::atomic::AtomicUsize::new(usize::MAX);
-        let raised: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
+        let raised = crate::Raised::default();
         let report = |done: usize| -> Result<(), EngramError> {
             let Some(callback) = progress.as_ref() else {
                 return Ok(());
@@ -202,21 +202,13 @@ impl TableCore {
             if last == percent && done != rows {
                 return Ok(());
             }
-            Python::attach(|py| callback.call1(py, (done, rows)).map(drop)).map_err(|e| {
-                raised
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(e);
-                EngramError::Invalid("stopped by the progress callback".into())
-            })
+            Python::attach(|py| callback.call1(py, (done, rows)).map(drop))
+                .map_err(|e| raised.stash(e, "stopped by the progress callback"))
         };
-        let table = crate::detached(py, || {
+        let result = crate::detached(py, || {
             HostTable::create(&path, rows, dim, dt, init, name, Some(&report))
         });
-        if let Some(e) = raised.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e);
-        }
-        let table = table.map_err(|e| to_pyerr(e, &[]))?;
+        let table = raised.outcome(result)?;
         Ok(Self::wrap(table, Vec::new()))
     }
 
