@@ -109,6 +109,11 @@ def _frozen(values: list[int]) -> npt.NDArray[np.int64]:
     return arr
 
 
+def _row_bounds(rows: int, length: int) -> list[int]:
+    """Sequence bounds of a [rows, length] batch: each row is its own sequence."""
+    return list(range(0, rows * length + 1, length)) if length else [0] * (rows + 1)
+
+
 def _as_ids(ids: Any) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.dtype.kind not in "iu":
@@ -335,7 +340,7 @@ class NgramHasher:
             if arr.ndim not in (1, 2):
                 raise ValueError(f"ids must be 1-D [T] or 2-D [B, T], got shape {arr.shape}")
             rows, length = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape
-            bounds = list(range(0, rows * length + 1, length)) if length else [0] * (rows + 1)
+            bounds = _row_bounds(rows, length)
             return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw)
         if arr.ndim != 1:
             raise ValueError(
@@ -429,5 +434,5 @@ class NgramHasher:
                 f"got shape {arr.shape}"
             )
         rows, k = (arr.shape[0], 1) if arr.ndim == 1 else arr.shape
-        bounds = list(range(0, rows * k + 1, k)) if k else [0] * (rows + 1)
+        bounds = _row_bounds(rows, k)
         return self._run(arr, bounds, layer_ids, dtype, flat, history=hist, raw=raw)
