@@ -12,7 +12,7 @@
 use crate::dtype::{self, DType};
 use crate::error::{EngramError, Result};
 use crate::hashing::{Backend, IdElem};
-use crate::table::HostTable;
+use crate::table::{ranges_overlap, HostTable};
 use rayon::prelude::*;
 
 /// Rows per unit of parallel work (the prefetch ramp-up is paid once per piece).
@@ -67,12 +67,6 @@ pub fn check_indices<I: IdElem>(idx: &[I], rows: usize) -> Result<()> {
     }
 }
 
-/// Whether byte ranges `[a, a + a_len)` and `[b, b + b_len)` share a byte.
-fn overlap(a: *const u8, a_len: usize, b: *const u8, b_len: usize) -> bool {
-    let (a, b) = (a as usize, b as usize);
-    a_len > 0 && b_len > 0 && a < b.wrapping_add(b_len) && b < a.wrapping_add(a_len)
-}
-
 /// Refuses an output `out` (`out_len` bytes) that shares memory with the table's values or
 /// scales, or with the index array `idx` (`idx_len` bytes): the gather would read what it
 /// writes. The bindings call this before they make slices of the three.
@@ -85,11 +79,11 @@ pub fn check_separate(
 ) -> Result<()> {
     // SAFETY: `row_ptr(0)`/`scale_ptr(0)` only offset by 0; the pointers are compared, not read.
     let (values, scales) = unsafe { (table.row_ptr(0), table.scale_ptr(0)) };
-    let what = if overlap(out, out_len, values, table.rows * table.row_bytes()) {
+    let what = if ranges_overlap(out, out_len, values, table.rows * table.row_bytes()) {
         "the table's values (out is a view of the array the table wraps)"
-    } else if overlap(out, out_len, scales, table.rows * table.scale_bytes()) {
+    } else if ranges_overlap(out, out_len, scales, table.rows * table.scale_bytes()) {
         "the table's scales"
-    } else if overlap(out, out_len, idx, idx_len) {
+    } else if ranges_overlap(out, out_len, idx, idx_len) {
         "the index array"
     } else {
         return Ok(());

@@ -105,6 +105,13 @@ unsafe impl Send for HostTable {}
 // SAFETY: see `Send`; shared access only reads.
 unsafe impl Sync for HostTable {}
 
+/// Whether byte ranges `[a, a + a_len)` and `[b, b + b_len)` share a byte (pointers are only
+/// compared, never read).
+pub fn ranges_overlap(a: *const u8, a_len: usize, b: *const u8, b_len: usize) -> bool {
+    let (a, b) = (a as usize, b as usize);
+    a_len > 0 && b_len > 0 && a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
+}
+
 /// Bytes of a table's values and of its scales, or why the shape is refused: a zero `dim`, an
 /// FP8 `dim` that is not a multiple of the block, or a size beyond `isize::MAX` in total.
 pub fn table_bytes(dtype: DType, rows: usize, dim: usize) -> Result<(usize, usize)> {
@@ -190,11 +197,8 @@ impl HostTable {
 
     /// Whether `len` bytes at `ptr` share any byte with this table's values or scales.
     pub fn overlaps(&self, ptr: *const u8, len: usize) -> bool {
-        let (a, b) = (ptr as usize, (ptr as usize).saturating_add(len));
-        let hit = |p: *mut u8, n: usize| n > 0 && a < (p as usize) + n && (p as usize) < b;
-        len > 0
-            && (hit(self.values, self.rows * self.row_bytes())
-                || hit(self.scales, self.rows * self.scale_bytes()))
+        ranges_overlap(ptr, len, self.values, self.rows * self.row_bytes())
+            || ranges_overlap(ptr, len, self.scales, self.rows * self.scale_bytes())
     }
 
     /// Wraps caller memory without copying.
