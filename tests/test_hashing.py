@@ -231,16 +231,24 @@ def test_empty_inputs(golden: dict) -> None:
         (
             {"engram_vocab_size": [10]},
             ValueError,
-            "engram_vocab_size must have max_ngram_size - 1 = 2 entries",
+            "invalid config: engram_vocab_size = [10]: needs max_ngram_size - 1 = 2 entries",
         ),
         (
             {"max_ngram_size": 1, "engram_vocab_size": []},
             ValueError,
-            "max_ngram_size must be >= 2, got 1",
+            "invalid config: max_ngram_size = 1: must be at least 2",
         ),
-        ({"n_head_per_ngram": 0}, ValueError, "n_head_per_ngram must be >= 1, got 0"),
-        ({"engram_vocab_size": [10, 0]}, ValueError, "engram_vocab_size[1] must be >= 1, got 0"),
-        ({"engram_vocab_size": [10, -5]}, ValueError, "engram_vocab_size[1] must be >= 1, got -5"),
+        (
+            {"n_head_per_ngram": 0},
+            ValueError,
+            "invalid config: n_head_per_ngram = 0: must be at least 1",
+        ),
+        (
+            {"engram_vocab_size": [10, 0]},
+            ValueError,
+            "engram_vocab_size = [10, 0]: entry 1 (n-gram order 3) must be at least 1",
+        ),
+        ({"engram_vocab_size": [10, -5]}, ValueError, "engram_vocab_size[1] must be >= 0, got -5"),
         ({"n_embed_per_ngram": 0}, ValueError, "n_embed_per_ngram must be >= 1, got 0"),
         (
             {"n_embed_per_ngram": 100},
@@ -250,10 +258,14 @@ def test_empty_inputs(golden: dict) -> None:
         (
             {"layer_ids": [1, 1]},
             ValueError,
-            "layer_ids must be distinct, got [1, 1] (repeated: [1])",
+            "invalid config: layer_ids = [1, 1]: must be distinct (1 repeats)",
         ),
         ({"layer_ids": [1, -2]}, ValueError, "layer_ids[1] must be >= 0, got -2"),
-        ({"layer_ids": []}, ValueError, "layer_ids must be a non-empty list"),
+        (
+            {"layer_ids": []},
+            ValueError,
+            "invalid config: layer_ids = []: must name at least one layer",
+        ),
         ({"pad_id": -1}, ValueError, "pad_id must be >= 0, got -1"),
         ({"seed": -1}, ValueError, "seed must be >= 0, got -1"),
         ({"kernel_size": 0}, ValueError, "kernel_size must be >= 1, got 0"),
@@ -505,7 +517,7 @@ def test_config_is_frozen_hashable_and_replaceable() -> None:
     small = cfg.replace(engram_vocab_size=[1009, 1009], layer_ids=[1])
     assert small.engram_vocab_size == (1009, 1009) and small.layer_ids == (1,)
     assert er.NgramHasher(small, 100).table_rows[1] < 20_000
-    with pytest.raises(ValueError, match="layer_ids must be distinct"):
+    with pytest.raises(ValueError, match=r"layer_ids = \[2, 2\]: must be distinct"):
         cfg.replace(layer_ids=[2, 2])
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['heads'\]"):
         cfg.replace(heads=3)

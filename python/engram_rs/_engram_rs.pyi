@@ -11,6 +11,7 @@ __all__ = [
     "TableCore",
     "__version__",
     "cast_f32",
+    "check_hash_config",
     "clear_buffer_pool",
     "compress_file",
     "compress_json",
@@ -24,6 +25,13 @@ __all__ = [
 __version__: str
 
 def layer_multipliers(seed: int, layer: int, max_ngram: int, vocab: int) -> list[int]: ...
+def check_hash_config(
+    engram_vocab_size: list[int],
+    max_ngram_size: int,
+    n_head_per_ngram: int,
+    layer_ids: list[int],
+    seed: int,
+) -> None: ...
 def simd_available() -> bool: ...
 def clear_buffer_pool() -> int: ...
 def compress_file(path: str | PathLike[str]) -> tuple[np.ndarray[Any, Any], int, str]: ...

@@ -18,7 +18,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], 
     directory = os.path.dirname(target) or "."
     if not os.path.isdir(directory):
         raise FileNotFoundError(
-            f"{target}: the directory {directory!r} does not exist: create it first"
+            f"{target}: the directory {directory!r} does not exist: create it first (os.makedirs)"
         )
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
     try:

@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from . import _engram_rs
 from .atomic import write_atomically
 
 __all__ = ["PRESETS", "EngramConfig"]
@@ -42,11 +43,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+def _check_int(name: str, value: object, minimum: int = 0) -> int:
+    """Type and range conversion only (an int in [minimum, 2**64)); the hashing rules themselves
+    are the core's (``HashConfig::validate``)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value >= 2**64:
+        raise ValueError(f"{name} must be below 2**64, got {value}")
     return value
 
 
@@ -86,38 +91,28 @@ class EngramConfig:
     short_conv: bool = True
 
     def __post_init__(self) -> None:
-        n = _check_int("max_ngram_size", self.max_ngram_size, 2)
-        h = _check_int("n_head_per_ngram", self.n_head_per_ngram, 1)
+        n = _check_int("max_ngram_size", self.max_ngram_size)
+        h = _check_int("n_head_per_ngram", self.n_head_per_ngram)
         sizes = self.engram_vocab_size
         if not isinstance(sizes, (list, tuple)):
             raise TypeError(f"engram_vocab_size must be a list of ints, got {sizes!r}")
-        if len(sizes) != n - 1:
-            raise ValueError(
-                f"engram_vocab_size must have max_ngram_size - 1 = {n - 1} entries "
-                f"(one per n-gram order 2..{n}), got {len(sizes)}: {list(sizes)}"
-            )
         for i, size in enumerate(sizes):
-            _check_int(f"engram_vocab_size[{i}]", size, 1)
+            _check_int(f"engram_vocab_size[{i}]", size)
+        layers = self.layer_ids
+        if not isinstance(layers, (list, tuple)):
+            raise TypeError(f"layer_ids must be a list of ints, got {layers!r}")
+        for i, layer in enumerate(layers):
+            _check_int(f"layer_ids[{i}]", layer)
+        seed = _check_int("seed", self.seed)
+        # The hashing rules (orders, heads, sizes, distinct layers, numpy's seed range) live in
+        # the Rust core, once.
+        _engram_rs.check_hash_config(list(sizes), n, h, list(layers), seed)
         embed = _check_int("n_embed_per_ngram", self.n_embed_per_ngram, 1)
         if embed % h:
             raise ValueError(
                 f"n_embed_per_ngram ({embed}) must be a multiple of n_head_per_ngram ({h})"
             )
-        layers = self.layer_ids
-        if not isinstance(layers, (list, tuple)) or not layers:
-            raise ValueError(f"layer_ids must be a non-empty list of ints, got {layers!r}")
-        for i, layer in enumerate(layers):
-            _check_int(f"layer_ids[{i}]", layer, 0)
-        dup = sorted({x for x in layers if list(layers).count(x) > 1})
-        if dup:
-            raise ValueError(f"layer_ids must be distinct, got {list(layers)} (repeated: {dup})")
-        _check_int("pad_id", self.pad_id, 0)
-        _check_int("seed", self.seed, 0)
-        if self.seed + 10007 * max(layers) >= 2**63:
-            raise ValueError(
-                f"seed must keep seed + 10007 * layer_id below 2**63 (the demo's numpy seeds), "
-                f"got seed {self.seed} with layer_ids {list(layers)}"
-            )
+        _check_int("pad_id", self.pad_id)
         _check_int("kernel_size", self.kernel_size, 1)
         _check_int("hidden_size", self.hidden_size, 1)
         _check_int("hc_mult", self.hc_mult, 1)

@@ -280,13 +280,8 @@ class HostTable:
             raise TypeError(
                 f"progress must be a bool or a callable(rows_done, rows), got {progress!r}"
             )
+        # The core checks the directory (FileNotFoundError) and everything else about the file.
         p = _path(path)
-        parent = os.path.dirname(os.path.abspath(p))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(
-                f"cannot create {os.fsdecode(p)!r}: the directory {os.fsdecode(parent)!r} does "
-                "not exist: create it first (os.makedirs)"
-            )
         core = _engram_rs.TableCore.create(p, rows, dim, dt, init, float(std), seed, name, progress)
         return cls(core)
 

@@ -60,6 +60,9 @@ pub(crate) fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
             unravel(*index, shape)
         )),
         EngramError::FileNotFound { .. } => PyFileNotFoundError::new_err(err.to_string()),
+        EngramError::Io { kind, .. } if *kind == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(err.to_string())
+        }
         EngramError::Io { kind, .. } if *kind == std::io::ErrorKind::PermissionDenied => {
             PyPermissionError::new_err(err.to_string())
         }
@@ -182,6 +185,27 @@ fn interruptible<T: Send>(
 fn layer_multipliers(seed: u64, layer: u64, max_ngram: usize, vocab: u64) -> PyResult<Vec<i64>> {
     engram_core::multipliers::layer_multipliers(seed, layer, max_ngram, vocab)
         .map_err(|e| to_pyerr(e, &[]))
+}
+
+/// Validates a hashing config by the core's rules (`HashConfig::validate`); `EngramConfig` calls
+/// it so that the rules live in one place.
+#[pyfunction]
+fn check_hash_config(
+    engram_vocab_size: Vec<u64>,
+    max_ngram_size: usize,
+    n_head_per_ngram: usize,
+    layer_ids: Vec<u64>,
+    seed: u64,
+) -> PyResult<()> {
+    HashConfig {
+        engram_vocab_size,
+        max_ngram_size,
+        n_head_per_ngram,
+        layer_ids,
+        seed,
+    }
+    .validate()
+    .map_err(|e| to_pyerr(e, &[]))
 }
 
 /// Whether the AVX-512 hashing path is used on this CPU.
@@ -416,6 +440,7 @@ impl HasherCore {
 fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(layer_multipliers, m)?)?;
+    m.add_function(wrap_pyfunction!(check_hash_config, m)?)?;
     m.add_function(wrap_pyfunction!(py_simd_available, m)?)?;
     m.add_function(wrap_pyfunction!(clear_buffer_pool, m)?)?;
     m.add_class::<PooledBuffer>()?;

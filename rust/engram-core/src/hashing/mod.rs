@@ -176,6 +176,81 @@ pub struct HashConfig {
     pub seed: u64,
 }
 
+impl HashConfig {
+    /// Checks every field (the one home of these rules; the Python `EngramConfig` calls it):
+    /// `max_ngram_size >= 2`, `n_head_per_ngram >= 1`, one base size >= 1 per n-gram order,
+    /// distinct layer ids and `seed + 10007 * layer_id` below 2**63 (numpy's seeds).
+    pub fn validate(&self) -> Result<()> {
+        let err = |field, value: String, reason: String| EngramError::Config {
+            field,
+            value,
+            reason,
+        };
+        let n = self.max_ngram_size;
+        if n < 2 {
+            return Err(err(
+                "max_ngram_size",
+                n.to_string(),
+                "must be at least 2".into(),
+            ));
+        }
+        if self.n_head_per_ngram < 1 {
+            let h = self.n_head_per_ngram.to_string();
+            return Err(err("n_head_per_ngram", h, "must be at least 1".into()));
+        }
+        if self.engram_vocab_size.len() + 1 != n {
+            return Err(err(
+                "engram_vocab_size",
+                format!("{:?}", self.engram_vocab_size),
+                format!(
+                    "needs max_ngram_size - 1 = {} entries (one per n-gram order 2..{n}), got {}",
+                    n - 1,
+                    self.engram_vocab_size.len()
+                ),
+            ));
+        }
+        if let Some(i) = self.engram_vocab_size.iter().position(|&v| v < 1) {
+            return Err(err(
+                "engram_vocab_size",
+                format!("{:?}", self.engram_vocab_size),
+                format!("entry {i} (n-gram order {}) must be at least 1", i + 2),
+            ));
+        }
+        if self.layer_ids.is_empty() {
+            return Err(err(
+                "layer_ids",
+                "[]".into(),
+                "must name at least one layer".into(),
+            ));
+        }
+        if let Some(i) =
+            (1..self.layer_ids.len()).find(|&i| self.layer_ids[..i].contains(&self.layer_ids[i]))
+        {
+            return Err(err(
+                "layer_ids",
+                format!("{:?}", self.layer_ids),
+                format!("must be distinct ({} repeats)", self.layer_ids[i]),
+            ));
+        }
+        let top = self.layer_ids.iter().copied().max().unwrap_or(0);
+        if top
+            .checked_mul(10_007)
+            .and_then(|l| l.checked_add(self.seed))
+            .is_none_or(|e| e > i64::MAX as u64)
+        {
+            return Err(err(
+                "seed",
+                self.seed.to_string(),
+                format!(
+                    "seed + 10007 * layer_id must stay below 2**63 (the demo's numpy seeds); \
+                     the largest layer id is {top}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl NgramHasher {
     /// The hasher of `config` for a compressed vocabulary of `vocab` ids with compressed pad id
     /// `pad`: multipliers and primes are derived here, exactly as the official demo derives
@@ -187,26 +262,8 @@ impl NgramHasher {
         pad: i64,
         interrupt: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Self> {
+        config.validate()?;
         let n = config.max_ngram_size;
-        if config.engram_vocab_size.len() + 1 != n {
-            return Err(EngramError::Config {
-                field: "engram_vocab_size",
-                value: format!("{:?}", config.engram_vocab_size),
-                reason: format!(
-                    "needs max_ngram_size - 1 = {} entries (one per n-gram order 2..{n})",
-                    n.saturating_sub(1)
-                ),
-            });
-        }
-        if let Some(i) = (1..config.layer_ids.len())
-            .find(|&i| config.layer_ids[..i].contains(&config.layer_ids[i]))
-        {
-            return Err(EngramError::Config {
-                field: "layer_ids",
-                value: format!("{:?}", config.layer_ids),
-                reason: format!("must be distinct ({} repeats)", config.layer_ids[i]),
-            });
-        }
         let primes = crate::primes::layer_primes_interruptible(
             &config.engram_vocab_size,
             config.n_head_per_ngram,
@@ -1164,5 +1221,38 @@ mod tests {
         let mut overflowing = specs[0].clone();
         overflowing.multipliers[1] = i64::MAX;
         assert!(NgramHasher::new(3, 2, 50, 2, vec![overflowing]).is_err());
+    }
+
+    #[test]
+    fn config_rules_live_in_validate() {
+        let good = HashConfig {
+            engram_vocab_size: vec![646_400, 646_400],
+            max_ngram_size: 3,
+            n_head_per_ngram: 8,
+            layer_ids: vec![1, 15],
+            seed: 0,
+        };
+        assert_eq!(good.validate(), Ok(()));
+        let field = |c: HashConfig| match c.validate() {
+            Err(EngramError::Config { field, reason, .. }) => format!("{field}: {reason}"),
+            other => panic!("{other:?}"),
+        };
+        let with = |f: &dyn Fn(&mut HashConfig)| {
+            let mut c = good.clone();
+            f(&mut c);
+            field(c)
+        };
+        assert!(with(&|c| c.max_ngram_size = 1).starts_with("max_ngram_size"));
+        assert!(with(&|c| c.n_head_per_ngram = 0).starts_with("n_head_per_ngram"));
+        assert!(with(&|c| c.engram_vocab_size = vec![9]).contains("needs max_ngram_size - 1 = 2"));
+        assert!(with(&|c| c.engram_vocab_size[1] = 0).contains("entry 1 (n-gram order 3)"));
+        assert!(with(&|c| c.layer_ids.clear()).contains("at least one layer"));
+        assert!(with(&|c| c.layer_ids = vec![3, 3]).contains("distinct (3 repeats)"));
+        assert!(with(&|c| c.seed = i64::MAX as u64).starts_with("seed"));
+        assert!(with(&|c| c.layer_ids = vec![u64::MAX]).starts_with("seed"));
+        // from_config refuses the same configs before any prime search.
+        let mut bad = good.clone();
+        bad.layer_ids = vec![2, 2];
+        assert!(NgramHasher::from_config(&bad, 1000, 2, &mut || Ok(())).is_err());
     }
 }

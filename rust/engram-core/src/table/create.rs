@@ -221,7 +221,7 @@ impl TempFile {
                 path: path.display().to_string(),
                 kind: std::io::ErrorKind::NotFound,
                 message: format!(
-                    "cannot create the table: the directory {} does not exist; create it first",
+                    "the directory '{}' does not exist: create it first (os.makedirs)",
                     dir.display()
                 ),
             });
