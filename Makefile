@@ -55,6 +55,7 @@ bench: develop
 	$(PY) -m engram_rs bench gather --dtype float32 --dim 64 --mode mmap
 	$(PY) -m engram_rs bench gather --dtype bfloat16 --dim 64 --mode mmap
 	$(PY) -m engram_rs bench compress
+	$(PY) -m engram_rs bench precompute
 	$(PY) -m pytest benches -o python_files='bench_*.py' --benchmark-enable --benchmark-only -q
 	cargo bench -p engram-core --bench hashing -- --warm-up-time 1 --measurement-time 3
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from typing import Any
+
+import pytest
 
 PRELUDE = """
 import sys, traceback
@@ -77,4 +81,40 @@ def expect_error(code: str, exc_type: str, match: str, **kwargs: object) -> Outc
     assert out.message is not None and re.search(match, out.message), (
         f"message {out.message!r} does not match {match!r}"
     )
+    return out
+
+
+def run_in_small_tmpfs(tmp_path: Any, code: str, size: str = "4m") -> Outcome:
+    """Runs ``code`` in a child that sees a ``size`` tmpfs mounted on ``tmp_path / "disk"``."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m none {disk}"],
+        capture_output=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
+    wrapped = (
+        "try:\n"
+        + textwrap.indent(textwrap.dedent(code), "    ")
+        + ("\nexcept BaseException as exc:\n    _report(exc)\n    sys.exit(3)\n")
+    )
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o size={size} none {disk} && exec "$0" -c "$1"',
+            sys.executable,
+            PRELUDE + f"DISK = {str(disk)!r}\n" + wrapped,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = Outcome(proc)
+    assert proc.returncode >= 0 and proc.returncode != 139, f"the child crashed: {out!r}"
     return out

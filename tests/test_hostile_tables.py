@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 
@@ -16,7 +12,7 @@ import engram_rs as er
 import numpy as np
 import pytest
 import torch
-from isolated import PRELUDE, Outcome, expect_error, run_isolated
+from isolated import expect_error, run_in_small_tmpfs, run_isolated
 
 
 def _file(header: dict, data: bytes, pad_to: int = 0) -> bytes:
@@ -152,44 +148,8 @@ def test_create_past_a_file_size_limit_is_an_os_error_and_leaves_nothing(tmp_pat
     assert os.listdir(tmp_path) == []
 
 
-def _in_small_tmpfs(tmp_path, code: str, size: str = "4m") -> Outcome:
-    """Runs ``code`` in a child that sees a ``size`` tmpfs mounted on ``tmp_path / "disk"``."""
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare(1) to mount a small tmpfs")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    probe = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m none {disk}"],
-        capture_output=True,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
-    wrapped = (
-        "try:\n"
-        + textwrap.indent(textwrap.dedent(code), "    ")
-        + ("\nexcept BaseException as exc:\n    _report(exc)\n    sys.exit(3)\n")
-    )
-    proc = subprocess.run(
-        [
-            "unshare",
-            "-rm",
-            "sh",
-            "-c",
-            f'mount -t tmpfs -o size={size} none {disk} && exec "$0" -c "$1"',
-            sys.executable,
-            PRELUDE + f"DISK = {str(disk)!r}\n" + wrapped,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    out = Outcome(proc)
-    assert proc.returncode >= 0 and proc.returncode != 139, f"the child crashed: {out!r}"
-    return out
-
-
 def test_full_disk_create_is_an_os_error_and_leaves_nothing(tmp_path) -> None:
-    out = _in_small_tmpfs(
+    out = run_in_small_tmpfs(
         tmp_path,
         """
         import os, engram_rs as er
@@ -207,7 +167,7 @@ def test_full_disk_create_is_an_os_error_and_leaves_nothing(tmp_path) -> None:
 
 def test_writable_open_of_a_sparse_file_on_a_full_disk_is_an_os_error(tmp_path) -> None:
     # Before: the open succeeded and the first write into a hole died of SIGBUS.
-    out = _in_small_tmpfs(
+    out = run_in_small_tmpfs(
         tmp_path,
         """
         import json, struct, numpy as np, engram_rs as er

@@ -5,22 +5,27 @@ from typing import Any, final
 import numpy as np
 
 __all__ = [
+    "Checksum",
     "HasherCore",
     "PooledBuffer",
     "PrefetchCore",
     "TableCore",
+    "TokenizerCore",
     "__version__",
     "cast_f32",
     "check_hash_config",
     "clear_buffer_pool",
     "compress_file",
     "compress_json",
+    "file_checksum",
     "fingerprint_file",
     "fingerprint_json",
     "layer_multipliers",
     "normalize",
     "quantize_fp8",
+    "set_num_threads",
     "simd_available",
+    "start_writeback",
 ]
 __version__: str
 
@@ -149,3 +154,25 @@ class TableCore:
     ) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+
+@final
+class Checksum:
+    def __init__(self) -> None: ...
+    def update(self, data: np.ndarray[Any, np.dtype[np.uint8]]) -> None: ...
+    def update_from_file(
+        self, path: str | PathLike[str], offset: int = 0, limit: int | None = None
+    ) -> int: ...
+    def hexdigest(self) -> str: ...
+
+@final
+class TokenizerCore:
+    def __new__(cls, path: str | PathLike[str]) -> TokenizerCore: ...
+    @property
+    def vocab_size(self) -> int: ...
+    def encode_batch(
+        self, texts: list[str], add_special_tokens: bool
+    ) -> tuple[np.ndarray[Any, np.dtype[np.uint32]], np.ndarray[Any, np.dtype[np.uint64]]]: ...
+
+def file_checksum(path: str | PathLike[str]) -> str: ...
+def start_writeback(fd: int, offset: int, len: int) -> None: ...
+def set_num_threads(threads: int) -> int: ...

@@ -34,10 +34,15 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], 
             pass
         raise
     try:
-        dir_fd = os.open(directory, os.O_RDONLY)
+        fsync_path(directory)
     except OSError:  # pragma: no cover - the file is complete; only the rename's durability waits
         return
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """``fsync`` of a file or directory by its path (a directory: its entries, after renames)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)

@@ -1,9 +1,13 @@
-"""The ``engram-rs`` command: ``demo`` and ``bench`` sub-commands."""
+"""The ``engram-rs`` command: ``demo``, ``precompute``, ``verify`` and ``bench`` sub-commands."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
+import time
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +18,7 @@ from .bench import (
     bench_gather,
     bench_hash_tokens,
     bench_hashing,
+    bench_precompute,
     deepseek_v4_tokenizer_json,
     environment,
     format_table,
@@ -73,6 +78,38 @@ def _demo(args: argparse.Namespace) -> int:
     rows = bench_hashing(list(PRESETS), args.batch, args.seqlen, args.repeats)
     print(f"hashing throughput, B={args.batch}, T={args.seqlen}, best of {args.repeats} warm runs")
     print(format_table(rows))
+    print()
+    return _demo_precompute(args.out)
+
+
+def sample_text() -> str:
+    """The path of the sample text that ships with the package (213 KB of Shakespeare)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tinyshakespeare.txt")
+
+
+def _demo_precompute(out: str) -> int:
+    """Precomputes the shipped sample text with the demo preset, then verifies the result."""
+    steps = [
+        [
+            "precompute",
+            sample_text(),
+            "--out",
+            out,
+            "--config",
+            "demo",
+            "--tokenizer",
+            deepseek_v4_tokenizer_json(),
+            "--seq-len",
+            "512",
+            "--overwrite",
+        ],
+        ["verify", out],
+    ]
+    for step in steps:
+        print("$ engram-rs " + " ".join(step))
+        code = main(step)
+        if code:
+            return code
     return 0
 
 
@@ -121,6 +158,146 @@ def _bench_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_precompute(args: argparse.Namespace) -> int:
+    print(f"machine: {environment()}")
+    r = bench_precompute(args.tokens, args.repeats, args.dir, args.seq_len)
+    gb = r.bytes_written / 1e9
+    print(
+        f"precompute of {r.tokens} uint32 tokens (.bin, sequences of {r.seq_len}), demo preset, "
+        f"both layers, int32 ids: {gb:.2f} GB of output; interleaved rounds, best of "
+        f"{r.repeats}; every contender's files are fsynced; GB/s: the precompute's output "
+        "bytes over each contender's time"
+    )
+    print(format_table(r.rows))
+    print(
+        f"precompute vs the slower ceiling ({r.slower_ceiling}): {r.vs_ceiling:.2f} "
+        f"(goal >= 0.80: {'met' if r.vs_ceiling >= 0.80 else 'NOT met'})"
+    )
+    print(
+        f"precompute vs the numpy pipeline: {r.vs_numpy:.2f}x "
+        f"(goal >= 3x: {'met' if r.vs_numpy >= 3.0 else 'NOT met'})"
+    )
+    if 0 < r.precompute_own_secs < float("inf"):
+        own = r.precompute_own_secs
+        print(
+            f"precompute's own timer (after interpreter start-up and imports), best: {own:.2f} s "
+            f"({r.vs_ceiling * r.precompute_secs / own:.2f} of the slower ceiling)"
+        )
+    print(f"peak RSS of the precompute child: {r.peak_rss / 2**20:.0f} MiB")
+    print(
+        f"bytes written per token: {r.bytes_written / r.tokens:.2f} "
+        f"({r.bytes_written} bytes for {r.tokens} tokens)"
+    )
+    return 0
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from .offline import precompute
+
+    layers = None
+    if args.layers is not None:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--layers takes comma-separated ints, got {args.layers!r}") from None
+    logging.basicConfig(level=logging.INFO, format="engram-rs precompute: %(message)s")
+    started = time.monotonic()
+    idx = precompute(
+        args.inputs,
+        args.out,
+        config=args.config,
+        tokenizer=args.tokenizer,
+        format=args.format,
+        column=args.column,
+        token_dtype=args.token_dtype,
+        text_field=args.text_field,
+        seq_len=args.seq_len,
+        eos_id=args.eos_id,
+        layers=layers,
+        index_dtype=args.index_dtype,
+        flat=args.flat,
+        threads=args.threads,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        engine=args.engine,
+        progress=None if not args.no_progress else False,
+        chunk_tokens=args.chunk_tokens,
+        commit_seconds=args.commit_seconds,
+    )
+    elapsed = time.monotonic() - started
+    files = idx.manifest["files"]
+    size = sum(os.path.getsize(os.path.join(idx.path, f)) for f in files)
+    rate = idx.num_tokens / elapsed if elapsed > 0 else 0.0
+    print(
+        f"{idx.path}: {idx.num_tokens} tokens in {idx.num_sequences} sequences, layers "
+        f"{idx.layer_ids}, {size / 1e9:.3f} GB ({size / max(idx.num_tokens, 1):.1f} bytes/token) "
+        f"in {elapsed:.2f} s ({rate / 1e6:.2f} M tokens/s)"
+    )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .offline import verify
+
+    report = verify(args.dir, tokenizer=args.tokenizer, sample=args.sample)
+    print(
+        f"{report['path']}: OK: {len(report['files'])} files match the manifest's sizes and "
+        f"checksums; {report['rehashed_sequences']} of {report['sequences']} sequences re-hashed "
+        "equal"
+    )
+    return 0
+
+
+def _add_precompute(sub: Any) -> argparse.ArgumentParser:
+    from .sources import FORMATS
+
+    p: argparse.ArgumentParser = sub.add_parser(
+        "precompute",
+        help="hash a tokenized dataset to memory-mapped index files",
+        description="Hash every token of INPUT... (one dataset, in order) with the Engram "
+        "config and write DIR/manifest.json, DIR/layer_<id>.npy, DIR/tokens.npy and "
+        "DIR/offsets.npy. Works in DIR.partial until complete; --resume continues a killed run.",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help=".npy/.bin/.parquet/.arrow/.jsonl/.txt"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--config",
+        default="demo",
+        help=f"a preset ({', '.join(PRESETS)}) or a config JSON file (demo)",
+    )
+    p.add_argument("--tokenizer", required=True, help="the model's tokenizer.json")
+    p.add_argument("--format", choices=["auto", *FORMATS], default="auto")
+    p.add_argument("--column", default="input_ids", help="Parquet/Arrow list-of-int column")
+    p.add_argument("--token-dtype", choices=["uint16", "uint32"], default="uint32", help=".bin ids")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--seq-len", type=_positive, help="flat streams: windows of T tokens")
+    rule.add_argument("--eos-id", type=int, help="flat streams: a sequence ends after each ID")
+    p.add_argument("--layers", help="comma-separated Engram layer ids (all of the config's)")
+    p.add_argument("--index-dtype", choices=["int32", "int64"], default="int32")
+    p.add_argument("--flat", action="store_true", help="add the layers' offsets (flat table rows)")
+    p.add_argument("--threads", type=int, default=0, help="hashing threads (0: all cores)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR (or DIR.partial)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--chunk-tokens", type=_positive, default=1 << 18, help="tokens per chunk")
+    p.add_argument(
+        "--commit-seconds", type=float, default=30.0, help="seconds between resume points"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_precompute)
+    v = sub.add_parser(
+        "verify", help="check a precompute: sizes, checksums, a re-hash of random sequences"
+    )
+    v.add_argument("dir", metavar="DIR")
+    v.add_argument("--tokenizer", help="tokenizer.json (the manifest's path if not given)")
+    v.add_argument("--sample", type=_positive, default=64, help="sequences re-hashed (64)")
+    v.set_defaults(func=_verify)
+    return p
+
+
 def _positive(value: str) -> int:
     """An argparse type: an int >= 1, or a usage error naming the value."""
     try:
@@ -141,12 +318,22 @@ def _sizes(parser: argparse.ArgumentParser, batch: int = 16) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``engram-rs`` command."""
     parser = argparse.ArgumentParser(prog="engram-rs", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
-    demo = sub.add_parser("demo", help="compress the DeepSeek-V4 tokenizer, hash, time it")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,precompute,verify,bench}"
+    )
+    demo = sub.add_parser(
+        "demo", help="compress the DeepSeek-V4 tokenizer, hash, time it, precompute a sample"
+    )
     _sizes(demo)
+    demo.add_argument(
+        "--out", default="demo-precompute", help="where the sample's precompute goes (%(default)s)"
+    )
     demo.set_defaults(func=_demo)
+    precompute = _add_precompute(sub)
     bench = sub.add_parser("bench", help="throughput against baselines, in the same process")
-    what = bench.add_subparsers(dest="what", required=True, metavar="{hash,gather,compress}")
+    what = bench.add_subparsers(
+        dest="what", required=True, metavar="{hash,gather,compress,precompute}"
+    )
     hash_ = what.add_parser("hash", help="hashing against the numpy reference")
     hash_.add_argument(
         "--preset", action="append", choices=list(PRESETS), help="repeatable (all presets)"
@@ -173,14 +360,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     _sizes(compress)
     compress.set_defaults(func=_bench_compress)
+    bench_pre = what.add_parser(
+        "precompute",
+        help="the precompute end to end against a numpy pipeline, the hashing and I/O ceilings",
+    )
+    bench_pre.add_argument(
+        "--tokens", type=_positive, default=20_000_000, help="corpus tokens (%(default)s)"
+    )
+    bench_pre.add_argument(
+        "--repeats", type=_positive, default=3, help="interleaved rounds, best kept (3)"
+    )
+    bench_pre.add_argument(
+        "--dir",
+        default=None,
+        help="where the corpus and outputs go, in a temporary directory removed at the end "
+        "(the current directory)",
+    )
+    bench_pre.add_argument(
+        "--seq-len", type=_positive, default=4096, help="tokens a sequence (%(default)s)"
+    )
+    bench_pre.set_defaults(func=_bench_precompute)
     args = parser.parse_args(argv)
     if args.func is _bench_gather:
         _check_gather_args(gather, args)
+    if args.func is _precompute and args.threads < 0:
+        precompute.error(f"--threads must be >= 0, got {args.threads}")
     try:
         result: int = args.func(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, KeyError, ImportError) as e:
         if args.func is _bench_gather:
             gather.error(str(e))
+        if args.func in (_precompute, _verify):
+            # A clear one-line message (what, the value, what to do), exit status 1.
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            print(f"engram-rs {args.command}: error: {msg}", file=sys.stderr)
+            return 1
         raise
     return result
 

@@ -181,6 +181,7 @@ class NgramHasher:
         self._table_rows = {layer: self._core.table_rows(i) for layer, i in self._index.items()}
         #: Raw vocabulary size when built with ``from_tokenizer`` (raw ids accepted), else None.
         self.vocab_size: int | None = None
+        self._lookup: np.ndarray | None = None  # the raw -> compressed table, for pickling
 
     @property
     def cols(self) -> int:
@@ -223,9 +224,19 @@ class NgramHasher:
                 f"vocabulary [0, {comp.vocab_size}): this config is not for this tokenizer"
             )
         h = cls(config, len(comp), pad_id=int(comp.lookup_table[config.pad_id]))
-        h._core.set_lookup(comp.lookup_table.tolist())
-        h.vocab_size = comp.vocab_size
+        h._set_lookup(comp.lookup_table)
         return h
+
+    def _set_lookup(self, table: np.ndarray) -> None:
+        self._core.set_lookup(table.tolist())
+        self._lookup = table
+        self.vocab_size = int(table.size)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickles (DataLoader workers under spawn/forkserver) as what rebuilds it: the core is
+        # derived again from the config, the lookup table (from_tokenizer) installed again.
+        args = (self.config, self.compressed_vocab_size, self.pad_id, self._lookup)
+        return (_unpickle_hasher, args)
 
     def __repr__(self) -> str:
         return (
@@ -436,3 +447,12 @@ class NgramHasher:
         rows, k = (arr.shape[0], 1) if arr.ndim == 1 else arr.shape
         bounds = _row_bounds(rows, k)
         return self._run(arr, bounds, layer_ids, dtype, flat, history=hist, raw=raw)
+
+
+def _unpickle_hasher(
+    config: EngramConfig, compressed_vocab_size: int, pad_id: int, lookup: np.ndarray | None
+) -> NgramHasher:
+    h = NgramHasher(config, compressed_vocab_size, pad_id=pad_id)
+    if lookup is not None:
+        h._set_lookup(lookup)
+    return h

@@ -1,16 +1,19 @@
 //! engram-core: the pure-Rust algorithms of engram_rs (no Python here).
 //!
 //! - `compress` (feature `compress`, on by default): tokenizer compression, the raw ->
-//!   compressed id table (SPEC section 1).
+//!   compressed id table (SPEC section 1), and text to raw ids (`TextTokenizer`).
 //! - [`hashing`]: exact multi-head n-gram hashing of DeepSeek's Engram (SPEC sections 2-3);
 //!   [`NgramHasher::from_config`] derives everything from the config, as the official demo does.
 //! - [`multipliers`] and [`primes`]: the per-layer multipliers (numpy's PCG64 draws) and the
 //!   distinct per-head table sizes.
 //! - [`table`], [`gather`], [`prefetch`], [`safetensors`], [`dtype`], [`buffer`]: host embedding
 //!   tables, their gathers and their file format.
+//! - [`checksum`]: XXH3-128 of precomputed index files and their inputs.
+//! - [`pool`]: the kernels' thread pools, rebuilt in a forked child.
 //! - [`cpu`]: the one CPU-feature detection (and `ENGRAM_RS_FORCE_SCALAR`).
 
 pub mod buffer;
+pub mod checksum;
 #[cfg(feature = "compress")]
 pub mod compress;
 pub mod cpu;
@@ -19,6 +22,7 @@ pub mod error;
 pub mod gather;
 pub mod hashing;
 pub mod multipliers;
+pub mod pool;
 pub mod prefetch;
 pub mod primes;
 pub mod safetensors;

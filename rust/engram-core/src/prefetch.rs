@@ -1,15 +1,12 @@
 //! A background pool for gathers started ahead of use, and the tickets that report them.
 
 use crate::error::{EngramError, Result};
-use std::sync::{Arc, Condvar, LazyLock, Mutex};
+use crate::pool::ProcessPool;
+use std::sync::{Arc, Condvar, Mutex};
 
-/// The library's own pool: prefetches never queue behind the caller's rayon work.
-static POOL: LazyLock<rayon::ThreadPool> = LazyLock::new(|| {
-    rayon::ThreadPoolBuilder::new()
-        .thread_name(|i| format!("engram-prefetch-{i}"))
-        .build()
-        .expect("cannot start the prefetch threads")
-});
+/// The library's own pool: prefetches never queue behind the caller's rayon work (rebuilt in a
+/// forked child, where the parent's threads do not exist).
+static POOL: ProcessPool = ProcessPool::new("engram-prefetch");
 
 #[derive(Default)]
 struct State {
@@ -45,7 +42,7 @@ impl Ticket {
 pub fn spawn(job: impl FnOnce() -> Result<()> + Send + 'static) -> Ticket {
     let state = Arc::new(State::default());
     let ticket = Ticket(state.clone());
-    POOL.spawn(move || {
+    POOL.get().spawn(move || {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
             .unwrap_or_else(|p| Err(EngramError::from_panic(&*p)));
         *state.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);

@@ -16,6 +16,7 @@ use pyo3::exceptions::{
 use pyo3::prelude::*;
 
 mod compress;
+mod precompute;
 mod table;
 
 /// Formats flat position `index` as a tuple over `shape` ("(1, 5)", "(7,)").
@@ -81,8 +82,10 @@ pub(crate) fn detached<T: Send>(
     f: impl FnOnce() -> Result<T, EngramError> + Send,
 ) -> Result<T, EngramError> {
     py.detach(|| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-            .unwrap_or_else(|p| Err(EngramError::from_panic(&*p)))
+        engram_core::pool::run(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .unwrap_or_else(|p| Err(EngramError::from_panic(&*p)))
+        })
     })
 }
 
@@ -450,5 +453,6 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<table::PrefetchCore>()?;
     m.add_class::<HasherCore>()?;
     compress::register(m)?;
+    precompute::register(m)?;
     Ok(())
 }

@@ -12,10 +12,12 @@
 //! to a full load with the crate and reads the tokens from it. The tests hold both loads equal.
 //! Every id is decoded by the crate's own decoder, as `Tokenizer::decode` does.
 
+mod encode;
 mod fingerprint;
 mod normalize;
 mod vocabulary;
 
+pub use encode::TextTokenizer;
 pub use fingerprint::fingerprint;
 pub use normalize::normalize;
 pub use vocabulary::Vocabulary;

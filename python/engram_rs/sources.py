@@ -1,0 +1,443 @@
+"""Readers of tokenized (and text) corpora for the offline precompute, in bounded memory.
+
+Each input file is one of: ``.npy`` (a 1-D token stream or a 2-D ``[B, T]`` batch whose rows are
+sequences), a raw token binary (``.bin``, uint16/uint32, the nanoGPT/Megatron layout), Parquet or
+Arrow IPC with a list-of-int column (a tokenized HF dataset), JSONL (one record per sequence,
+its text field tokenized here) or plain text (a stream, tokenized here line by line).
+
+A reader yields :class:`Block` s of at most about ``chunk`` tokens from a cursor (a small JSON
+dict), so that an interrupted run can continue where its last commit left it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _engram_rs
+
+__all__ = ["FORMATS", "Block", "Source", "detect_format", "open_source"]
+
+#: Input formats and whether their rows are sequences ("rows") or a flat token stream ("stream").
+FORMATS = {
+    "npy": None,  # decided by the array's rank
+    "bin": "stream",
+    "parquet": "rows",
+    "arrow": "rows",
+    "jsonl": "rows",
+    "text": "stream",
+}
+
+_SUFFIXES = {
+    ".npy": "npy",
+    ".bin": "bin",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".txt": "text",
+    ".text": "text",
+}
+
+
+@dataclass
+class Block:
+    """Tokens of consecutive sequences (rows) or of the stream, read from one file.
+
+    ``lengths``: each row's token count (rows inputs), None for a stream piece. ``cursor``:
+    where the next block starts. ``where(i)``: the file and position of token ``i`` of this
+    block, for error messages. ``units``: progress made (tokens, rows or bytes of the input).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray | None
+    cursor: dict[str, int]
+    where: Callable[[int], str]
+    units: int
+
+
+def detect_format(path: str, fmt: str) -> str:
+    """The format of ``path``: ``fmt`` unless it is ``"auto"``, else from the suffix."""
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}: choose auto or one of {', '.join(FORMATS)}")
+        return fmt
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in _SUFFIXES:
+        raise ValueError(
+            f"{path}: cannot tell the format from the suffix {suffix!r}: pass --format "
+            f"({', '.join(FORMATS)})"
+        )
+    return _SUFFIXES[suffix]
+
+
+def _token_dtype(name: str) -> np.dtype[Any]:
+    if name not in ("uint16", "uint32"):
+        raise ValueError(f"token dtype must be uint16 or uint32, got {name!r}")
+    return np.dtype(name)
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError(
+            "reading Parquet/Arrow inputs needs pyarrow: pip install 'engram-rs[parquet]'"
+        ) from None
+    return pa
+
+
+class Source:
+    """One or more files of one format, read in order as one dataset."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        fmt: str,
+        *,
+        column: str = "input_ids",
+        token_dtype: str = "uint32",
+        text_field: str = "text",
+        tokenizer: str | None = None,
+    ) -> None:
+        if not paths:
+            raise ValueError("no input files given")
+        self.paths = [os.path.abspath(os.fspath(p)) for p in paths]
+        for p in self.paths:
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"input {p} does not exist")
+            if not os.path.isfile(p):
+                raise ValueError(f"input {p} is not a file")
+            if os.path.getsize(p) == 0:
+                raise ValueError(f"input {p} is empty (0 bytes)")
+        formats = {detect_format(p, fmt) for p in self.paths}
+        if len(formats) != 1:
+            raise ValueError(
+                f"the inputs mix formats ({', '.join(sorted(formats))}): precompute one format "
+                "per run"
+            )
+        self.format = formats.pop()
+        self.column = column
+        self.text_field = text_field
+        self.token_dtype = _token_dtype(token_dtype)
+        self._tokenizer_path = tokenizer
+        self._tokenizer: Any = None
+        self.kind, self.totals = self._inspect()
+
+    # -- what the inputs hold ------------------------------------------------------------------
+
+    def _inspect(self) -> tuple[str, list[int]]:
+        """(kind, per-file progress totals): tokens for binaries, rows for row inputs, bytes for
+        text inputs."""
+        totals = []
+        kinds = set()
+        for p in self.paths:
+            if self.format == "npy":
+                arr = self._npy(p)
+                kinds.add("stream" if arr.ndim == 1 else "rows")
+                totals.append(arr.shape[0])
+            elif self.format == "bin":
+                size = os.path.getsize(p)
+                item = self.token_dtype.itemsize
+                if size % item:
+                    raise ValueError(
+                        f"{p}: {size} bytes is not a multiple of the token size ({item} bytes for "
+                        f"{self.token_dtype}): is --token-dtype right?"
+                    )
+                kinds.add("stream")
+                totals.append(size // item)
+            elif self.format in ("parquet", "arrow"):
+                kinds.add("rows")
+                totals.append(self._arrow_rows(p))
+            else:
+                kinds.add(FORMATS[self.format] or "rows")
+                totals.append(os.path.getsize(p))
+        if len(kinds) != 1:
+            raise ValueError(
+                "the .npy inputs mix 1-D token streams and 2-D [B, T] batches: precompute them "
+                "in separate runs"
+            )
+        return kinds.pop(), totals
+
+    @property
+    def unit(self) -> str:
+        if self.format in ("npy", "bin"):
+            return "tok" if self.kind == "stream" else "rows"
+        return "rows" if self.format in ("parquet", "arrow") else "B"
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"path": p, "format": self.format, "bytes": os.path.getsize(p)} for p in self.paths]
+
+    def _npy(self, path: str) -> np.ndarray:
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a readable .npy token array: {e}") from None
+        if arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
+            raise ValueError(
+                f"{path}: a .npy input must be a 1-D token stream or a 2-D [B, T] batch of "
+                f"integer ids, got a {arr.dtype} array of shape {arr.shape}"
+            )
+        return np.asarray(arr) if not isinstance(arr, np.ndarray) else arr
+
+    def _arrow_table_rows(self, path: str) -> Any:
+        """A ParquetFile, or the Arrow IPC file/stream as a memory-mapped Table."""
+        pa = _pyarrow()
+        if self.format == "parquet":
+            try:
+                return pa.parquet.ParquetFile(path)
+            except Exception as e:  # pyarrow raises its own ArrowInvalid
+                raise ValueError(f"{path}: not a readable Parquet file: {e}") from None
+        errors = []
+        for opener in (pa.ipc.open_file, pa.ipc.open_stream):
+            try:
+                return opener(pa.memory_map(path)).read_all()
+            except Exception as e:
+                errors.append(str(e))
+        raise ValueError(f"{path}: not a readable Arrow IPC file or stream: {errors[-1]}")
+
+    def _arrow_rows(self, path: str) -> int:
+        f = self._arrow_table_rows(path)
+        schema = f.schema_arrow if self.format == "parquet" else f.schema
+        names = list(schema.names)
+        if self.column not in names:
+            raise ValueError(
+                f"{path}: no column {self.column!r} (columns: {', '.join(names)}): pass --column"
+            )
+        typ = schema.field(self.column).type
+        pa = _pyarrow()
+        is_list = pa.types.is_list(typ) or pa.types.is_large_list(typ)
+        if not is_list or not pa.types.is_integer(typ.value_type):
+            raise ValueError(
+                f"{path}: column {self.column!r} must be a list of ints (token ids), got {typ}"
+            )
+        return int(f.metadata.num_rows if self.format == "parquet" else f.num_rows)
+
+    def _text_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            if self._tokenizer_path is None:
+                raise ValueError(f"{self.format} inputs are tokenized here: pass --tokenizer")
+            self._tokenizer = _engram_rs.TokenizerCore(self._tokenizer_path)
+        return self._tokenizer
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def blocks(self, cursor: dict[str, int], chunk: int) -> Iterator[Block]:
+        """Blocks from ``cursor`` (``{"file": 0, "pos": 0}`` at the start) to the end."""
+        for i in range(cursor["file"], len(self.paths)):
+            pos = cursor["pos"] if i == cursor["file"] else 0
+            reader = getattr(self, f"_read_{self.format}")
+            yield from reader(i, pos, chunk)
+
+    def _read_npy(self, i: int, pos: int, chunk: int) -> Iterator[Block]:
+        path = self.paths[i]
+        arr = self._npy(path)
+        if arr.ndim == 1:
+            yield from self._stream(i, arr, pos, chunk)
+            return
+        rows, length = arr.shape
+        step = max(1, chunk // max(1, length))
+        for r in range(pos, rows, step):
+            part = _read_rows(path, arr, r, min(step, rows - r))
+            n = part.shape[0]
+            yield Block(
+                part.reshape(-1),
+                np.full(n, length, dtype=np.int64),
+                {"file": i, "pos": r + n},
+                _row_where(path, np.full(n, length, dtype=np.int64), r),
+                n,
+            )
+
+    def _read_bin(self, i: int, pos: int, chunk: int) -> Iterator[Block]:
+        arr = np.memmap(self.paths[i], dtype=self.token_dtype, mode="r")
+        yield from self._stream(i, arr, pos, chunk)
+
+    def _stream(self, i: int, arr: np.ndarray, pos: int, chunk: int) -> Iterator[Block]:
+        path = self.paths[i]
+        for start in range(pos, arr.shape[0], chunk):
+            part = _read_rows(path, arr, start, min(chunk, arr.shape[0] - start))
+            yield Block(
+                part,
+                None,
+                {"file": i, "pos": start + part.shape[0]},
+                _token_where(path, start),
+                part.shape[0],
+            )
+
+    def _read_parquet(self, i: int, pos: int, chunk: int) -> Iterator[Block]:
+        yield from self._read_arrow_rows(i, pos, chunk)
+
+    def _read_arrow(self, i: int, pos: int, chunk: int) -> Iterator[Block]:
+        yield from self._read_arrow_rows(i, pos, chunk)
+
+    def _read_arrow_rows(self, i: int, pos: int, chunk: int) -> Iterator[Block]:
+        path = self.paths[i]
+        f = self._arrow_table_rows(path)
+        if self.format == "parquet":
+            batches = f.iter_batches(batch_size=4096, columns=[self.column])
+        else:
+            batches = iter(f.select([self.column]).to_batches(max_chunksize=4096))
+        row = 0
+        pending: list[np.ndarray] = []
+        pending_lengths: list[np.ndarray] = []
+        first = pos
+        count = 0
+        for batch in batches:
+            col = batch.column(batch.schema.get_field_index(self.column))
+            n = len(col)
+            if row + n <= pos:
+                row += n
+                continue
+            skip = max(0, pos - row)
+            col = col.slice(skip)
+            row += skip
+            values, lengths = list_column(col, path, self.column, row)
+            pending.append(values)
+            pending_lengths.append(lengths)
+            row += len(col)
+            count += values.shape[0]
+            if count >= chunk:
+                yield self._rows_block(path, i, pending, pending_lengths, first, row)
+                pending, pending_lengths, first, count = [], [], row, 0
+        if pending:
+            yield self._rows_block(path, i, pending, pending_lengths, first, row)
+
+    @staticmethod
+    def _rows_block(
+        path: str, i: int, parts: list[np.ndarray], lengths: list[np.ndarray], first: int, end: int
+    ) -> Block:
+        lens = np.concatenate(lengths)
+        tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return Block(
+            tokens, lens, {"file": i, "pos": end}, _row_where(path, lens, first), end - first
+        )
+
+    def _lines(self, i: int, pos: int, chunk: int) -> Iterator[tuple[list[str], int, int, int]]:
+        """(lines, byte offset of the first, byte offset after the last, line number of the
+        first) in groups of about ``chunk`` bytes."""
+        path = self.paths[i]
+        budget = max(1 << 16, chunk)
+        with open(path, "rb") as f:
+            f.seek(pos)
+            offset = pos
+            number = None if pos else 0
+            while True:
+                data = f.readlines(budget)
+                if not data:
+                    return
+                start = offset
+                offset += sum(len(x) for x in data)
+                try:
+                    lines = [x.decode("utf-8") for x in data]
+                except UnicodeDecodeError as e:
+                    raise ValueError(
+                        f"{path}: not UTF-8 text near byte {start}: {e.reason}"
+                    ) from None
+                yield lines, start, offset, -1 if number is None else number
+                if number is not None:
+                    number += len(data)
+
+    def _read_text(self, i: int, pos: int, chunk: int) -> Iterator[Block]:
+        tok = self._text_tokenizer()
+        path = self.paths[i]
+        for lines, start, end, _ in self._lines(i, pos, chunk * 4):
+            ids, _lens = tok.encode_batch(lines, False)
+            yield Block(
+                ids,
+                None,
+                {"file": i, "pos": end},
+                _token_where(f"{path} (the lines from byte {start} on)", 0),
+                end - start,
+            )
+
+    def _read_jsonl(self, i: int, pos: int, chunk: int) -> Iterator[Block]:
+        tok = self._text_tokenizer()
+        path = self.paths[i]
+        for lines, start, end, number in self._lines(i, pos, chunk * 4):
+            block = jsonl_block(tok, lines, self.text_field, path, start, number)
+            block.cursor, block.units = {"file": i, "pos": end}, end - start
+            yield block
+
+
+def jsonl_block(
+    tokenizer: Any, lines: list[str], text_field: str, path: str, start: int, first_line: int
+) -> Block:
+    """The tokenized records of JSONL ``lines`` (read from byte ``start``, line ``first_line``
+    counted from 0, or -1 if unknown): one sequence per non-blank line, its ``text_field``
+    encoded as ``Tokenizer.encode(text)`` does (special tokens included)."""
+    texts = []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        here = f"{path}, line {first_line + k + 1}" if first_line >= 0 else f"{path} byte {start}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{here}: not JSON: {e}") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ValueError(
+                f"{here}: a record needs a string field {text_field!r} (--text-field names it)"
+            )
+        texts.append(record[text_field])
+    ids, lens = tokenizer.encode_batch(texts, True)
+    lengths = lens.astype(np.int64)
+    where = _row_where(f"{path} (the records from byte {start})", lengths, 0)
+    return Block(ids, lengths, {}, where, 0)
+
+
+def list_column(col: Any, path: str, column: str, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """The token ids of an Arrow list-of-int column chunk whose first row is ``row``, end to
+    end, and each row's count; a null row or id is a ValueError naming the file and row."""
+    if col.null_count:
+        k = next(j for j in range(len(col)) if not col[j].is_valid)
+        raise ValueError(
+            f"{path}, row {row + k}: column {column!r} is null: every row needs a list of token "
+            "ids (an empty list for an empty sequence)"
+        )
+    offsets = np.asarray(col.offsets)
+    inner = col.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    if inner.null_count:
+        raise ValueError(
+            f"{path}, rows {row}..{row + len(col) - 1}: column {column!r} holds a null token id"
+        )
+    return np.asarray(inner), np.diff(offsets).astype(np.int64)
+
+
+def _read_rows(path: str, arr: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Rows ``start:start + count`` of a memory-mapped array, read with a plain file read: the
+    process never maps the input, so its memory does not grow with the corpus."""
+    offset = getattr(arr, "offset", None)
+    if offset is None or not arr.flags.c_contiguous:
+        return np.array(arr[start : start + count])
+    row = int(np.prod(arr.shape[1:], dtype=np.int64)) if arr.ndim > 1 else 1
+    flat = np.fromfile(
+        path, dtype=arr.dtype, count=count * row, offset=offset + start * row * arr.itemsize
+    )
+    return flat.reshape((count, *arr.shape[1:]))
+
+
+def _token_where(path: str, first: int) -> Callable[[int], str]:
+    def where(k: int) -> str:
+        return f"{path}, token {first + k}"
+
+    return where
+
+
+def _row_where(path: str, lengths: np.ndarray, first_row: int) -> Callable[[int], str]:
+    def where(k: int) -> str:
+        ends = np.cumsum(lengths)
+        r = int(np.searchsorted(ends, k, side="right"))
+        col = k - (int(ends[r - 1]) if r else 0)
+        return f"{path}, row {first_row + r}, position {col}"
+
+    return where
+
+
+def open_source(paths: list[str], fmt: str, **options: Any) -> Source:
+    return Source(paths, fmt, **options)
