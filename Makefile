@@ -56,6 +56,7 @@ bench: develop
 	$(PY) -m engram_rs bench gather --dtype bfloat16 --dim 64 --mode mmap
 	$(PY) -m engram_rs bench compress
 	$(PY) -m engram_rs bench precompute
+	$(PY) -m engram_rs bench train
 	$(PY) -m pytest benches -o python_files='bench_*.py' --benchmark-enable --benchmark-only -q
 	cargo bench -p engram-core --bench hashing -- --warm-up-time 1 --measurement-time 3
 

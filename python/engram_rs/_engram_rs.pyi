@@ -25,6 +25,7 @@ __all__ = [
     "quantize_fp8",
     "set_num_threads",
     "simd_available",
+    "sparse_step",
     "start_writeback",
 ]
 __version__: str
@@ -81,6 +82,18 @@ def cast_f32(values: np.ndarray[Any, Any], dtype: str) -> np.ndarray[Any, Any]: 
 def quantize_fp8(
     values: np.ndarray[Any, Any],
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]: ...
+def sparse_step(
+    table: TableCore,
+    ids: np.ndarray[Any, np.dtype[np.int64]],
+    grads: np.ndarray[Any, np.dtype[np.float32]],
+    kind: str,
+    lr: float,
+    eps: float,
+    beta1: float,
+    beta2: float,
+    state: list[TableCore],
+    step: int,
+) -> int: ...
 
 @final
 class PrefetchCore:
@@ -89,6 +102,13 @@ class PrefetchCore:
 
 @final
 class TableCore:
+    @property
+    def row_bytes(self) -> int: ...
+    @property
+    def scale_bytes(self) -> int: ...
+    def read_raw(
+        self, start: int, count: int
+    ) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], np.ndarray[Any, np.dtype[np.uint8]]]: ...
     @staticmethod
     def open(
         path: str | bytes | PathLike[str] | PathLike[bytes],

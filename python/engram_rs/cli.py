@@ -19,6 +19,7 @@ from .bench import (
     bench_hash_tokens,
     bench_hashing,
     bench_precompute,
+    bench_train,
     deepseek_v4_tokenizer_json,
     environment,
     format_table,
@@ -191,6 +192,38 @@ def _bench_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_train(args: argparse.Namespace) -> int:
+    print(f"machine: {environment()}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"one training step (gather, backward, optimizer) of {args.lookups} ids into a "
+        f"{args.rows} x {args.dim} float32 host table ({args.rows * args.dim * 4 / 2**30:.2f} "
+        f"GiB); each contender in its own process, one after the other, on the same values and "
+        f"ids; one warm-up step, then {args.steps} timed steps on new ids (load average "
+        f"{load:.2f} at the start)"
+    )
+    r = bench_train(args.rows, args.dim, args.lookups, args.steps)
+    print(format_table(r.rows))
+    print(
+        f"x torch: best step against the best step of torch with the matching optimizer; min "
+        f"traffic: {r.unique_rows:.0f} distinct rows a step x (row + optimizer state) read and "
+        f"written, plus the {args.lookups} gathered rows read and written, over the best step; "
+        f"gather ceiling (copy_rows_ceiling of the same ids, read + written): "
+        f"{r.ceiling_gbps:.2f} GB/s"
+    )
+    for what, ratio in r.speedup.items():
+        print(f"{what}: {ratio:.1f}x torch (goal >= 5x: {'met' if ratio >= 5.0 else 'NOT met'})")
+    engram = {k: v for k, v in r.extra_rss.items() if k.startswith("engram_rs")}
+    worst = max(engram.values())
+    print(
+        "peak RSS beyond the interpreter, table and state: "
+        + ", ".join(f"{k} {v / 2**20:+.0f} MiB" for k, v in r.extra_rss.items())
+        + f" (goal for engram_rs: no table-sized allocation, the table is "
+        f"{r.table_bytes / 2**20:.0f} MiB: {'met' if worst < r.table_bytes else 'NOT met'})"
+    )
+    return 0
+
+
 def _precompute(args: argparse.Namespace) -> int:
     from .offline import precompute
 
@@ -298,6 +331,26 @@ def _add_precompute(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _train_demo(args: argparse.Namespace) -> int:
+    try:
+        from .torch.train_demo import train_demo
+    except ImportError as e:
+        raise ImportError(f"train-demo needs PyTorch ({e}): pip install torch") from None
+    losses = train_demo(
+        args.out,
+        deepseek_v4_tokenizer_json(),
+        sample_text(),
+        steps=args.steps,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        seed=args.seed,
+        progress=None if not args.no_progress else False,
+    )
+    return 0 if losses else 1
+
+
 def _positive(value: str) -> int:
     """An argparse type: an int >= 1, or a usage error naming the value."""
     try:
@@ -319,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``engram-rs`` command."""
     parser = argparse.ArgumentParser(prog="engram-rs", description=__doc__)
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{demo,precompute,verify,bench}"
+        dest="command", required=True, metavar="{demo,precompute,verify,train-demo,bench}"
     )
     demo = sub.add_parser(
         "demo", help="compress the DeepSeek-V4 tokenizer, hash, time it, precompute a sample"
@@ -330,9 +383,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.set_defaults(func=_demo)
     precompute = _add_precompute(sub)
+    train = sub.add_parser(
+        "train-demo",
+        help="train a tiny LM with an Engram layer on a host table (CPU, about a minute)",
+    )
+    train.add_argument("--out", default="train-demo", help="checkpoints, tables (%(default)s)")
+    train.add_argument("--steps", type=_positive, default=100)
+    train.add_argument("--batch", type=_positive, default=16)
+    train.add_argument("--seq-len", type=_positive, default=128)
+    train.add_argument("--checkpoint-every", type=_positive, default=25)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=_train_demo)
     bench = sub.add_parser("bench", help="throughput against baselines, in the same process")
     what = bench.add_subparsers(
-        dest="what", required=True, metavar="{hash,gather,compress,precompute}"
+        dest="what", required=True, metavar="{hash,gather,compress,precompute,train}"
     )
     hash_ = what.add_parser("hash", help="hashing against the numpy reference")
     hash_.add_argument(
@@ -380,6 +446,24 @@ def main(argv: list[str] | None = None) -> int:
         "--seq-len", type=_positive, default=4096, help="tokens a sequence (%(default)s)"
     )
     bench_pre.set_defaults(func=_bench_precompute)
+    bench_train_ = what.add_parser(
+        "train",
+        help="a training step (gather, backward, fused optimizer) against torch sparse embeddings",
+    )
+    bench_train_.add_argument(
+        "--rows", type=_positive, default=10_000_000, help="table rows (%(default)s)"
+    )
+    bench_train_.add_argument("--dim", type=_positive, default=64, help="values per row (64)")
+    bench_train_.add_argument(
+        "--lookups",
+        type=_positive,
+        default=32 * 1024 * 8,
+        help="ids a step: 32 x 1024 tokens x 8 columns (%(default)s)",
+    )
+    bench_train_.add_argument(
+        "--steps", type=_positive, default=5, help="timed steps after the warm-up (5)"
+    )
+    bench_train_.set_defaults(func=_bench_train)
     args = parser.parse_args(argv)
     if args.func is _bench_gather:
         _check_gather_args(gather, args)

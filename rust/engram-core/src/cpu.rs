@@ -43,3 +43,15 @@ pub fn features() -> Features {
 pub fn avx512() -> bool {
     features().avx512
 }
+
+/// Asks for the cache line at `p` (any address: a prefetch never faults).
+#[inline(always)]
+pub(crate) fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    std::hint::black_box(p);
+}

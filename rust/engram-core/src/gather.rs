@@ -9,6 +9,7 @@
 //! rows are addressed from that copy only. A scalar path, selected with `Backend::Scalar`, is
 //! the reference the SIMD paths are tested against.
 
+use crate::cpu::prefetch_line;
 use crate::dtype::{self, DType};
 use crate::error::{EngramError, Result};
 use crate::hashing::{Backend, IdElem};
@@ -390,18 +391,6 @@ struct Prefetcher {
     row: usize,
     scales: usize,
     scale_bytes: usize,
-}
-
-/// Asks for the cache line at `p` (any address: a prefetch never faults).
-#[inline(always)]
-fn prefetch_line(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    std::hint::black_box(p);
 }
 
 impl Prefetcher {

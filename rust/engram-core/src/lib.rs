@@ -8,6 +8,8 @@
 //!   distinct per-head table sizes.
 //! - [`table`], [`gather`], [`prefetch`], [`safetensors`], [`dtype`], [`buffer`]: host embedding
 //!   tables, their gathers and their file format.
+//! - [`optim`]: fused sparse row-wise optimizers (SGD, row-wise Adagrad, SparseAdam) that update
+//!   the touched rows of a host table in place.
 //! - [`checksum`]: XXH3-128 of precomputed index files and their inputs.
 //! - [`pool`]: the kernels' thread pools, rebuilt in a forked child.
 //! - [`cpu`]: the one CPU-feature detection (and `ENGRAM_RS_FORCE_SCALAR`).
@@ -22,6 +24,7 @@ pub mod error;
 pub mod gather;
 pub mod hashing;
 pub mod multipliers;
+pub mod optim;
 pub mod pool;
 pub mod prefetch;
 pub mod primes;

@@ -16,6 +16,7 @@ use pyo3::exceptions::{
 use pyo3::prelude::*;
 
 mod compress;
+mod optim;
 mod precompute;
 mod table;
 
@@ -453,6 +454,7 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<table::PrefetchCore>()?;
     m.add_class::<HasherCore>()?;
     compress::register(m)?;
+    optim::register(m)?;
     precompute::register(m)?;
     Ok(())
 }

@@ -8,7 +8,8 @@ use engram_core::prefetch::{spawn, Ticket};
 use engram_core::table::{HostTable, Init, Mode};
 use engram_core::EngramError;
 use numpy::{
-    PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+    PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
+    PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -17,8 +18,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 /// A table and the Python objects whose memory it uses (kept alive while any job runs).
-struct Shared {
-    table: RwLock<HostTable>,
+pub(crate) struct Shared {
+    pub(crate) table: RwLock<HostTable>,
     _owners: Vec<Py<PyAny>>,
 }
 
@@ -32,6 +33,9 @@ impl Shared {
 fn dtype(name: &str) -> PyResult<DType> {
     DType::parse(name).map_err(|e| to_pyerr(e, &[]))
 }
+
+/// `(values, scales)` bytes of a run of rows.
+type RawRows<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<u8>>);
 
 /// A C-contiguous numpy array's data pointer and byte length.
 fn raw_bytes(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(*mut u8, usize, bool)> {
@@ -95,7 +99,7 @@ pub struct TableCore {
 
 impl TableCore {
     /// The open table (a clone each operation holds until it ends), or a closed-table error.
-    fn shared(&self) -> PyResult<Arc<Shared>> {
+    pub(crate) fn shared(&self) -> PyResult<Arc<Shared>> {
         self.shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -366,6 +370,34 @@ impl TableCore {
             })
             .map_err(|e| to_pyerr(e, &shape))
         })
+    }
+
+    /// Bytes of one row's values.
+    #[getter]
+    fn row_bytes(&self) -> PyResult<usize> {
+        Ok(self.shared()?.read().row_bytes())
+    }
+
+    /// UE8M0 scale bytes per row (FP8 tables), else 0.
+    #[getter]
+    fn scale_bytes(&self) -> PyResult<usize> {
+        Ok(self.shared()?.read().scale_bytes())
+    }
+
+    /// Copies of the stored bytes of rows `start..start + count`: `(values, scales)` as flat
+    /// uint8 arrays (scales empty unless FP8).
+    fn read_raw<'py>(&self, py: Python<'py>, start: usize, count: usize) -> PyResult<RawRows<'py>> {
+        let shared = self.shared()?;
+        let (values, scales) = crate::detached(py, || {
+            let t = shared.read();
+            let (v, s) = t.raw_rows(start, count)?;
+            Ok((v.to_vec(), s.to_vec()))
+        })
+        .map_err(|e| to_pyerr(e, &[]))?;
+        Ok((
+            PyArray1::from_vec(py, values),
+            PyArray1::from_vec(py, scales),
+        ))
     }
 
     /// Reads the rows a gather of `idx` would read, writing nothing (the benchmark's random-read

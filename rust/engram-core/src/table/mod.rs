@@ -162,6 +162,33 @@ impl HostTable {
         }
     }
 
+    /// The stored bytes of rows `start..start + count`: their values and (FP8) their scales,
+    /// exactly as in the table (a checkpoint copies them).
+    pub fn raw_rows(&self, start: usize, count: usize) -> Result<(&[u8], &[u8])> {
+        let end = start
+            .checked_add(count)
+            .filter(|&e| e <= self.rows)
+            .ok_or_else(|| {
+                EngramError::Invalid(format!(
+                    "rows {start}..{start}+{count} are outside the table's {} rows",
+                    self.rows
+                ))
+            })?;
+        let (rb, sb) = (self.row_bytes(), self.scale_bytes());
+        // SAFETY: `values` holds `rows * row_bytes` bytes and `scales` `rows * scale_bytes`
+        // (checked when the table was made), and `start..end` lies within `0..rows`; writers
+        // need `&mut self`, so nothing writes these bytes while the slices live.
+        let values =
+            unsafe { std::slice::from_raw_parts(self.values.add(start * rb), (end - start) * rb) };
+        let scales = if sb == 0 {
+            &[][..]
+        } else {
+            // SAFETY: as above, for the scales.
+            unsafe { std::slice::from_raw_parts(self.scales.add(start * sb), (end - start) * sb) }
+        };
+        Ok((values, scales))
+    }
+
     /// Bytes of values and scales.
     pub fn nbytes(&self) -> usize {
         self.rows * (self.row_bytes() + self.scale_bytes())

@@ -1,0 +1,207 @@
+"""``engram-rs train-demo``: a tiny Transformer language model with one Engram layer whose table
+is a :class:`~engram_rs.HostTable` trained in place by a fused sparse optimizer, on the sample
+text that ships with the package, its hash ids read from a precompute of that text.
+
+It prints the loss against a unigram model's (the best a model without context can do), saves
+a checkpoint every ``checkpoint_every`` steps, and with ``resume=True`` continues from the last
+one: the losses of a killed and resumed run equal those of one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..compress import CompressedTokenizer
+from ..config import EngramConfig
+from ..offline import PrecomputedIndices, precompute
+from ..table import HostTable
+from .checkpoint import load_checkpoint, save_checkpoint
+from .modules import Engram
+from .optim import SparseAdam
+
+__all__ = ["TinyLM", "demo_config", "train_demo"]
+
+LAYER = 1
+
+
+def demo_config() -> EngramConfig:
+    """The demo preset with small tables (16 heads of about 20 k rows: 82 MB of float32)."""
+    return EngramConfig.preset("demo").replace(
+        engram_vocab_size=[20011, 20011], layer_ids=[LAYER], hidden_size=64, hc_mult=1
+    )
+
+
+class TinyLM(nn.Module):
+    """Token and position embeddings, ``layers`` pre-norm Transformer blocks, an Engram layer
+    after the first block (its output added to the hidden states), a tied output head."""
+
+    def __init__(
+        self, vocab: int, seq_len: int, engram: Engram, dim: int = 64, layers: int = 2
+    ) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq_len, dim)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                dim, 4, 4 * dim, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
+        self.engram = engram
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.mask: torch.Tensor
+        mask = torch.triu(torch.full((seq_len, seq_len), float("-inf")), diagonal=1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        h = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device))
+        mask = self.mask[:t, :t]
+        for i, block in enumerate(self.blocks):
+            h = block(h, src_mask=mask, is_causal=True)
+            if i == 0:
+                h = h + self.engram(h[:, :, None, :], hash_ids)[:, :, 0, :]
+        logits: torch.Tensor = self.norm(h) @ self.tok.weight.T
+        return logits
+
+
+def _unigram_loss(train: np.ndarray, held_out: np.ndarray, vocab: int) -> float:
+    """Cross-entropy on ``held_out`` of the unigram model of ``train`` (add-one smoothed): the
+    best a model without context does."""
+    counts = np.bincount(train.reshape(-1), minlength=vocab).astype(np.float64) + 1.0
+    p = counts / counts.sum()
+    return float(-np.log(p[held_out.reshape(-1)]).mean())
+
+
+def _loss(model: nn.Module, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1], ids)
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+    )
+
+
+def train_demo(
+    out: str,
+    tokenizer: str,
+    text: str,
+    *,
+    steps: int = 100,
+    batch: int = 16,
+    seq_len: int = 128,
+    checkpoint_every: int = 25,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> list[float]:
+    """Trains the demo model for ``steps`` steps (continuing the checkpoint in ``out`` when
+    ``resume``); returns the loss of every step from the first."""
+    torch.manual_seed(seed)
+    os.makedirs(out, exist_ok=True)
+    cfg = demo_config()
+    comp = CompressedTokenizer.from_file(tokenizer)
+    idx_dir = os.path.join(out, "indices")
+    precompute(text, idx_dir, cfg, tokenizer, seq_len=seq_len + 1, progress=False)
+    data = PrecomputedIndices(idx_dir, window=seq_len + 1)
+    raw = np.stack([data[i][0] for i in range(len(data))]).astype(np.int64)
+    hashes = np.stack([data[i][1][LAYER] for i in range(len(data))])
+    vocab_ids, dense = np.unique(raw, return_inverse=True)
+    dense = dense.reshape(raw.shape)
+    # The last tenth of the windows is held out: the losses compared are on text not trained on.
+    n = len(data) - max(1, len(data) // 10)
+    unigram = _unigram_loss(dense[:n, 1:], dense[n:, 1:], len(vocab_ids))
+
+    table_path = os.path.join(out, "engram-table.safetensors")
+    from ..hashing import NgramHasher
+
+    rows = NgramHasher(cfg, len(comp)).table_rows[LAYER]
+    if not resume or not os.path.exists(table_path):
+        HostTable.create(
+            table_path, rows, cfg.head_dim, dtype="float32", init="normal", std=0.02, seed=seed
+        )
+    table = HostTable.open(table_path, mode="mmap", writable=True)
+    sparse = SparseAdam(lr=1e-3)
+    engram = Engram(cfg, LAYER, compressed_vocab_size=len(comp), table=table, optimizer=sparse)
+    model = TinyLM(len(vocab_ids), seq_len, engram)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    ckpt = os.path.join(out, "checkpoint.safetensors")
+    losses: list[float] = []
+    start = 0
+    if resume and os.path.exists(ckpt):
+        extra = load_checkpoint(
+            ckpt, model, opt, config=cfg, tokenizer_fingerprint=comp.fingerprint
+        )
+        start, losses = int(extra["step"]), list(extra["losses"])
+        log(f"resumed from {ckpt} at step {start}")
+    log(
+        f"{n} training and {len(data) - n} held-out windows of {seq_len + 1} tokens from {text} "
+        f"({len(vocab_ids)} distinct "
+        f"ids); Engram layer {LAYER}: a HostTable of {rows} x {cfg.head_dim} float32 "
+        f"({table.nbytes / 1e6:.0f} MB) trained by {sparse}; unigram loss {unigram:.3f}"
+    )
+    held_tokens = torch.from_numpy(dense[n:])
+    held_ids = torch.from_numpy(hashes[n:, :-1].astype(np.int64))
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return _loss(model, held_tokens, held_ids).item()
+
+    bar = _bar(steps, start, progress)
+    for step in range(start, steps):
+        pick = np.arange(step * batch, (step + 1) * batch) % n
+        tokens = torch.from_numpy(dense[pick])
+        ids = torch.from_numpy(hashes[pick, :-1].astype(np.int64))
+        loss = _loss(model, tokens, ids)
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]  # also applies SparseAdam to the touched rows of the host table
+        opt.step()
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {losses[-1]:.3f} (unigram {unigram:.3f})", refresh=False)
+        done = step + 1
+        if done % checkpoint_every == 0 or done == steps:
+            log(
+                f"step {done}: training loss {losses[-1]:.3f}, held-out loss {held_out():.3f} "
+                f"(unigram {unigram:.3f})"
+            )
+            save_checkpoint(
+                ckpt,
+                model,
+                opt,
+                config=cfg,
+                tokenizer_fingerprint=comp.fingerprint,
+                extra={"step": done, "losses": losses},
+            )
+    if bar is not None:
+        bar.close()
+    with open(os.path.join(out, "losses.json"), "w") as f:
+        json.dump(losses, f)
+    final = held_out()
+    verdict = "below" if final < unigram else "NOT below"
+    log(
+        f"held-out loss {final:.3f} after {len(losses)} steps, {verdict} the unigram model's "
+        f"{unigram:.3f} (before training: {math.log(len(vocab_ids)):.3f} for uniform guesses)"
+    )
+    return losses
+
+
+def _bar(steps: int, start: int, enabled: bool | None) -> Any:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, initial=start, unit="step", desc="engram-rs train-demo")
