@@ -1,4 +1,5 @@
-"""The ``engram-rs`` command: ``demo``, ``precompute``, ``verify`` and ``bench`` sub-commands."""
+"""The ``engram-rs`` command: ``demo``, ``precompute``, ``verify``, ``train-demo`` and ``bench``
+sub-commands."""
 
 from __future__ import annotations
 
