@@ -55,11 +55,14 @@ def test_a_prefetch_overlaps_a_gpu_matmul(tmp_path) -> None:
     ).cuda()
     hidden = torch.randn(2, 64, SMALL.hc_mult, SMALL.hidden_size, device="cuda")
     a = torch.randn(4096, 4096, device="cuda")
-    host.prefetch(ids)  # the host gather runs on the CPU while the GPU multiplies
+    host.prefetch(ids)  # the host gather and the copy to the GPU run while the GPU multiplies
+    binding = ops.binding(host.multi_head_embedding._host_handle)
+    assert binding.device_copy is not None  # the copy to the GPU was started
     for _ in range(4):
         a = a @ a / 64
     with torch.no_grad():
         torch.testing.assert_close(host(hidden, ids), dense(hidden, ids), rtol=1e-5, atol=1e-5)
+    assert binding.device_copy is None  # and used by the forward
 
 
 def test_a_training_step_with_the_table_on_the_host(tmp_path) -> None:

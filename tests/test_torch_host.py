@@ -107,7 +107,8 @@ def test_low_precision_tables_train_with_float32_state(tmp_path, dtype: str) -> 
     torch.testing.assert_close(host_rows(table), expect, rtol=0, atol=0)
 
 
-# opcheck's AOT test reads .grad of the non-leaf copies it makes of the inputs (its own warning).
+# opcheck's AOT test reads .grad of non-leaf tensors it makes: the same warning comes for a trivial
+# custom op (x.clone()) in this torch version, so it is opcheck's, not these ops'.
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_opcheck_passes_for_both_ops(tmp_path) -> None:
     table, _ = table_and_copy(tmp_path)
@@ -283,3 +284,16 @@ def test_an_fp8_table_without_scales_is_refused(tmp_path) -> None:
     save_file({"w": torch.zeros(10, 32).to(torch.float8_e4m3fn)}, str(tmp_path / "f8.safetensors"))
     with pytest.raises(ValueError, match=r'tensor "w" is FP8 and no single tensor w_scale or'):
         er.HostTable.open(tmp_path / "f8.safetensors")
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_attach_copy_hands_the_gradient_back_to_the_host_rows() -> None:
+    """The op that makes a prefetch's GPU copy the differentiable result of the host rows (CPU
+    to CPU here; tests/test_torch_cuda.py runs it across devices)."""
+    host = torch.randn(6, 4, requires_grad=True)
+    ahead = host.detach().clone()
+    out = torch.ops.engram_rs.attach_copy(host, ahead)
+    assert torch.equal(out, ahead) and out.data_ptr() != ahead.data_ptr()
+    (out * 3).sum().backward()
+    assert host.grad is not None and torch.equal(host.grad, torch.full((6, 4), 3.0))
+    torch.library.opcheck(torch.ops.engram_rs.attach_copy.default, (host, ahead))

@@ -4,6 +4,8 @@
   ``handle`` as float32 ``[n, dim]`` (the Rust gather; the output is pinned where CUDA is
   there, so the copy to the GPU can run asynchronously). ``anchor`` is a zero-size parameter of
   the module: it makes the output require grad, so autograd calls the backward.
+* ``engram_rs::attach_copy(host, device_rows) -> Tensor``: rows a prefetch already copied to
+  the GPU, made the differentiable result of the host rows (the gradient goes back to them).
 * ``engram_rs::host_sparse_step(rows, grad, handle) -> Tensor``: the backward: applies the
   table's fused sparse optimizer to the touched rows (duplicate rows summed first) and returns
   the anchor's (empty) gradient. So ``loss.backward()`` itself updates the table: no
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 from typing import Any
 
 import torch
@@ -26,6 +29,7 @@ from ..table import HostTable, Prefetch
 from .optim import SparseOptimizer
 
 __all__ = [
+    "attach_copy",
     "host_embedding",
     "host_gather",
     "host_prefetch",
@@ -36,11 +40,24 @@ __all__ = [
 
 
 @dataclasses.dataclass
+class _DeviceCopy:
+    """The copy of prefetched host rows to a GPU, started by a thread once the gather is done
+    (on a side stream): ``result`` is ``[rows on the GPU, the event after the copy]``, or
+    ``[the exception]``."""
+
+    src: torch.Tensor
+    thread: threading.Thread
+    result: list[Any]
+
+
+@dataclasses.dataclass
 class _Binding:
     table: HostTable
     optimizer: SparseOptimizer | None
     #: A prefetch in flight: (the rows it gathers, its ticket, its output).
     pending: tuple[torch.Tensor, Prefetch, torch.Tensor] | None = None
+    #: Its copy to the GPU, when the rows are for a CUDA device.
+    device_copy: _DeviceCopy | None = None
 
 
 _BINDINGS: dict[int, _Binding] = {}
@@ -76,13 +93,34 @@ def _new_rows(n: int, dim: int) -> torch.Tensor:
     return torch.empty((n, dim), dtype=torch.float32, pin_memory=_pinned())
 
 
-def prefetch(handle: int, rows: torch.Tensor) -> None:
+def prefetch(handle: int, rows: torch.Tensor, device: torch.device | None = None) -> None:
     """Starts gathering ``rows`` now (on the background pool); the next ``host_gather`` of the
-    same rows waits for it instead of gathering again."""
+    same rows waits for it instead of gathering again. With a CUDA ``device``, the copy of the
+    (pinned) rows to it also starts as soon as the gather is done, on a side stream."""
     b = binding(handle)
     flat = rows.detach().reshape(-1).to("cpu", torch.int64).contiguous()
     out = _new_rows(flat.numel(), b.table.dim)
-    b.pending = (flat, b.table.prefetch(flat, out=out), out)
+    ticket = b.table.prefetch(flat, out=out)
+    b.pending = (flat, ticket, out)
+    b.device_copy = None
+    if device is not None and device.type == "cuda":
+        result: list[Any] = []
+
+        def copy() -> None:
+            try:
+                ticket.wait()
+                stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+                with torch.cuda.stream(stream):
+                    on_device = out.to(device, non_blocking=True)
+                    done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                    done.record(stream)
+                result.extend([on_device, done])
+            except BaseException as e:  # handed to the forward, which falls back to a copy
+                result.append(e)
+
+        thread = threading.Thread(target=copy, name="engram_rs-device-copy", daemon=True)
+        thread.start()
+        b.device_copy = _DeviceCopy(out, thread, result)
 
 
 @torch.library.custom_op("engram_rs::host_gather", mutates_args=())
@@ -154,13 +192,50 @@ def _rows(emb: Any, hash_ids: torch.Tensor) -> torch.Tensor:
 
 def host_embedding(emb: Any, hash_ids: torch.Tensor) -> torch.Tensor:
     """The rows of an ``EngramEmbedding`` over a host table, ``[B * L * cols, dim]`` float32 on
-    ``hash_ids``' device (copied asynchronously from pinned memory where CUDA is there)."""
-    out: torch.Tensor = torch.ops.engram_rs.host_gather(
-        emb._anchor, _rows(emb, hash_ids), emb._host_handle
-    )
+    ``hash_ids``' device (copied asynchronously from pinned memory where CUDA is there, or
+    taken from a prefetch's copy already on the GPU)."""
+    handle = emb._host_handle
+    out: torch.Tensor = torch.ops.engram_rs.host_gather(emb._anchor, _rows(emb, hash_ids), handle)
+    if hash_ids.device.type != "cuda":
+        return out.to(hash_ids.device)
+    b = binding(handle)
+    copy, b.device_copy = b.device_copy, None
+    if copy is not None and copy.src.data_ptr() == out.data_ptr():
+        copy.thread.join()
+        if len(copy.result) == 2:
+            on_device, done = copy.result
+            current = torch.cuda.current_stream(hash_ids.device)
+            current.wait_event(done)
+            on_device.record_stream(current)  # made on the side stream, read on this one
+            attached: torch.Tensor = torch.ops.engram_rs.attach_copy(out, on_device)
+            return attached
     return out.to(hash_ids.device, non_blocking=True)
 
 
 def host_prefetch(emb: Any, hash_ids: torch.Tensor) -> None:
-    """Starts the host gather of ``hash_ids`` now; the next forward with them waits for it."""
-    prefetch(emb._host_handle, _rows(emb, hash_ids))
+    """Starts the host gather of ``hash_ids`` now (and, for ids on a GPU, the copy of the rows
+    there); the next forward with them waits for it."""
+    prefetch(emb._host_handle, _rows(emb, hash_ids), hash_ids.device)
+
+
+@torch.library.custom_op("engram_rs::attach_copy", mutates_args=())
+def attach_copy(host: torch.Tensor, device_rows: torch.Tensor) -> torch.Tensor:
+    """``device_rows`` (a copy of ``host`` made ahead, on another device) as the differentiable
+    result of ``host``: the backward hands the gradient back to ``host``'s device."""
+    return device_rows.clone()
+
+
+@attach_copy.register_fake
+def _(host: torch.Tensor, device_rows: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(device_rows)
+
+
+def _setup_attach(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.host_device = inputs[0].device
+
+
+def _backward_attach(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return grad.to(ctx.host_device), None
+
+
+attach_copy.register_autograd(_backward_attach, setup_context=_setup_attach)
