@@ -107,8 +107,8 @@ class TableCore:
     @property
     def scale_bytes(self) -> int: ...
     def read_raw(
-        self, start: int, count: int
-    ) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], np.ndarray[Any, np.dtype[np.uint8]]]: ...
+        self, start: int, count: int, scales: bool = False
+    ) -> np.ndarray[Any, np.dtype[np.uint8]]: ...
     @staticmethod
     def open(
         path: str | bytes | PathLike[str] | PathLike[bytes],

@@ -315,6 +315,40 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
     write_atomically(path, lambda f: f.write(text))
 
 
+def layer_file(layer: int) -> str:
+    """The file of one Engram layer's hash ids in a precompute directory."""
+    return f"layer_{layer}.npy"
+
+
+def output_arrays(
+    out: dict[int, np.ndarray], tokens: np.ndarray, starts: np.ndarray, layers: list[int]
+) -> dict[str, np.ndarray]:
+    """What one hashed block appends to each output file (both engines append these)."""
+    arrays = {layer_file(x): out[x] for x in layers}
+    arrays["tokens.npy"] = tokens
+    arrays["offsets.npy"] = starts
+    return arrays
+
+
+@dataclasses.dataclass
+class EngineRun:
+    """What an engine needs to run a precompute job: the inputs, the hasher, the boundary
+    rule, the job's description, the open output files in ``partial`` and its options."""
+
+    source: Source
+    hasher: NgramHasher
+    boundary: Boundary
+    job: dict[str, Any]
+    files: dict[str, _OutFile]
+    partial: str
+    progress: bool | None
+    chunk_tokens: int
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(x) for x in self.job["layers"]]
+
+
 # ---- the job ------------------------------------------------------------------------------------
 
 
@@ -462,29 +496,19 @@ def precompute(
         log.info("resuming %s at token %d (%s)", partial, state["tokens"], state["cursor"])
     os.makedirs(partial, exist_ok=True)
     dt = np.dtype(index_dtype)
-    files = {f"layer_{x}.npy": _OutFile(f"layer_{x}.npy", dt, cfg.cols) for x in chosen}
+    files = {layer_file(x): _OutFile(layer_file(x), dt, cfg.cols) for x in chosen}
     files["tokens.npy"] = _OutFile("tokens.npy", np.dtype(np.uint32), None)
     files["offsets.npy"] = _OutFile("offsets.npy", np.dtype(np.int64), None)
     try:
         for name, out_file in files.items():
             out_file.open(partial, None if state is None else int(state["bytes"][name]))
+        run = EngineRun(source, hasher, boundary, job, files, partial, progress, chunk_tokens)
         if engine == "ray":
             from .ray import run_ray
 
-            counts = run_ray(source, hasher, boundary, job, files, partial, progress, chunk_tokens)
+            counts = run_ray(run)
         else:
-            counts = _run_local(
-                source,
-                hasher,
-                boundary,
-                job,
-                files,
-                partial,
-                state,
-                progress,
-                chunk_tokens,
-                commit_seconds,
-            )
+            counts = _run_local(run, state, commit_seconds)
         _finalize(final, partial, job, files, source, counts, comp, tok_path, cfg)
     except ValueError:
         # Bad input data (an id beyond the vocabulary, a null row): a resume would stop at the
@@ -526,17 +550,9 @@ def _existing(final: str, job: dict[str, Any], overwrite: bool) -> PrecomputedIn
 
 
 def _run_local(
-    source: Source,
-    hasher: NgramHasher,
-    boundary: Boundary,
-    job: dict[str, Any],
-    files: dict[str, _OutFile],
-    partial: str,
-    state: dict[str, Any] | None,
-    progress: bool | None,
-    chunk_tokens: int,
-    commit_seconds: float,
+    run: EngineRun, state: dict[str, Any] | None, commit_seconds: float
 ) -> dict[str, int]:
+    source, hasher, job, files = run.source, run.hasher, run.job, run.files
     history = hasher.config.max_ngram_size - 1
     if state is None:
         cursor, tokens, sequences, done = {"file": 0, "pos": 0}, 0, 0, 0
@@ -545,26 +561,26 @@ def _run_local(
         cursor, tokens, sequences = state["cursor"], state["tokens"], state["sequences"]
         done = state["units"]
         ctx = np.asarray(state["ctx"], dtype=np.int64)
-    bar = _progress(sum(source.totals), source.unit, progress)
+    bar = _progress(sum(source.totals), source.unit, run.progress)
     if bar is not None and done:
         bar.update(done)
-    layers = [int(x) for x in job["layers"]]
+    layers = run.layers
     dtype: IndexDType = job["index_dtype"]
-    writer = _Writer(partial, files, commit_seconds)
+    writer = _Writer(run.partial, files, commit_seconds)
     started = time.monotonic()
     try:
-        for block in source.blocks(cursor, chunk_tokens):
+        for block in source.blocks(cursor, run.chunk_tokens):
             out, starts = hash_block(
-                hasher, block, ctx, tokens, boundary, layers, dtype, job["flat"]
+                hasher, block, ctx, tokens, run.boundary, layers, dtype, job["flat"]
             )
             if block.lengths is None:
                 joined = np.concatenate([ctx, block.tokens.astype(np.int64)])
                 ctx = joined[max(0, joined.shape[0] - history) :]
-            arrays: dict[str, np.ndarray] = {f"layer_{x}.npy": out[x] for x in layers}
-            arrays["tokens.npy"] = block.tokens
-            arrays["offsets.npy"] = starts
             # Checksums here, beside the writer thread's writes of the previous chunk.
-            arrays = {name: files[name].prepare(arr) for name, arr in arrays.items()}
+            arrays = {
+                name: files[name].prepare(arr)
+                for name, arr in output_arrays(out, block.tokens, starts, layers).items()
+            }
             tokens += block.tokens.shape[0]
             sequences += starts.shape[0]
             done += block.units
@@ -587,8 +603,6 @@ def _run_local(
         writer.close()
         if bar is not None:
             bar.close()
-    if tokens >= 2**32:  # pragma: no cover - tokens.npy is uint32 ids, not counts; fine
-        pass
     return {"tokens": tokens, "sequences": sequences}
 
 
@@ -625,10 +639,10 @@ def _finalize(
         "flat": job["flat"],
         "layers": {
             str(x): {
-                "file": f"layer_{x}.npy",
-                "shape": list(files[f"layer_{x}.npy"].shape()),
+                "file": layer_file(x),
+                "shape": list(files[layer_file(x)].shape()),
                 "dtype": job["index_dtype"],
-                "checksum": files[f"layer_{x}.npy"].checksum.hexdigest(),
+                "checksum": files[layer_file(x)].checksum.hexdigest(),
             }
             for x in job["layers"]
         },
@@ -697,7 +711,7 @@ class PrecomputedIndices:
         self.num_sequences = int(self.manifest["sequences"])
         self.tokens = self._load("tokens.npy")
         self.offsets = self._load("offsets.npy")
-        self._layers = {x: self._load(f"layer_{x}.npy") for x in self.layer_ids}
+        self._layers = {x: self._load(layer_file(x)) for x in self.layer_ids}
         if window is not None and (
             isinstance(window, bool) or not isinstance(window, int) or window < 1
         ):

@@ -41,7 +41,7 @@ from . import _engram_rs
 from .compress import CompressedTokenizer
 from .config import EngramConfig
 from .hashing import IndexDType, NgramHasher
-from .offline import Boundary, _config, _OutFile, _progress, hash_block
+from .offline import Boundary, EngineRun, _config, _progress, hash_block, output_arrays
 from .sources import Block, Source, _row_where, _token_where, jsonl_block, list_column
 
 __all__ = ["HashBatches", "run_ray"]
@@ -499,16 +499,7 @@ class _HashPieces(_Hashing):
 # ---- the precompute engine ----------------------------------------------------------------------
 
 
-def run_ray(
-    source: Source,
-    hasher: NgramHasher,
-    boundary: Boundary,
-    job: dict[str, Any],
-    files: dict[str, _OutFile],
-    partial: str,
-    progress: bool | None,
-    chunk_tokens: int,
-) -> dict[str, int]:
+def run_ray(run: EngineRun) -> dict[str, int]:
     """The precompute's ``engine="ray"``: hashes ``source`` on Ray Data and appends the results,
     in input order, to ``files`` exactly as the local engine does; returns the same counts.
 
@@ -516,16 +507,17 @@ def run_ray(
     (which connects to ``RAY_ADDRESS`` when set) and shuts it down at the end. Writes no
     resume state: ``--resume`` with this engine reruns the job from the start.
     """
+    source = run.source
     if source.format == "text":
         raise ValueError(
             f"{source.paths[0]}: the ray engine cannot hash plain text inputs (format text: a "
             "stream whose token positions are known only once all text before is tokenized): "
             "use --engine local, or tokenize to .bin first"
         )
-    if any(f.bytes for f in files.values()):
+    if any(f.bytes for f in run.files.values()):
         # Not a ValueError: precompute() deletes the partial directory after those (bad input).
         raise FileExistsError(
-            f"{partial} holds an interrupted run of the local engine: continue it with "
+            f"{run.partial} holds an interrupted run of the local engine: continue it with "
             "--engine local --resume (the ray engine cannot resume), or start the job again "
             "on Ray with --overwrite and without --resume"
         )
@@ -548,7 +540,7 @@ def run_ray(
     v2 = getattr(context, "use_datasource_v2", None)
     try:
         context.execution_options.preserve_order = True
-        if progress is False:
+        if run.progress is False:
             context.enable_progress_bars = False
         if v2 and importlib.util.find_spec("aiohttp") is None:
             # Ray's DataSourceV2 Parquet reader (2.5x+) resolves the paths on several threads,
@@ -556,7 +548,7 @@ def run_ray(
             # install it) that import fails, and racing threads get an ImportError Ray does not
             # catch: read Parquet with the V1 datasource, which resolves them once.
             context.use_datasource_v2 = False
-        return _run(ray, source, hasher, boundary, job, files, partial, progress, chunk_tokens)
+        return _run(ray, run)
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
         if v2 is not None:
@@ -565,20 +557,11 @@ def run_ray(
             ray.shutdown()
 
 
-def _run(
-    ray: Any,
-    source: Source,
-    hasher: NgramHasher,
-    boundary: Boundary,
-    job: dict[str, Any],
-    files: dict[str, _OutFile],
-    partial: str,
-    progress: bool | None,
-    chunk_tokens: int,
-) -> dict[str, int]:
+def _run(ray: Any, run: EngineRun) -> dict[str, int]:
+    source, hasher, job, chunk_tokens = run.source, run.hasher, run.job, run.chunk_tokens
     tokenizer = source._tokenizer_path
     assert tokenizer is not None
-    layers = [int(x) for x in job["layers"]]
+    layers = run.layers
     common: dict[str, Any] = {
         "config": hasher.config.to_dict(),
         "tokenizer": tokenizer,
@@ -629,7 +612,7 @@ def _run(
             _HashPieces,
             fn_constructor_kwargs=dict(
                 common,
-                boundary=boundary,
+                boundary=run.boundary,
                 fmt=source.format,
                 kind=source.kind,
                 paths=source.paths,
@@ -640,7 +623,7 @@ def _run(
             batch_format="numpy",
         )
     batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-    writer = _Appender(files, partial, layers, hasher.cols, source, progress)
+    writer = _Appender(run, hasher.cols)
     try:
         for batch in batches:
             if _ERROR in batch:
@@ -701,26 +684,18 @@ def _parquet_rows_per_batch(source: Source, chunk_tokens: int) -> int:
 class _Appender:
     """Appends results to the output files in order, as ``_run_local`` does."""
 
-    def __init__(
-        self,
-        files: dict[str, _OutFile],
-        partial: str,
-        layers: list[int],
-        cols: int,
-        source: Source,
-        progress: bool | None,
-    ) -> None:
-        self.files = files
-        self.partial = partial
-        self.layers = layers
+    def __init__(self, run: EngineRun, cols: int) -> None:
+        self.files = run.files
+        self.partial = run.partial
+        self.layers = run.layers
         self.cols = cols
-        self.source = source
+        source = run.source
         self.index = {p: i for i, p in enumerate(source.paths)}
         self.tokens = 0
         self.sequences = 0
         self.next_file = 0
         self.next_piece = 0
-        self.bar = _progress(sum(source.totals), source.unit, progress)
+        self.bar = _progress(sum(source.totals), source.unit, run.progress)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -729,10 +704,8 @@ class _Appender:
     def _append(
         self, out: dict[int, np.ndarray], tokens: np.ndarray, starts: np.ndarray, units: int
     ) -> None:
-        for x in self.layers:
-            self.files[f"layer_{x}.npy"].append(out[x], self.partial)
-        self.files["tokens.npy"].append(tokens, self.partial)
-        self.files["offsets.npy"].append(starts, self.partial)
+        for name, arr in output_arrays(out, tokens, starts, self.layers).items():
+            self.files[name].append(arr, self.partial)
         self.tokens += tokens.shape[0]
         self.sequences += starts.shape[0]
         if self.bar is not None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _engram_rs
 
-__all__ = ["FORMATS", "Block", "Source", "detect_format", "open_source"]
+__all__ = ["FORMATS", "Block", "Source", "detect_format"]
 
 #: Input formats and whether their rows are sequences ("rows") or a flat token stream ("stream").
 FORMATS = {
@@ -176,7 +176,7 @@ class Source:
 
     def _npy(self, path: str) -> np.ndarray:
         try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            arr: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as e:
             raise ValueError(f"{path}: not a readable .npy token array: {e}") from None
         if arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
@@ -184,7 +184,7 @@ class Source:
                 f"{path}: a .npy input must be a 1-D token stream or a 2-D [B, T] batch of "
                 f"integer ids, got a {arr.dtype} array of shape {arr.shape}"
             )
-        return np.asarray(arr) if not isinstance(arr, np.ndarray) else arr
+        return arr
 
     def _arrow_table_rows(self, path: str) -> Any:
         """A ParquetFile, or the Arrow IPC file/stream as a memory-mapped Table."""
@@ -437,7 +437,3 @@ def _row_where(path: str, lengths: np.ndarray, first_row: int) -> Callable[[int]
         return f"{path}, row {first_row + r}, position {col}"
 
     return where
-
-
-def open_source(paths: list[str], fmt: str, **options: Any) -> Source:
-    return Source(paths, fmt, **options)

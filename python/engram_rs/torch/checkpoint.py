@@ -105,25 +105,23 @@ def _table_chunks(table: HostTable) -> Iterator[tuple[int, int]]:
         yield start, min(per, table.rows - start)
 
 
-def _table_entries(name: str, table: HostTable) -> dict[str, _Entry]:
+def _table_entries(key: str, table: HostTable) -> dict[str, _Entry]:
+    """The tensors of a host table's stored bytes: ``key`` (values) and, for FP8, its UE8M0
+    scales as ``{key}_scale``; streamed chunk by chunk when the file is written."""
     core = table._core
     rb, sb = core.row_bytes, core.scale_bytes
 
-    def values(f: IO[bytes]) -> None:
-        for start, count in _table_chunks(table):
-            f.write(core.read_raw(start, count)[0].data)
+    def part(scales: bool) -> Callable[[IO[bytes]], None]:
+        def write(f: IO[bytes]) -> None:
+            for start, count in _table_chunks(table):
+                f.write(core.read_raw(start, count, scales).data)
 
-    def scales(f: IO[bytes]) -> None:
-        for start, count in _table_chunks(table):
-            f.write(core.read_raw(start, count)[1].data)
+        return write
 
-    out = {
-        f"{name}.weight": _Entry(
-            _ST_DTYPES[table.dtype], [table.rows, table.dim], table.rows * rb, values
-        )
-    }
+    shape = [table.rows, table.dim]
+    out = {key: _Entry(_ST_DTYPES[table.dtype], shape, table.rows * rb, part(False))}
     if sb:
-        out[f"{name}.weight_scale"] = _Entry("U8", [table.rows, sb], table.rows * sb, scales)
+        out[f"{key}_scale"] = _Entry("U8", [table.rows, sb], table.rows * sb, part(True))
     return out
 
 
@@ -148,13 +146,13 @@ def save_checkpoint(
     for name, mod in host_tables(model).items():
         table: HostTable = mod.table
         opt: SparseOptimizer | None = mod.optimizer
-        entries.update(_table_entries(f"host.{name}", table))
+        entries.update(_table_entries(f"host.{name}.weight", table))
         info: dict[str, Any] = {"dtype": table.dtype, "rows": table.rows, "dim": table.dim}
         if opt is not None:
             info["optimizer"] = {"kind": opt.kind, **opt.hyperparameters()}
             info["step"] = opt.step_count(table)
             for (sname, _), state in zip(opt.state_shapes, opt.state(table), strict=True):
-                entries.update({f"host.{name}.{sname}": _table_entries("", state)[".weight"]})
+                entries.update(_table_entries(f"host.{name}.{sname}", state))
         hosts[name] = info
     meta = {
         "format": FORMAT,
@@ -291,7 +289,7 @@ def _load_table(r: _Reader, name: str, mod: Any, info: dict[str, Any]) -> None:
         raise ValueError(
             f"{r.path}: host table {name!r} is {want} (dtype, rows, dim) there, {got} here"
         )
-    _copy_in(r, f"host.{name}.weight", f"host.{name}.weight_scale", table)
+    _copy_in(r, f"host.{name}.weight", table)
     opt: SparseOptimizer | None = mod.optimizer
     saved_opt = info.get("optimizer")
     if opt is None:
@@ -302,19 +300,20 @@ def _load_table(r: _Reader, name: str, mod: Any, info: dict[str, Any]) -> None:
             f"{saved_opt and saved_opt['kind']}, the model's optimizer is {opt.kind}"
         )
     for (sname, _), state in zip(opt.state_shapes, opt.state(table), strict=True):
-        _copy_in(r, f"host.{name}.{sname}", None, state)
+        _copy_in(r, f"host.{name}.{sname}", state)
     opt.set_step_count(table, int(info.get("step", 0)))
 
 
-def _copy_in(r: _Reader, key: str, scale_key: str | None, table: HostTable) -> None:
-    """Writes a saved table into ``table`` chunk by chunk (no table-sized temporary)."""
+def _copy_in(r: _Reader, key: str, table: HostTable) -> None:
+    """Writes a table saved by :func:`_table_entries` under ``key`` into ``table``, chunk by
+    chunk (no table-sized temporary)."""
     values, e = r.raw(key)
     rb, sb = table._core.row_bytes, table._core.scale_bytes
     if e["shape"] != [table.rows, table.dim] or values.nbytes != table.rows * rb:
         raise ValueError(
             f"{r.path}: {key} is {e['shape']}, the table is [{table.rows}, {table.dim}]"
         )
-    scales = r.raw(scale_key)[0] if scale_key is not None and sb else None
+    scales = r.raw(f"{key}_scale")[0] if sb else None
     for start, count in _table_chunks(table):
         idx = np.arange(start, start + count, dtype=np.int64)
         v = np.array(values[start * rb : (start + count) * rb])

@@ -10,7 +10,7 @@ round the touched rows (FP8: re-quantized with their UE8M0 block scales).
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -154,9 +154,3 @@ class SparseAdam(SparseOptimizer):
 
     def hyperparameters(self) -> dict[str, float]:
         return {"lr": self.lr, "beta1": self.betas[0], "beta2": self.betas[1], "eps": self.eps}
-
-
-def _describe(opt: SparseOptimizer | None) -> dict[str, Any]:
-    if opt is None:
-        return {}
-    return {"kind": opt.kind, **opt.hyperparameters()}

@@ -34,9 +34,6 @@ fn dtype(name: &str) -> PyResult<DType> {
     DType::parse(name).map_err(|e| to_pyerr(e, &[]))
 }
 
-/// `(values, scales)` bytes of a run of rows.
-type RawRows<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<u8>>);
-
 /// A C-contiguous numpy array's data pointer and byte length.
 fn raw_bytes(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(*mut u8, usize, bool)> {
     if !arr.is_c_contiguous() {
@@ -384,20 +381,24 @@ impl TableCore {
         Ok(self.shared()?.read().scale_bytes())
     }
 
-    /// Copies of the stored bytes of rows `start..start + count`: `(values, scales)` as flat
-    /// uint8 arrays (scales empty unless FP8).
-    fn read_raw<'py>(&self, py: Python<'py>, start: usize, count: usize) -> PyResult<RawRows<'py>> {
+    /// A copy of the stored bytes of rows `start..start + count`, as a flat uint8 array: their
+    /// values, or with `scales=True` their UE8M0 scales (empty unless FP8).
+    #[pyo3(signature = (start, count, scales=false))]
+    fn read_raw<'py>(
+        &self,
+        py: Python<'py>,
+        start: usize,
+        count: usize,
+        scales: bool,
+    ) -> PyResult<Bound<'py, PyArray1<u8>>> {
         let shared = self.shared()?;
-        let (values, scales) = crate::detached(py, || {
+        let bytes = crate::detached(py, || {
             let t = shared.read();
             let (v, s) = t.raw_rows(start, count)?;
-            Ok((v.to_vec(), s.to_vec()))
+            Ok(if scales { s.to_vec() } else { v.to_vec() })
         })
         .map_err(|e| to_pyerr(e, &[]))?;
-        Ok((
-            PyArray1::from_vec(py, values),
-            PyArray1::from_vec(py, scales),
-        ))
+        Ok(PyArray1::from_vec(py, bytes))
     }
 
     /// Reads the rows a gather of `idx` would read, writing nothing (the benchmark's random-read
