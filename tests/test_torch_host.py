@@ -297,3 +297,21 @@ def test_attach_copy_hands_the_gradient_back_to_the_host_rows() -> None:
     (out * 3).sum().backward()
     assert host.grad is not None and torch.equal(host.grad, torch.full((6, 4), 3.0))
     torch.library.opcheck(torch.ops.engram_rs.attach_copy.default, (host, ahead))
+
+
+def test_a_checkpoint_keeps_an_fp8_table_byte_for_byte(tmp_path) -> None:
+    table, _ = table_and_copy(tmp_path, "float8_e4m3")
+    holder = torch.nn.Module()
+    holder.table, holder.optimizer = table, None  # what host_tables() looks for
+
+    def stored() -> tuple[bytes, bytes]:
+        core = table._core
+        return core.read_raw(0, ROWS).tobytes(), core.read_raw(0, ROWS, True).tobytes()
+
+    before = stored()
+    assert len(before[1]) == ROWS  # one UE8M0 scale byte per row of 32
+    save_checkpoint(tmp_path / "f8.ckpt", holder)
+    table.write_rows(np.arange(ROWS), np.ones((ROWS, 32), np.float32))
+    assert stored() != before
+    load_checkpoint(tmp_path / "f8.ckpt", holder)
+    assert stored() == before

@@ -42,6 +42,7 @@ _TORCH_OF = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
     "F64": torch.float64,
     "I64": torch.int64,
     "I32": torch.int32,
