@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from typing import IO
 
@@ -20,7 +20,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], 
         raise FileNotFoundError(
             f"{target}: the directory {directory!r} does not exist: create it first (os.makedirs)"
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
+    fd, tmp = _create_temporary(target, directory)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -37,6 +37,20 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], 
         fsync_path(directory)
     except OSError:  # pragma: no cover - the file is complete; only the rename's durability waits
         return
+
+
+def _create_temporary(target: str, directory: str) -> tuple[int, str]:
+    """A new file ``.<name>.<random>.tmp`` beside ``target``, created exclusively (never through a
+    link) with mode 0o666 less the umask, as ``open()`` and numpy make files (``mkstemp`` makes
+    them 0o600, so a shared checkpoint or manifest would not be readable by the group)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: could not create a temporary file beside {target}")
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:

@@ -9,7 +9,10 @@ restores everything in place, so that resuming gives exactly the steps of an uni
 from __future__ import annotations
 
 import json
+import math
 import os
+import reprlib
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -50,6 +53,14 @@ _TORCH_OF = {
     "BOOL": torch.bool,
 }
 _ST_OF_TORCH = {v: k for k, v in _TORCH_OF.items()}
+#: The safetensors dtype each host table dtype is stored as.
+_TABLE_ST = {
+    k: v for k, v in _ST_DTYPES.items() if k in ("float32", "float16", "bfloat16", "float8_e4m3")
+}
+#: Bytes per element of each dtype a checkpoint may hold.
+_ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in _TORCH_OF.items()}
+#: The largest header read (a crafted length is refused before it is allocated).
+_MAX_HEADER = 100 << 20
 
 
 def host_tables(model: torch.nn.Module) -> dict[str, Any]:
@@ -126,6 +137,26 @@ def _table_entries(key: str, table: HostTable) -> dict[str, _Entry]:
     return out
 
 
+def _refuse_own_files(path: str, model: torch.nn.Module) -> None:
+    """Refuses ``path`` when it is the file of one of the model's host tables or of their
+    optimizer state: the rename would replace the table the checkpoint is read from."""
+    if not os.path.exists(path):
+        return
+    for name, mod in host_tables(model).items():
+        opt: SparseOptimizer | None = mod.optimizer
+        owned = [(mod.table, f"host table {name!r}")]
+        if opt is not None:
+            what = f"the {opt.kind} optimizer state of host table {name!r}"
+            owned += [(st, what) for st in opt.state(mod.table)]
+        for table, what in owned:
+            if table.path is not None and os.path.exists(table.path):
+                if os.path.samefile(path, table.path):
+                    raise ValueError(
+                        f"{path} is the file of {what}: save the checkpoint elsewhere (the "
+                        "table would be replaced by the checkpoint)"
+                    )
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: torch.nn.Module,
@@ -137,6 +168,7 @@ def save_checkpoint(
 ) -> None:
     """Writes ``model`` (dense state_dict, every host table with its optimizer's state and step
     count), ``optimizer`` (a dense torch optimizer, or None) and ``extra`` (JSON) to ``path``."""
+    _refuse_own_files(os.fspath(path), model)
     entries: dict[str, _Entry] = {}
     for k, v in _dense_state(model).items():
         entries[f"model.{k}"] = _tensor_entry(v)
@@ -185,51 +217,352 @@ def save_checkpoint(
 
 
 class _Reader:
-    """A checked reader of the safetensors file a checkpoint is."""
+    """A checked reader of the safetensors file a checkpoint is: the whole header is parsed and
+    checked when it is opened (bounds, types, byte ranges inside the file and not overlapping);
+    tensors are then read with ``pread`` (a file cut short later is an error, not a SIGBUS)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: not a checkpoint (shorter than a safetensors header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > self.size - 8 or n > 100 << 20:
-                raise ValueError(f"{path}: not a checkpoint (header length {n})")
-            try:
-                self.header: dict[str, Any] = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: not a checkpoint (header: {e})") from None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO: no hang
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{path}: not a checkpoint (not a regular file)")
+            self.fd, self.size = fd, st.st_size
+            self._parse()
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _bad(self, what: str) -> ValueError:
+        return ValueError(f"{self.path}: not a checkpoint ({what})")
+
+    def _parse(self) -> None:
+        size = self.size
+        if size < 8:
+            raise self._bad(f"{size} bytes, shorter than the 8-byte length of a safetensors header")
+        (n,) = struct.unpack("<Q", self.pread(0, 8, "the header length"))
+        if n > size - 8:
+            raise self._bad(f"header length {n}, the file has {size} bytes")
+        if n > _MAX_HEADER:
+            raise self._bad(f"header length {n}, over the limit of {_MAX_HEADER} bytes")
+        header = _loads(self.pread(8, n, "the header"), "the header", self._bad)
+        if not isinstance(header, dict):
+            raise self._bad(f"the header is a JSON {_kind(header)}, not an object")
         self.base = 8 + n
-        self.meta: dict[str, str] = self.header.get("__metadata__") or {}
-        if self.meta.get("format") != FORMAT:
+        meta = header.get("__metadata__", {})
+        if not isinstance(meta, dict):
+            raise self._bad(f"__metadata__ is a {_kind(meta)}, not an object")
+        for k, v in meta.items():
+            if not isinstance(v, str):
+                raise self._bad(f"__metadata__[{k!r}] is a {_kind(v)}, not a string")
+        self.meta: dict[str, str] = meta
+        if meta.get("format") != FORMAT:
             raise ValueError(
-                f"{path}: not an engram_rs checkpoint (format {self.meta.get('format')!r})"
+                f"{self.path}: not an engram_rs checkpoint (format {_short(meta.get('format'))})"
             )
-        self.mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self.entries: dict[str, _Stored] = {}
+        for key, e in header.items():
+            if key != "__metadata__":
+                self.entries[key] = self._entry(key, e)
+        spans = sorted(
+            (e for e in self.entries.values() if e.end > e.begin), key=lambda e: (e.begin, -e.end)
+        )
+        last: _Stored | None = None
+        for e in spans:
+            if last is not None and e.begin < last.end:
+                raise ValueError(
+                    f"{self.path}: tensor {e.key!r} (bytes {e.begin}..{e.end}) overlaps tensor "
+                    f"{last.key!r} (bytes {last.begin}..{last.end}): the file is damaged"
+                )
+            if last is None or e.end > last.end:
+                last = e
+
+    def _entry(self, key: str, e: Any) -> _Stored:
+        p = f"{self.path}: tensor {key!r}"
+        if not isinstance(e, dict):
+            raise ValueError(f"{p}: its header entry is a {_kind(e)}, not an object")
+        dt = e.get("dtype")
+        if not isinstance(dt, str) or dt not in _ITEMSIZE:
+            raise ValueError(f"{p} has dtype {_short(dt)}, not one of {', '.join(_ITEMSIZE)}")
+        shape = e.get("shape")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ValueError(f"{p}: shape must be a list of non-negative ints, got {_short(shape)}")
+        offs = e.get("data_offsets")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
+            raise ValueError(f"{p}: data_offsets must be two ints [begin, end], got {_short(offs)}")
+        a, b = offs
+        if a < 0 or b < a:
+            raise ValueError(f"{p} (bytes {a}..{b}) ends before it begins: the file is damaged")
+        if self.base + b > self.size:
+            raise ValueError(
+                f"{p} (bytes {a}..{b}) ends beyond the file ({self.size - self.base} bytes of "
+                "data): the file is truncated or damaged"
+            )
+        return _Stored(key, dt, list(shape), a, b)
+
+    def pread(self, offset: int, n: int, what: str) -> bytearray:
+        buf = bytearray(n)
+        view, done = memoryview(buf), 0
+        while done < n:
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise ValueError(
+                    f"{self.path}: {what} ends beyond the file: it was cut short while it was "
+                    "read (another process writing it?)"
+                )
+            done += got
+        return buf
 
     def json(self, key: str) -> Any:
-        return json.loads(self.meta.get(key, "null"))
+        return _loads(
+            self.meta.get(key, "null").encode(),
+            "",
+            lambda w: ValueError(f"{self.path}: __metadata__[{key!r}] is not valid JSON ({w})"),
+        )
 
-    def keys(self) -> list[str]:
-        return [k for k in self.header if k != "__metadata__"]
-
-    def raw(self, key: str) -> tuple[np.ndarray, dict[str, Any]]:
-        """The bytes of tensor ``key`` (a view of the mapped file) and its header entry."""
-        e = self.header.get(key)
+    def get(self, key: str, what: str) -> _Stored:
+        e = self.entries.get(key)
         if e is None:
-            raise ValueError(f"{self.path}: the checkpoint has no tensor {key!r}")
-        a, b = e["data_offsets"]
-        if not (0 <= a <= b and self.base + b <= self.size) or e["dtype"] not in _TORCH_OF:
-            raise ValueError(f"{self.path}: tensor {key!r} is damaged ({e})")
-        return self.mm[self.base + a : self.base + b], e
+            raise ValueError(f"{self.path}: the checkpoint has no tensor {key!r} ({what})")
+        return e
 
-    def tensor(self, key: str) -> torch.Tensor:
-        raw, e = self.raw(key)
-        if raw.nbytes == 0:
-            return torch.empty(e["shape"], dtype=_TORCH_OF[e["dtype"]])
-        return torch.from_numpy(np.array(raw)).view(_TORCH_OF[e["dtype"]]).reshape(e["shape"])
+    def check_size(self, e: _Stored) -> None:
+        want = math.prod(e.shape) * _ITEMSIZE[e.dtype]
+        if want != e.end - e.begin:
+            raise ValueError(
+                f"{self.path}: tensor {e.key!r} is {e.dtype} {e.shape} ({want} bytes), its "
+                f"data_offsets span {e.end - e.begin}: the file is damaged"
+            )
+
+    def read(self, e: _Stored, start: int = 0, n: int | None = None) -> bytearray:
+        n = e.end - e.begin - start if n is None else n
+        return self.pread(self.base + e.begin + start, n, f"tensor {e.key!r}")
+
+    def tensor(self, e: _Stored) -> torch.Tensor:
+        raw = self.read(e)
+        if e.dtype == "BOOL" and raw and max(raw) > 1:
+            raise ValueError(
+                f"{self.path}: tensor {e.key!r} is BOOL and holds bytes other than 0 and 1: the "
+                "file is damaged"
+            )
+        if not raw:
+            return torch.empty(e.shape, dtype=_TORCH_OF[e.dtype])
+        return torch.frombuffer(raw, dtype=torch.uint8).view(_TORCH_OF[e.dtype]).reshape(e.shape)
+
+
+class _Stored:
+    """One tensor's checked header entry: byte range relative to the data start."""
+
+    def __init__(self, key: str, dtype: str, shape: list[int], begin: int, end: int) -> None:
+        self.key, self.dtype, self.shape, self.begin, self.end = key, dtype, shape, begin, end
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _kind(v: Any) -> str:
+    names: dict[type, str] = {dict: "object", list: "list", str: "str"}
+    return names.get(type(v), type(v).__name__)
+
+
+def _short(v: Any) -> str:
+    return reprlib.repr(v)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _loads(raw: bytes | bytearray, what: str, bad: Callable[[str], ValueError]) -> Any:
+    """``json.loads`` of untrusted bytes: every failure (bad UTF-8 or JSON, a repeated key, a
+    nesting deeper than the interpreter's recursion limit) is ``bad(message)``."""
+    try:
+        return json.loads(bytes(raw), object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise bad(f"{what + ' is ' if what else ''}nested too deeply".strip()) from None
+    except _Duplicate as e:
+        raise bad(f"{what or 'it'} repeats the key {_short(e.args[0])}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise bad(f"{what.replace('the ', '') if what else 'JSON'}: {_short(str(e))}") from None
+
+
+def _check_json_table(r: _Reader, key: str) -> dict[str, Any]:
+    v = r.json(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError(f"{r.path}: __metadata__[{key!r}] is a {_kind(v)}, not an object")
+    return v
+
+
+class _HostPlan:
+    """What loading one host table writes, all checked."""
+
+    def __init__(self, name: str, mod: Any) -> None:
+        self.name, self.mod = name, mod
+        self.copies: list[tuple[_Stored, _Stored | None, HostTable | None]] = []
+        self.step: int | None = None
+
+
+def _expect(r: _Reader, key: str, dtype: str, shape: list[int], what: str, needs: str) -> _Stored:
+    e = r.get(key, what)
+    if e.dtype != dtype or e.shape != shape:
+        raise ValueError(
+            f"{r.path}: tensor {key!r} is {e.dtype} {e.shape}, {needs} needs {dtype} {shape}"
+        )
+    r.check_size(e)
+    return e
+
+
+def _plan_host(r: _Reader, name: str, mod: Any, info: Any, claimed: set[str]) -> _HostPlan:
+    plan = _HostPlan(name, mod)
+    table: HostTable = mod.table
+    if not isinstance(info, dict):
+        raise ValueError(
+            f"{r.path}: host table {name!r}: its entry in __metadata__['host_tables'] is a "
+            f"{_kind(info)}, not an object"
+        )
+    if table._core.closed:
+        raise ValueError(f"host table {name!r} of the model is closed: reopen it first")
+    got = (table.dtype, [table.rows, table.dim])
+    want = (info.get("dtype"), [info.get("rows"), info.get("dim")])
+    if got != want:
+        there = f"{want[0]} {_short(want[1])}" if isinstance(want[0], str) else _short(info)
+        raise ValueError(f"{r.path}: host table {name!r} is {there} there, {got[0]} {got[1]} here")
+    if not table.writable:
+        raise ValueError(
+            f"host table {name!r} ({table.path or 'in memory'}) is read-only: open it with "
+            "HostTable.open(path, writable=True) to load a checkpoint into it"
+        )
+    needs = f"host table {name!r} ({table.dtype})"
+    shape = [table.rows, table.dim]
+    wkey = f"host.{name}.weight"
+    weight = _expect(
+        r, wkey, _TABLE_ST[table.dtype], shape, f"the rows of host table {name!r}", needs
+    )
+    claimed.add(wkey)
+    scale = None
+    sb = table._core.scale_bytes
+    if sb:
+        scale = _expect(
+            r,
+            f"{wkey}_scale",
+            "U8",
+            [table.rows, sb],
+            f"the UE8M0 scales of host table {name!r}",
+            needs,
+        )
+        claimed.add(scale.key)
+    plan.copies.append((weight, scale, None))
+    opt: SparseOptimizer | None = mod.optimizer
+    saved = info.get("optimizer")
+    if opt is None:  # the saved optimizer state is not used
+        claimed.update(k for k in r.entries if k.startswith(f"host.{name}."))
+        return plan
+    if saved is None:
+        raise ValueError(
+            f"{r.path}: host table {name!r} was saved without its optimizer state, the model's "
+            f"optimizer is {opt.kind}: load it into a model without a fused optimizer, or "
+            "start from another checkpoint"
+        )
+    if not isinstance(saved, dict):
+        raise ValueError(f"{r.path}: host table {name!r}: its optimizer entry is {_short(saved)}")
+    if saved.get("kind") != opt.kind:
+        kind = saved.get("kind")
+        there = kind if isinstance(kind, str) else _short(kind)
+        raise ValueError(
+            f"{r.path}: host table {name!r} was trained with {there}, the model's optimizer "
+            f"is {opt.kind}"
+        )
+    hp = sorted(k for k in saved if k != "kind")
+    mine = sorted(opt.hyperparameters())
+    if hp != mine:
+        raise ValueError(
+            f"{r.path}: host table {name!r} was trained with {opt.kind} ({', '.join(hp)}), the "
+            f"model's optimizer has {', '.join(mine)}"
+        )
+    for k in hp:
+        v = saved[k]
+        if not (v is None or isinstance(v, (str, bool, int)) or _finite(v)):
+            raise ValueError(
+                f"{r.path}: host table {name!r}: optimizer hyper-parameter {k} is {_short(v)}"
+            )
+    step = info.get("step", 0)
+    if not _is_int(step) or step < 0 or step >= 1 << 63:
+        raise ValueError(
+            f"{r.path}: host table {name!r}: step must be a non-negative int, got {_short(step)}"
+        )
+    plan.step = step
+    what = f"the {opt.kind} optimizer state of host table {name!r}"
+    for sname, width in opt.state_shapes:
+        key = f"host.{name}.{sname}"
+        e = _expect(r, key, "F32", [table.rows, table.dim if width is None else width], what, what)
+        claimed.add(key)
+        plan.copies.append((e, None, None))
+    return plan
+
+
+def _plan_dense_optimizer(
+    r: _Reader, optimizer: torch.optim.Optimizer, claimed: set[str]
+) -> dict[str, Any]:
+    meta = r.json("dense_optimizer")
+    if meta is None:
+        raise ValueError(f"{r.path} holds no dense optimizer state")
+    p = f"{r.path}: dense optimizer state"
+    groups = meta.get("param_groups") if isinstance(meta, dict) else None
+    plain = meta.get("plain") if isinstance(meta, dict) else None
+    if not isinstance(groups, list) or not isinstance(plain, dict):
+        raise ValueError(f"{p} is damaged ({_short(meta)})")
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"{p}: the checkpoint has {len(groups)} parameter groups, the optimizer "
+            f"{len(optimizer.param_groups)}"
+        )
+    ids: set[int] = set()
+    for i, (g, mine) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        params = g.get("params") if isinstance(g, dict) else None
+        if not isinstance(params, list) or not all(_is_int(x) for x in params):
+            raise ValueError(f"{p}: group {i} is damaged ({_short(g)})")
+        if len(params) != len(mine["params"]):
+            raise ValueError(
+                f"{p}: group {i} has {len(params)} parameters there, {len(mine['params'])} in "
+                "the optimizer"
+            )
+        ids.update(params)
+    state: dict[int, dict[str, Any]] = {}
+    for idx, entry in plain.items():
+        if not idx.isdigit() or int(idx) not in ids or not isinstance(entry, dict):
+            raise ValueError(f"{p}: the state of parameter {_short(idx)} is damaged")
+        state[int(idx)] = dict(entry)
+    for k, e in r.entries.items():
+        if k.startswith("dense_optimizer."):
+            parts = k.split(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) not in ids:
+                raise ValueError(f"{p}: tensor {k!r} names no parameter of the saved groups")
+            r.check_size(e)
+            state.setdefault(int(parts[1]), {})[parts[2]] = r.tensor(e)
+            claimed.add(k)
+    return {"state": state, "param_groups": groups}
 
 
 def load_checkpoint(
@@ -241,82 +574,138 @@ def load_checkpoint(
     tokenizer_fingerprint: str | None = None,
 ) -> Any:
     """Restores what :func:`save_checkpoint` wrote into ``model`` and ``optimizer`` (in place:
-    host tables are overwritten row by row) and returns its ``extra``. A checkpoint of another
-    config or tokenizer, or of another model shape, is refused with the mismatch named."""
+    host tables are overwritten row by row) and returns its ``extra``.
+
+    The whole file is checked before anything is written: its header (bounds, types, every
+    tensor's dtype, shape and byte range, inside the file and not overlapping), the config and
+    tokenizer, the host tables (dtype, shape, writable), their optimizers (kind, hyper-parameter
+    names, step counts, state tensors) and the dense state against the model and ``optimizer``.
+    A refused checkpoint (a ``ValueError`` naming the file, the tensor and the mismatch) leaves
+    the model, its tables and files and ``optimizer`` exactly as they were. Only an I/O error
+    while the tables are copied (the file cut short by another process, say) can stop a load
+    midway; it says which table is partly overwritten.
+    """
     r = _Reader(os.fspath(path))
+    try:
+        return _load(r, model, optimizer, config, tokenizer_fingerprint)
+    finally:
+        r.close()
+
+
+def _load(
+    r: _Reader,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    config: EngramConfig | None,
+    tokenizer_fingerprint: str | None,
+) -> Any:
+    # ---- check everything ----
     saved_cfg = r.json("config")
     if config is not None and saved_cfg is not None and saved_cfg != config.to_dict():
-        diff = sorted(k for k in saved_cfg if saved_cfg.get(k) != config.to_dict().get(k))
+        mine = config.to_dict()
+        if not isinstance(saved_cfg, dict):
+            raise ValueError(f"{r.path}: __metadata__['config'] is {_short(saved_cfg)}")
+        diff = sorted(k for k in set(saved_cfg) | set(mine) if saved_cfg.get(k) != mine.get(k))
         raise ValueError(
             f"{r.path} is a checkpoint of another Engram config ({', '.join(diff)} differ: "
-            f"{', '.join(f'{k}={saved_cfg[k]!r} there' for k in diff)})"
+            f"{', '.join(f'{k}={_short(saved_cfg.get(k))} there' for k in diff)})"
         )
     saved_tok = r.json("tokenizer_fingerprint")
     if tokenizer_fingerprint is not None and saved_tok not in (None, tokenizer_fingerprint):
         raise ValueError(
-            f"{r.path} is a checkpoint of another tokenizer (fingerprint {saved_tok}, this "
-            f"model's tokenizer is {tokenizer_fingerprint})"
+            f"{r.path} is a checkpoint of another tokenizer (fingerprint {_short(saved_tok)}, "
+            f"this model's tokenizer is {tokenizer_fingerprint})"
         )
-    hosts_saved = r.json("host_tables") or {}
+    extra = r.json("extra")
+    hosts_saved = _check_json_table(r, "host_tables")
     hosts = host_tables(model)
     if sorted(hosts_saved) != sorted(hosts):
         raise ValueError(
             f"{r.path} holds host tables {sorted(hosts_saved)}, the model has {sorted(hosts)}"
         )
-    dense = {k[len("model.") :]: r.tensor(k) for k in r.keys() if k.startswith("model.")}
-    model.load_state_dict(dense, strict=True)
-    for name, mod in hosts.items():
-        _load_table(r, name, mod, hosts_saved[name])
-    if optimizer is not None:
-        meta = r.json("dense_optimizer")
-        if meta is None:
-            raise ValueError(f"{r.path} holds no dense optimizer state")
-        state: dict[int, dict[str, Any]] = {}
-        for idx, plain in meta["plain"].items():
-            state[int(idx)] = dict(plain)
-        for k in r.keys():
-            if k.startswith("dense_optimizer."):
-                _, idx, key = k.split(".", 2)
-                state.setdefault(int(idx), {})[key] = r.tensor(k)
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return r.json("extra")
-
-
-def _load_table(r: _Reader, name: str, mod: Any, info: dict[str, Any]) -> None:
-    table: HostTable = mod.table
-    got = (table.dtype, table.rows, table.dim)
-    want = (info["dtype"], info["rows"], info["dim"])
-    if got != want:
+    claimed: set[str] = set()
+    plans = [_plan_host(r, n, mod, hosts_saved[n], claimed) for n, mod in hosts.items()]
+    dense_entries = {k[len("model.") :]: e for k, e in r.entries.items() if k.startswith("model.")}
+    claimed.update(f"model.{k}" for k in dense_entries)
+    if optimizer is None:
+        claimed.update(k for k in r.entries if k.startswith("dense_optimizer."))
+    for k in r.entries:
+        if k not in claimed and not k.startswith("dense_optimizer."):
+            raise ValueError(
+                f"{r.path}: tensor {k!r} is not part of an engram_rs checkpoint (a damaged or "
+                "crafted file)"
+            )
+    for e in dense_entries.values():
+        r.check_size(e)
+    mine_sd = model.state_dict()
+    lacks = sorted(set(mine_sd) - set(dense_entries))
+    if lacks:
         raise ValueError(
-            f"{r.path}: host table {name!r} is {want} (dtype, rows, dim) there, {got} here"
+            f"{r.path}: the model's state has {', '.join(lacks)} that the checkpoint lacks"
         )
-    _copy_in(r, f"host.{name}.weight", table)
-    opt: SparseOptimizer | None = mod.optimizer
-    saved_opt = info.get("optimizer")
-    if opt is None:
-        return
-    if saved_opt is None or saved_opt["kind"] != opt.kind:
+    more = sorted(set(dense_entries) - set(mine_sd))
+    if more:
         raise ValueError(
-            f"{r.path}: host table {name!r} was trained with "
-            f"{saved_opt and saved_opt['kind']}, the model's optimizer is {opt.kind}"
+            f"{r.path}: the checkpoint has dense tensors {', '.join(more)} that the model lacks"
         )
-    for (sname, _), state in zip(opt.state_shapes, opt.state(table), strict=True):
-        _copy_in(r, f"host.{name}.{sname}", state)
-    opt.set_step_count(table, int(info.get("step", 0)))
+    for k, e in dense_entries.items():
+        if list(mine_sd[k].shape) != e.shape:
+            raise ValueError(
+                f"{r.path}: dense tensor {k!r} is {e.shape} there, {list(mine_sd[k].shape)} in "
+                "the model"
+            )
+    dense = {k: r.tensor(e) for k, e in dense_entries.items()}
+    opt_sd = None if optimizer is None else _plan_dense_optimizer(r, optimizer, claimed)
+    for plan in plans:  # the state tables last: made beside the table on first use
+        opt: SparseOptimizer | None = plan.mod.optimizer
+        if opt is None or plan.step is None:
+            continue
+        states = opt.state(plan.mod.table)
+        for (stored, _, _), st in zip(plan.copies[1:], states, strict=True):
+            if not st.writable or [st.rows, st.dim] != stored.shape or st.dtype != "float32":
+                raise ValueError(
+                    f"the {opt.kind} optimizer state of host table {plan.name!r} is "
+                    f"{st.dtype} [{st.rows}, {st.dim}]{'' if st.writable else ' read-only'}, "
+                    f"the checkpoint's is float32 {stored.shape}"
+                )
+        plan.copies[1:] = [(c[0], None, st) for c, st in zip(plan.copies[1:], states, strict=True)]
+
+    # ---- write: the dense optimizer (torch checks it, atomically), the module, the tables ----
+    before = None
+    if optimizer is not None and opt_sd is not None:
+        before = optimizer.state_dict()
+        optimizer.load_state_dict(opt_sd)
+    try:
+        model.load_state_dict(dense, strict=True)
+    except BaseException:
+        if before is not None and optimizer is not None:
+            optimizer.load_state_dict(before)
+        raise
+    for plan in plans:
+        try:
+            for values, scales, target in plan.copies:
+                _copy_in(r, values, scales, plan.mod.table if target is None else target)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"{r.path}: loading stopped while host table {plan.name!r} was written ({e}): "
+                "it is partly overwritten and the dense state is the checkpoint's; load a "
+                "checkpoint again before training",
+            ) from e
+    for plan in plans:
+        if plan.step is not None and plan.mod.optimizer is not None:
+            plan.mod.optimizer.set_step_count(plan.mod.table, plan.step)
+    return extra
 
 
-def _copy_in(r: _Reader, key: str, table: HostTable) -> None:
-    """Writes a table saved by :func:`_table_entries` under ``key`` into ``table``, chunk by
-    chunk (no table-sized temporary)."""
-    values, e = r.raw(key)
+def _copy_in(r: _Reader, values: _Stored, scales: _Stored | None, table: HostTable) -> None:
+    """Writes the checked tensors ``values`` (and FP8 ``scales``) into ``table``, chunk by chunk
+    (no table-sized temporary)."""
     rb, sb = table._core.row_bytes, table._core.scale_bytes
-    if e["shape"] != [table.rows, table.dim] or values.nbytes != table.rows * rb:
-        raise ValueError(
-            f"{r.path}: {key} is {e['shape']}, the table is [{table.rows}, {table.dim}]"
-        )
-    scales = r.raw(f"{key}_scale")[0] if sb else None
     for start, count in _table_chunks(table):
         idx = np.arange(start, start + count, dtype=np.int64)
-        v = np.array(values[start * rb : (start + count) * rb])
-        s = None if scales is None else np.array(scales[start * sb : (start + count) * sb])
+        v = np.frombuffer(r.read(values, start * rb, count * rb), np.uint8)
+        s = None
+        if scales is not None:
+            s = np.frombuffer(r.read(scales, start * sb, count * sb), np.uint8)
         table._core.write_rows(idx, v, s)
