@@ -375,7 +375,7 @@ def test_hash_tokens_bad_input(
         h.hash_tokens(np.array([[1, 2, 3], [4, 5, 129280]]))
     with pytest.raises(IndexError, match=r"raw token id -1 at position \(0,\)"):
         h.hash_tokens(np.array([-1, 2]))
-    plain = er.NgramHasher(er.EngramConfig.preset("demo"), 98627)
+    plain = er.NgramHasher(er.EngramConfig.preset("demo"), 98627, compressed_pad_id=2)
     with pytest.raises(ValueError, match=r"build it with NgramHasher.from_tokenizer"):
         plain.hash_tokens(np.array([1, 2]))
     small = er.CompressedTokenizer(np.array([0, 1]), 2, "x")
@@ -418,7 +418,7 @@ def test_raw_and_compressed_steps_equal_the_whole_sequence(
         for layer in h.layer_ids:
             np.testing.assert_array_equal(out[layer], whole[layer][:, start : start + k])
         start += k
-    plain = er.NgramHasher(er.EngramConfig.preset("demo"), 98627)
+    plain = er.NgramHasher(er.EngramConfig.preset("demo"), 98627, compressed_pad_id=2)
     with pytest.raises(ValueError, match=r"build it with NgramHasher.from_tokenizer"):
         plain.hash_tokens_step(np.array([1]), plain.new_state(1))
     bad_state = h.new_state(1)

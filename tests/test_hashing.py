@@ -307,7 +307,7 @@ def test_hasher_rejects_bad_vocab_and_pad() -> None:
     with pytest.raises(ValueError, match=r"pad_id = 5: outside the compressed vocabulary \[0, 5\)"):
         er.NgramHasher(cfg, 5, pad_id=5)
     with pytest.raises(ValueError, match=r"pad_id = 2: outside the compressed vocabulary \[0, 2\)"):
-        er.NgramHasher(cfg, 2)
+        er.NgramHasher(cfg, 2, compressed_pad_id=2)
     with pytest.raises(TypeError, match="compressed_vocab_size must be an int"):
         er.NgramHasher(cfg, 98627.0)  # type: ignore[arg-type]
 
@@ -352,7 +352,11 @@ def test_bad_shapes_dtypes_and_arguments(golden: dict) -> None:
         ValueError, match=r"layer_ids \[3\] are not Engram layers of this config \[1, 15\]"
     ):
         h.hash(np.zeros((1, 2), dtype=np.int64), layer_ids=[3])
-    big = er.NgramHasher(er.EngramConfig(engram_vocab_size=[2**28, 2**28], n_head_per_ngram=8), 100)
+    big = er.NgramHasher(
+        er.EngramConfig(engram_vocab_size=[2**28, 2**28], n_head_per_ngram=8),
+        100,
+        compressed_pad_id=2,
+    )
     with pytest.raises(
         ValueError, match=r"layer 1 has ids up to \d+, which do not fit int32 with flat=True: use"
     ):
@@ -401,7 +405,7 @@ def test_gil_is_released_while_hashing(golden: dict) -> None:
     cfg = er.EngramConfig(
         max_ngram_size=8, engram_vocab_size=[646400] * 7, n_head_per_ngram=1, n_embed_per_ngram=8
     )
-    long = er.NgramHasher(cfg, h.compressed_vocab_size)
+    long = er.NgramHasher(cfg, h.compressed_vocab_size, compressed_pad_id=2)
     many = np.random.default_rng(1).integers(0, h.compressed_vocab_size, size=(512, 16384))
     assert_releases_gil(lambda: long.hash(many, layer_ids=[1], dtype=np.int32))
     er.clear_buffer_pool()
@@ -516,7 +520,7 @@ def test_config_is_frozen_hashable_and_replaceable() -> None:
     assert (flash.head_dim, flash.cols) == (256, 24)
     small = cfg.replace(engram_vocab_size=[1009, 1009], layer_ids=[1])
     assert small.engram_vocab_size == (1009, 1009) and small.layer_ids == (1,)
-    assert er.NgramHasher(small, 100).table_rows[1] < 20_000
+    assert er.NgramHasher(small, 100, compressed_pad_id=2).table_rows[1] < 20_000
     with pytest.raises(ValueError, match=r"layer_ids = \[2, 2\]: must be distinct"):
         cfg.replace(layer_ids=[2, 2])
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['heads'\]"):
@@ -549,7 +553,7 @@ def test_lists_of_sequences_of_any_length(raw: bool) -> None:
 
 
 def test_hasher_introspection_is_read_only() -> None:
-    h = er.NgramHasher(er.EngramConfig.preset("demo"), 98627)
+    h = er.NgramHasher(er.EngramConfig.preset("demo"), 98627, compressed_pad_id=2)
     with pytest.raises(ValueError, match="read-only"):
         h.multipliers[1][0] = 5
     with pytest.raises(ValueError, match="read-only"):

@@ -17,7 +17,7 @@ from isolated import expect_error, run_isolated
 
 RACE = """
 import threading, numpy as np, engram_rs as er
-h = er.NgramHasher(er.EngramConfig.preset("demo"), 1000)
+h = er.NgramHasher(er.EngramConfig.preset("demo"), 1000, compressed_pad_id=2)
 ids = np.random.default_rng(0).integers(0, 1000, size=(8, 1 << 16))
 stop = False
 def scribble():
@@ -64,7 +64,7 @@ def test_ids_written_by_another_thread_never_crash(bad: str, call: str) -> None:
 
 def test_raw_ids_written_by_another_thread_never_crash(tmp_path: pathlib.Path) -> None:
     code = RACE.replace(
-        'h = er.NgramHasher(er.EngramConfig.preset("demo"), 1000)',
+        'h = er.NgramHasher(er.EngramConfig.preset("demo"), 1000, compressed_pad_id=2)',
         "comp = er.CompressedTokenizer(np.arange(1000) % 700, 700, 'x')\n"
         'h = er.NgramHasher.from_tokenizer(er.EngramConfig.preset("demo"), comp)',
     )
@@ -75,7 +75,7 @@ def test_raw_ids_written_by_another_thread_never_crash(tmp_path: pathlib.Path) -
 
 
 def test_decode_state_cannot_be_corrupted() -> None:
-    h = er.NgramHasher(er.EngramConfig.preset("demo"), 1000)
+    h = er.NgramHasher(er.EngramConfig.preset("demo"), 1000, compressed_pad_id=2)
     state = h.new_state(3)
     with pytest.raises(ValueError, match="read-only"):
         state.history[0, 0] = 7
@@ -101,14 +101,14 @@ def test_decode_state_cannot_be_corrupted() -> None:
 
 def test_the_binding_refuses_a_fortran_history() -> None:
     """The binding itself never reads a Fortran-ordered history as if it were C-ordered."""
-    h = er.NgramHasher(er.EngramConfig.preset("demo"), 1000)
+    h = er.NgramHasher(er.EngramConfig.preset("demo"), 1000, compressed_pad_id=2)
     hist = np.asfortranarray(np.array([[1, 2], [3, 4]], dtype=np.int64))
     with pytest.raises(ValueError, match="state.history must be a C-contiguous int64 array"):
         h._core.hash(np.zeros((2, 1), np.int64), [0, 1, 2], [0], history=hist)
 
 
 def test_big_endian_and_odd_ids() -> None:
-    h = er.NgramHasher(er.EngramConfig.preset("demo"), 1000)
+    h = er.NgramHasher(er.EngramConfig.preset("demo"), 1000, compressed_pad_id=2)
     ids = np.random.default_rng(0).integers(0, 1000, size=(3, 50))
     expected = h.hash(ids)[1]
     for dtype in (">i8", ">u4", ">i2"):
@@ -136,7 +136,7 @@ threading.Thread(target=other, daemon=True).start()
 threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()
 t0 = time.perf_counter()
 try:
-    er.NgramHasher(cfg, 1000)
+    er.NgramHasher(cfg, 1000, compressed_pad_id=2)
     print("FINISHED")
 except KeyboardInterrupt:
     print("INTERRUPTED after", round(time.perf_counter() - t0, 1), "ticks", len(ticks))
@@ -157,7 +157,8 @@ def test_outputs_that_do_not_fit_raise_memory_error(dtype: str) -> None:
     expect_error(
         f"""
 import numpy as np, engram_rs as er
-h = er.NgramHasher(er.EngramConfig(n_head_per_ngram=1000, n_embed_per_ngram=1000), 1000)
+cfg = er.EngramConfig(n_head_per_ngram=1000, n_embed_per_ngram=1000)
+h = er.NgramHasher(cfg, 1000, compressed_pad_id=2)
 h.hash(np.ones(1 << 22, np.uint8), dtype={dtype})
 """,
         "MemoryError",
@@ -209,7 +210,7 @@ def test_sizes_and_layer_ids_that_would_wrap() -> None:
     for size in (2**63, 10**30, 0):
         with pytest.raises(ValueError, match=r"compressed_vocab_size must be in \[1, 2\*\*63\)"):
             er.NgramHasher(cfg, size)
-    h = er.NgramHasher(cfg, 1000)
+    h = er.NgramHasher(cfg, 1000, compressed_pad_id=2)
     ids = np.zeros((2, 3), np.int64)
     for bad in ([True], ["1"], [1.0]):
         with pytest.raises(ValueError, match="are not Engram layers of this config"):

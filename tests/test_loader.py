@@ -214,7 +214,7 @@ def test_pickle_round_trip(hashers: dict[str, er.NgramHasher], samples: list[np.
         collate = pickle.loads(pickle.dumps(er.HashCollate(h, return_tensors="np")))
         assert collate.hasher.vocab_size == VOCAB
     # A hasher of compressed ids only pickles as such.
-    plain = er.NgramHasher(er.EngramConfig.preset("demo"), 1000)
+    plain = er.NgramHasher(er.EngramConfig.preset("demo"), 1000, compressed_pad_id=2)
     back = pickle.loads(pickle.dumps(plain))
     np.testing.assert_array_equal(back.hash([1, 2, 3])[1], plain.hash([1, 2, 3])[1])
     with pytest.raises(ValueError, match="from_tokenizer"):
@@ -246,7 +246,7 @@ def test_bad_inputs(hashers: dict[str, er.NgramHasher]) -> None:
     with pytest.raises(ValueError, match="outside"):
         list(er.HashedTokens([ok, [VOCAB + 5]], h))
     with pytest.raises(ValueError, match="from_tokenizer"):
-        er.HashCollate(er.NgramHasher(er.EngramConfig.preset("demo"), 1000))
+        er.HashCollate(er.NgramHasher(er.EngramConfig.preset("demo"), 1000, compressed_pad_id=2))
     with pytest.raises(ValueError, match="return_tensors"):
         er.HashCollate(h, return_tensors="tf")
     with pytest.raises(ValueError, match="dtype must be 'int32' or 'int64'"):

@@ -51,7 +51,9 @@ def test_a_prefetch_overlaps_a_gpu_matmul(tmp_path) -> None:
         {k: v for k, v in dense.state_dict().items() if "embedding.weight" not in k}
     )
     ids = torch.from_numpy(
-        er.NgramHasher(SMALL, C).hash(np.random.default_rng(0).integers(0, C, (2, 64)))[1]
+        er.NgramHasher(SMALL, C, compressed_pad_id=2).hash(
+            np.random.default_rng(0).integers(0, C, (2, 64))
+        )[1]
     ).cuda()
     hidden = torch.randn(2, 64, SMALL.hc_mult, SMALL.hidden_size, device="cuda")
     a = torch.randn(4096, 4096, device="cuda")
@@ -77,7 +79,9 @@ def test_a_training_step_with_the_table_on_the_host(tmp_path) -> None:
     )
     host.cuda()
     ids = torch.from_numpy(
-        er.NgramHasher(SMALL, C).hash(np.random.default_rng(1).integers(0, C, (2, 9)))[1]
+        er.NgramHasher(SMALL, C, compressed_pad_id=2).hash(
+            np.random.default_rng(1).integers(0, C, (2, 9))
+        )[1]
     )
     hidden = torch.randn(2, 9, SMALL.hc_mult, SMALL.hidden_size)
     host(hidden.cuda(), ids.cuda()).square().sum().backward()  # updates the host table

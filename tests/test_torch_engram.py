@@ -117,13 +117,13 @@ class RefEngram(nn.Module):
 
 
 def _primes(cfg: EngramConfig, layer: int = LAYER) -> list[int]:
-    return [p for order in NgramHasher(cfg, C).primes[layer] for p in order]
+    return [p for order in NgramHasher(cfg, C, compressed_pad_id=2).primes[layer] for p in order]
 
 
 def _hash_ids(cfg: EngramConfig, batch: int, length: int, seed: int = 0) -> torch.Tensor:
     """The hasher's ids of random tokens (per-head, not flat), as the module takes them."""
     tokens = np.random.default_rng(seed).integers(0, C, size=(batch, length))
-    return torch.from_numpy(NgramHasher(cfg, C).hash(tokens, LAYER)[LAYER])
+    return torch.from_numpy(NgramHasher(cfg, C, compressed_pad_id=2).hash(tokens, LAYER)[LAYER])
 
 
 def _pair(cfg: EngramConfig) -> tuple[RefEngram, Engram]:
@@ -208,7 +208,7 @@ def test_state_dict_round_trip() -> None:
 
 
 def test_embedding_modules() -> None:
-    hasher = NgramHasher(SMALL, C)
+    hasher = NgramHasher(SMALL, C, compressed_pad_id=2)
     ids = _hash_ids(SMALL, 2, 6)
     mhe = MultiHeadEmbedding(hasher, LAYER, SMALL.head_dim)
     rows = mhe(ids)
@@ -238,7 +238,7 @@ def test_meta_init_then_to_empty() -> None:
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     assert isinstance(model.multi_head_embedding, MultiHeadEmbedding)
-    hasher = NgramHasher(SMALL, C)
+    hasher = NgramHasher(SMALL, C, compressed_pad_id=2)
     assert torch.equal(model.multi_head_embedding.offsets, torch.tensor(hasher.offsets[LAYER]))
     assert torch.equal(model.multi_head_embedding.head_rows, torch.tensor(_primes(SMALL)))
     hidden, ids, _ = _inputs(SMALL, 1, 4)
@@ -251,7 +251,7 @@ def test_meta_init_then_to_empty() -> None:
 @pytest.mark.parametrize("preset", ["demo", "deepseek-v4.1-flash"])
 def test_state_dict_keys_of_presets(preset: str) -> None:
     cfg = EngramConfig.preset(preset)
-    rows = NgramHasher(cfg, C).table_rows[LAYER]
+    rows = NgramHasher(cfg, C, compressed_pad_id=2).table_rows[LAYER]
     with torch.device("meta"):
         ours = Engram(cfg, LAYER, compressed_vocab_size=C)
         ref = RefEngram(cfg, _primes(cfg), device="meta")
@@ -356,7 +356,7 @@ def test_hash_ids_beyond_the_table(small: Engram) -> None:
     with pytest.raises(IndexError, match=r"hash id -1 in column 15 at position \(0, 4\)"):
         small(hidden, bad)
     # flat ids (hash(..., flat=True)) are caught too
-    flat = ids + torch.tensor(NgramHasher(SMALL, C).offsets[LAYER])
+    flat = ids + torch.tensor(NgramHasher(SMALL, C, compressed_pad_id=2).offsets[LAYER])
     with pytest.raises(IndexError, match=r"and flat=False: the module adds the offsets"):
         small(hidden, flat)
 
@@ -384,7 +384,7 @@ def test_bad_hidden_states(small: Engram) -> None:
 
 
 def test_bad_construction() -> None:
-    hasher = NgramHasher(SMALL, C)
+    hasher = NgramHasher(SMALL, C, compressed_pad_id=2)
     with pytest.raises(
         ValueError, match=r"layer_id 2 is not an Engram layer of this config \[1, 15\]"
     ):
@@ -398,7 +398,7 @@ def test_bad_construction() -> None:
 
 
 def test_host_table_of_wrong_shape(tmp_path: pathlib.Path) -> None:
-    hasher = NgramHasher(SMALL, C)
+    hasher = NgramHasher(SMALL, C, compressed_pad_id=2)
     rows, dim = hasher.table_rows[LAYER], SMALL.head_dim
     with engram_rs.HostTable.create(tmp_path / "rows.safetensors", rows + 1, dim) as table:
         with pytest.raises(

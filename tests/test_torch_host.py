@@ -129,7 +129,7 @@ def test_gradcheck_of_the_dense_gather_in_float64() -> None:
     from engram_rs.torch import EngramEmbedding
 
     small = er.EngramConfig.preset("demo").replace(engram_vocab_size=[11, 13], n_embed_per_ngram=16)
-    h = er.NgramHasher(small, 50)
+    h = er.NgramHasher(small, 50, compressed_pad_id=2)
     emb = EngramEmbedding(h, 1, small.head_dim).double()
     ids = torch.from_numpy(h.hash(np.random.default_rng(0).integers(0, 50, (2, 5)))[1])
     weight = emb.multi_head_embedding.embedding.weight
@@ -203,7 +203,7 @@ def host_and_dense(tmp_path, opt: object, name: str = "e") -> tuple[Engram, Engr
 
 
 def inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    h = er.NgramHasher(SMALL, C)
+    h = er.NgramHasher(SMALL, C, compressed_pad_id=2)
     ids = np.random.default_rng(seed).integers(0, C, size=(2, 9))
     hidden = torch.randn(
         2, 9, SMALL.hc_mult, SMALL.hidden_size, generator=torch.Generator().manual_seed(seed)

@@ -66,7 +66,7 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
 def _time_hashing(name: str, batch: int, seqlen: int, repeats: int, seed: int) -> dict[str, float]:
     cfg = EngramConfig.preset(name)
     vocab = PRESET_VOCAB[name]
-    h = NgramHasher(cfg, vocab)
+    h = NgramHasher(cfg, vocab, compressed_pad_id=cfg.pad_id)
     ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, seqlen), dtype=np.int64)
     bounds = list(range(0, ids.size + 1, seqlen))
     layers = list(range(len(cfg.layer_ids)))

@@ -26,6 +26,75 @@ def _checksum(table: np.ndarray, num_compressed: int) -> str:
     return digest.hexdigest()
 
 
+#: The most raw ids a saved table may hold (1 GiB of int64; real vocabularies have < 2**21).
+_MAX_VOCAB = 2**27
+#: The most bytes a saved string (fingerprint, checksum) may take.
+_MAX_TEXT = 1 << 16
+
+
+class _Corrupt(ValueError):
+    """A member of a saved table that is missing or not what ``save()`` writes."""
+
+
+def _member(z: zipfile.ZipFile, key: str, kind: str, archive_bytes: int) -> np.ndarray:
+    """Reads member ``key`` of a saved table after checking what it declares: the zip entry's
+    uncompressed size and the .npy header's dtype and shape, before anything is inflated or
+    allocated. ``kind``: "int" (an int64 scalar), "text" (a str scalar), "table" (1-D int64)."""
+    name = f"{key}.npy"
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        raise _Corrupt(f"it has no member {name!r}") from None
+    declared = info.file_size
+    # save() stores members uncompressed; a deflated one cannot inflate beyond ~1032:1.
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else 1032
+    limit = {"int": 1 << 12, "text": _MAX_TEXT, "table": 8 * _MAX_VOCAB + (1 << 16)}[kind]
+    if declared > limit or declared > ratio * max(info.compress_size, 1) + 1024:
+        raise _Corrupt(
+            f"its member {name!r} declares {declared} uncompressed bytes from "
+            f"{info.compress_size} stored (the file has {archive_bytes}); a {kind} member of a "
+            f"saved table holds at most {limit}"
+        )
+    with z.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy format version {version}")
+        except ValueError as e:
+            raise _Corrupt(f"its member {name!r} has no valid .npy header ({e})") from None
+        header = f.tell()
+        if kind == "text":
+            ok = dtype.kind == "U" and shape == () and dtype.itemsize <= _MAX_TEXT
+        elif kind == "int":
+            ok = dtype == np.dtype("<i8") and shape == ()
+        else:
+            ok = (
+                dtype == np.dtype("<i8")
+                and len(shape) == 1
+                and 0 <= shape[0] <= _MAX_VOCAB
+                and not fortran
+            )
+        count = 1
+        for n in shape:
+            count *= n
+        nbytes = count * dtype.itemsize
+        if not ok or header + nbytes != declared:
+            raise _Corrupt(
+                f"its member {name!r} declares a {dtype} array of shape {shape} "
+                f"({nbytes} bytes after a {header}-byte header, {declared} in the zip entry); "
+                f"save() writes {'a str scalar' if kind == 'text' else 'int64'}"
+                f"{' [vocab_size], at most ' + str(_MAX_VOCAB) if kind == 'table' else ''}"
+            )
+        data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise _Corrupt(f"its member {name!r} is truncated ({len(data)} of {nbytes} bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
 def _describe(head: bytes) -> str:
     """What a file that is not an .npz archive looks like, from its first bytes."""
     if head.startswith(b"\x93NUMPY"):
@@ -185,17 +254,20 @@ class CompressedTokenizer:
                 f"{_describe(head)}"
             )
         try:
-            with np.load(source, allow_pickle=False) as z:
-                fmt = int(z["format"])
+            # Each member's declared size, dtype and shape are checked before it is inflated:
+            # a small file claiming gigabytes is refused without allocating them.
+            with zipfile.ZipFile(source) as z:
+                size = os.path.getsize(source)
+                fmt = int(_member(z, "format", "int", size)[()])
                 if fmt != _FORMAT:
                     raise ValueError(
                         f"format version {fmt}, this engram_rs reads {_FORMAT} (tables without "
                         "a checksum are no longer read)"
                     )
-                table = np.asarray(z["lookup_table"])
-                num = int(z["num_compressed"])
-                stored = str(z["checksum"])
-                fingerprint = str(z["fingerprint"])
+                table = _member(z, "lookup_table", "table", size).astype(np.int64)
+                num = int(_member(z, "num_compressed", "int", size)[()])
+                stored = str(_member(z, "checksum", "text", size)[()])
+                fingerprint = str(_member(z, "fingerprint", "text", size)[()])
         except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
             raise ValueError(
                 f"{source} is not a table written by CompressedTokenizer.save ({e}): {rebuild}"

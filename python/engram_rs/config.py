@@ -69,7 +69,8 @@ class EngramConfig:
         n_embed_per_ngram: embedding width of one n-gram order (all its heads together).
         n_head_per_ngram: hash heads per order; each has its own prime-sized table.
         layer_ids: the transformer layers that hold an Engram (they also seed the multipliers).
-        pad_id: the RAW pad token id (NgramHasher.from_tokenizer maps it to its compressed id);
+        pad_id: the RAW pad token id (NgramHasher.from_tokenizer maps it to its compressed id;
+            without the tokenizer, NgramHasher needs ``compressed_pad_id=`` unless it is 0);
             positions before a sequence's start read as this token.
         seed: base seed of the multipliers (layer ``l`` draws from ``seed + 10007 * l``).
         kernel_size: ShortConv kernel size (the module, not the hashing).
@@ -107,6 +108,15 @@ class EngramConfig:
         # The hashing rules (orders, heads, sizes, distinct layers, numpy's seed range) live in
         # the Rust core, once.
         _engram_rs.check_hash_config(list(sizes), n, h, list(layers), seed)
+        # A layer's flat table stacks h prime-sized tables per order; its row ids are int64
+        # (with room for the primes above each size), so the sum must stay below 2**62.
+        flat = h * sum(sizes)
+        if flat >= 2**62:
+            raise ValueError(
+                f"engram_vocab_size {list(sizes)} with n_head_per_ngram={h} gives each layer a "
+                f"flat table of about {flat} rows (n_head_per_ngram * sum(engram_vocab_size)); "
+                "it must stay below 2**62 (row ids are int64): use smaller sizes or fewer heads"
+            )
         embed = _check_int("n_embed_per_ngram", self.n_embed_per_ngram, 1)
         if embed % h:
             raise ValueError(

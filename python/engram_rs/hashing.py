@@ -138,8 +138,23 @@ class NgramHasher:
     """
 
     def __init__(
-        self, config: EngramConfig, compressed_vocab_size: int, pad_id: int | None = None
+        self,
+        config: EngramConfig,
+        compressed_vocab_size: int,
+        pad_id: int | None = None,
+        *,
+        compressed_pad_id: int | None = None,
+        tokenizer: CompressedTokenizer | None = None,
     ) -> None:
+        """A hasher of ``compressed_vocab_size`` compressed ids.
+
+        The pad (the id that positions before a sequence's start read as) is a COMPRESSED id
+        here, while ``config.pad_id`` is a RAW token id: give the tokenizer (``tokenizer=comp``
+        or ``NgramHasher.from_tokenizer``), which maps it, or ``compressed_pad_id=`` (``pad_id``
+        is its older name). Without either, only ``config.pad_id == 0`` is taken as it is (raw
+        id 0 always compresses to 0); any other value raises, so that ids never silently
+        differ from the demo's.
+        """
         if not isinstance(config, EngramConfig):
             raise TypeError(f"config must be an EngramConfig, got {type(config).__name__}")
         if isinstance(compressed_vocab_size, bool) or not isinstance(compressed_vocab_size, int):
@@ -149,9 +164,50 @@ class NgramHasher:
                 f"compressed_vocab_size must be in [1, 2**63), got {compressed_vocab_size}: pass "
                 "len(comp) of the CompressedTokenizer the ids come from"
             )
-        pad = config.pad_id if pad_id is None else pad_id
+        if pad_id is not None and compressed_pad_id is not None and pad_id != compressed_pad_id:
+            raise ValueError(
+                f"pad_id={pad_id!r} and compressed_pad_id={compressed_pad_id!r} disagree: pass "
+                "one (pad_id is the older name of compressed_pad_id)"
+            )
+        explicit = compressed_pad_id if compressed_pad_id is not None else pad_id
+        if tokenizer is not None:
+            if not isinstance(tokenizer, CompressedTokenizer):
+                raise TypeError(
+                    f"tokenizer must be a CompressedTokenizer, got {type(tokenizer).__name__}"
+                )
+            if len(tokenizer) != compressed_vocab_size:
+                raise ValueError(
+                    f"compressed_vocab_size={compressed_vocab_size} but the tokenizer has "
+                    f"{len(tokenizer)} compressed ids: pass len(comp)"
+                )
+            if config.pad_id >= tokenizer.vocab_size:
+                raise ValueError(
+                    f"config.pad_id {config.pad_id} (a raw token id) is outside the tokenizer's "
+                    f"vocabulary [0, {tokenizer.vocab_size}): this config is not for this "
+                    "tokenizer"
+                )
+            mapped = int(tokenizer.lookup_table[config.pad_id])
+            if explicit is not None and explicit != mapped:
+                raise ValueError(
+                    f"compressed_pad_id={explicit!r} but the tokenizer maps config.pad_id "
+                    f"{config.pad_id} to {mapped}: drop compressed_pad_id"
+                )
+            explicit = mapped
+        if explicit is None:
+            if config.pad_id != 0:
+                raise ValueError(
+                    f"NgramHasher(config, {compressed_vocab_size}) needs the pad's COMPRESSED "
+                    f"id: config.pad_id = {config.pad_id} is a raw token id, and its compressed "
+                    "id depends on the tokenizer. Pass the tokenizer "
+                    "(NgramHasher.from_tokenizer(config, comp), or tokenizer=comp), or "
+                    "compressed_pad_id=int(comp.lookup_table[config.pad_id]) (or "
+                    "compressed_pad_id=config.pad_id when the ids are not compressed or the pad "
+                    "maps to itself)"
+                )
+            explicit = 0
+        pad = explicit
         if isinstance(pad, bool) or not isinstance(pad, int) or not -(2**63) <= pad < 2**63:
-            raise TypeError(f"pad_id must be an int64, got {pad!r}")
+            raise TypeError(f"compressed_pad_id must be an int64, got {pad!r}")
         self.config = config
         self.compressed_vocab_size = compressed_vocab_size
         self.pad_id = pad
@@ -177,11 +233,19 @@ class NgramHasher:
             for layer, i in self._index.items()
             for flat in [self._core.primes(i)]
         }
-        self._offsets = {layer: _frozen(self._core.offsets(i)) for layer, i in self._index.items()}
         self._table_rows = {layer: self._core.table_rows(i) for layer, i in self._index.items()}
+        too_big = {layer: rows for layer, rows in self._table_rows.items() if rows >= 2**63}
+        if too_big:
+            raise ValueError(
+                f"the flat tables of layers {too_big} have 2**63 rows or more (row ids are "
+                "int64): use a smaller engram_vocab_size or fewer heads"
+            )
+        self._offsets = {layer: _frozen(self._core.offsets(i)) for layer, i in self._index.items()}
         #: Raw vocabulary size when built with ``from_tokenizer`` (raw ids accepted), else None.
         self.vocab_size: int | None = None
         self._lookup: np.ndarray | None = None  # the raw -> compressed table, for pickling
+        if tokenizer is not None:
+            self._set_lookup(tokenizer.lookup_table)
 
     @property
     def cols(self) -> int:
@@ -218,14 +282,7 @@ class NgramHasher:
             raise TypeError(f"comp must be a CompressedTokenizer, got {type(comp).__name__}")
         if not isinstance(config, EngramConfig):
             raise TypeError(f"config must be an EngramConfig, got {type(config).__name__}")
-        if config.pad_id >= comp.vocab_size:
-            raise ValueError(
-                f"config.pad_id {config.pad_id} (a raw token id) is outside the tokenizer's "
-                f"vocabulary [0, {comp.vocab_size}): this config is not for this tokenizer"
-            )
-        h = cls(config, len(comp), pad_id=int(comp.lookup_table[config.pad_id]))
-        h._set_lookup(comp.lookup_table)
-        return h
+        return cls(config, len(comp), tokenizer=comp)
 
     def _set_lookup(self, table: np.ndarray) -> None:
         self._core.set_lookup(table.tolist())
@@ -242,7 +299,7 @@ class NgramHasher:
         return (
             f"NgramHasher(layers={self.layer_ids}, max_ngram_size={self.config.max_ngram_size}, "
             f"heads={self.config.n_head_per_ngram}, compressed_vocab_size="
-            f"{self.compressed_vocab_size}, pad_id={self.pad_id})"
+            f"{self.compressed_vocab_size}, compressed_pad_id={self.pad_id})"
         )
 
     def _layers(self, layer_ids: Layers) -> list[int]:
@@ -452,7 +509,7 @@ class NgramHasher:
 def _unpickle_hasher(
     config: EngramConfig, compressed_vocab_size: int, pad_id: int, lookup: np.ndarray | None
 ) -> NgramHasher:
-    h = NgramHasher(config, compressed_vocab_size, pad_id=pad_id)
+    h = NgramHasher(config, compressed_vocab_size, compressed_pad_id=pad_id)
     if lookup is not None:
         h._set_lookup(lookup)
     return h

@@ -270,6 +270,15 @@ class HostTable:
                 raise ValueError(f"{label} must be a non-negative int, got {value!r}")
         if dim < 1:
             raise ValueError(f"dim must be at least 1, got {dim}")
+        if seed >= 2**64:
+            raise ValueError(f"seed must be below 2**64, got {seed}")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str (the tensor's name), got {type(name).__name__}")
+        if name in ("", "__metadata__"):
+            raise ValueError(
+                f"name={name!r} cannot name a table: safetensors reserves '__metadata__' and "
+                "needs a non-empty name; pass another name (the default is 'weight')"
+            )
         if progress is None:
             progress = rows * dim * 2 > 1 << 30 and sys.stderr.isatty()
         if progress is True:
@@ -634,7 +643,7 @@ class HostTable:
             return arr
         if arr.dtype == np.float64 and self.dtype != "float32":
             return _round_to_f32_odd(arr)
-        return arr.astype(np.float32)
+        return arr.astype(np.float32, copy=False)
 
     def flush(self) -> None:
         """Makes written rows durable (msync, or a write-back of a resident copy).

@@ -59,6 +59,10 @@ pub enum EngramError {
         what: String,
         hint: String,
     },
+    /// The OS refused to start a pool's threads, or state made before a `fork` cannot be used
+    /// in the child (maps to `RuntimeError`).
+    #[error("{0}")]
+    Threads(String),
     /// A panic inside a kernel, caught before it reached the caller (maps to `RuntimeError`).
     #[error("internal error in engram_rs: {0} (please report this)")]
     Internal(String),

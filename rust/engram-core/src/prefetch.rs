@@ -1,8 +1,8 @@
 //! A background pool for gathers started ahead of use, and the tickets that report them.
 
 use crate::error::{EngramError, Result};
-use crate::pool::ProcessPool;
-use std::sync::{Arc, Condvar, Mutex};
+use crate::pool::{fork_generation, ProcessPool};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 
 /// The library's own pool: prefetches never queue behind the caller's rayon work (rebuilt in a
 /// forked child, where the parent's threads do not exist).
@@ -16,39 +16,74 @@ struct State {
 
 /// The handle of one background job; cloning it shares the job.
 #[derive(Clone)]
-pub struct Ticket(Arc<State>);
+pub struct Ticket {
+    state: Arc<State>,
+    /// The fork generation the job was started in: in a child forked since, the job's thread
+    /// does not exist, and a job not finished at the fork never will be.
+    generation: u64,
+}
 
 impl Ticket {
+    /// The job's result slot; `None` in a forked child when the job's thread held the lock at
+    /// the fork (it never releases it here).
+    fn slot(&self) -> Option<MutexGuard<'_, Option<Result<()>>>> {
+        if self.generation == fork_generation() {
+            return Some(self.state.result.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        match self.state.result.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Whether the job has finished (successfully or not).
     pub fn done(&self) -> bool {
-        self.0
-            .result
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.slot().is_some_and(|g| g.is_some())
     }
 
     /// Blocks until the job has finished and returns its outcome (each call returns it again).
+    /// In a process forked while the job ran, an error at once: it never finishes there.
     pub fn wait(&self) -> Result<()> {
-        let mut guard = self.0.result.lock().unwrap_or_else(|e| e.into_inner());
+        if self.generation != fork_generation() {
+            return match self.slot().and_then(|g| g.clone()) {
+                Some(outcome) => outcome,
+                None => Err(EngramError::Threads(
+                    "this prefetch was still running when the process forked: it runs in the \
+                     parent process, so its rows never arrive in this child; call gather() (or \
+                     prefetch() again) here"
+                        .into(),
+                )),
+            };
+        }
+        let mut guard = self.state.result.lock().unwrap_or_else(|e| e.into_inner());
         while guard.is_none() {
-            guard = self.0.ready.wait(guard).unwrap_or_else(|e| e.into_inner());
+            guard = self
+                .state
+                .ready
+                .wait(guard)
+                .unwrap_or_else(|e| e.into_inner());
         }
         guard.clone().expect("set above")
     }
 }
 
-/// Runs `job` on the prefetch pool; a panic inside it becomes an error at `wait()`.
-pub fn spawn(job: impl FnOnce() -> Result<()> + Send + 'static) -> Ticket {
+/// Runs `job` on the prefetch pool; a panic inside it becomes an error at `wait()`. An error
+/// (and `job` dropped unrun) when the OS refuses the pool's threads.
+pub fn spawn(job: impl FnOnce() -> Result<()> + Send + 'static) -> Result<Ticket> {
+    let pool = POOL.get()?;
     let state = Arc::new(State::default());
-    let ticket = Ticket(state.clone());
-    POOL.get().spawn(move || {
+    let ticket = Ticket {
+        state: state.clone(),
+        generation: fork_generation(),
+    };
+    pool.spawn(move || {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
             .unwrap_or_else(|p| Err(EngramError::from_panic(&*p)));
         *state.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
         state.ready.notify_all();
     });
-    ticket
+    Ok(ticket)
 }
 
 #[cfg(test)]
@@ -57,9 +92,9 @@ mod tests {
 
     #[test]
     fn tickets_report_results_and_panics() {
-        let ok = spawn(|| Ok(()));
-        let err = spawn(|| Err(EngramError::Invalid("boom".into())));
-        let panics = spawn(|| panic!("kaput"));
+        let ok = spawn(|| Ok(())).unwrap();
+        let err = spawn(|| Err(EngramError::Invalid("boom".into()))).unwrap();
+        let panics = spawn(|| panic!("kaput")).unwrap();
         assert!(ok.wait().is_ok());
         assert!(ok.done());
         assert_eq!(err.wait().unwrap_err().to_string(), "boom");
@@ -73,6 +108,7 @@ mod tests {
                         Err(EngramError::Invalid(i.to_string()))
                     }
                 })
+                .unwrap()
             })
             .collect();
         for (i, t) in many.iter().enumerate() {

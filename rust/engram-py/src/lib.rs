@@ -71,7 +71,9 @@ pub(crate) fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
         EngramError::Io { .. } => PyOSError::new_err(err.to_string()),
         EngramError::ReadOnly(msg) => PyPermissionError::new_err(msg.clone()),
         EngramError::OutOfMemory { .. } => PyMemoryError::new_err(err.to_string()),
-        EngramError::Internal(_) => PyRuntimeError::new_err(err.to_string()),
+        EngramError::Internal(_) | EngramError::Threads(_) => {
+            PyRuntimeError::new_err(err.to_string())
+        }
         _ => PyValueError::new_err(err.to_string()),
     }
 }
@@ -87,6 +89,7 @@ pub(crate) fn detached<T: Send>(
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
                 .unwrap_or_else(|p| Err(EngramError::from_panic(&*p)))
         })
+        .and_then(|r| r)
     })
 }
 
@@ -443,6 +446,8 @@ impl HasherCore {
 #[pymodule]
 fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Installs the fork handler now, before any table, job or pool exists to go stale.
+    engram_core::pool::fork_generation();
     m.add_function(wrap_pyfunction!(layer_multipliers, m)?)?;
     m.add_function(wrap_pyfunction!(check_hash_config, m)?)?;
     m.add_function(wrap_pyfunction!(py_simd_available, m)?)?;

@@ -141,8 +141,14 @@ impl TokenizerCore {
 /// Sets the number of threads of the kernels' pool; only before the first kernel runs (or to
 /// the size it already has). 0 = one per CPU.
 #[pyfunction]
-fn set_num_threads(threads: usize) -> PyResult<usize> {
-    engram_core::pool::set_threads(threads).map_err(|e| to_pyerr(e, &[]))
+fn set_num_threads(threads: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let n: usize = threads.extract().map_err(|_| {
+        PyValueError::new_err(format!(
+            "threads = {threads} is not a thread count: pass 0 (one per CPU) or at most {}",
+            engram_core::pool::MAX_THREADS
+        ))
+    })?;
+    engram_core::pool::set_threads(n).map_err(|e| to_pyerr(e, &[]))
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

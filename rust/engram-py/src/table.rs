@@ -11,10 +11,11 @@ use numpy::{
     PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 /// A table and the Python objects whose memory it uses (kept alive while any job runs).
@@ -92,16 +93,38 @@ macro_rules! with_indices {
 #[pyclass(module = "engram_rs._engram_rs", frozen)]
 pub struct TableCore {
     shared: Mutex<Option<Arc<Shared>>>,
+    /// The fork generation in which the table was last known free of operations started in
+    /// another process (see `shared`).
+    generation: AtomicU64,
 }
+
+/// Why a table cannot be used in a child forked while an operation ran on it.
+const FORKED_BUSY: &str = "this HostTable was in use by another thread (a gather, prefetch, \
+    write_rows, flush or optimizer step) when the process forked: that thread does not exist in \
+    this child, so the table's lock and memory are never released here; open the table again in \
+    the child (HostTable.open(path); writable only once the parent has closed it), or fork only \
+    while no table call runs";
 
 impl TableCore {
     /// The open table (a clone each operation holds until it ends), or a closed-table error.
+    ///
+    /// In a forked child, the first call checks that no operation of the parent was running at
+    /// the fork: such an operation holds a clone (and maybe the table's lock) that never goes
+    /// away in the child, so every call raises a RuntimeError instead of blocking. (The
+    /// `shared` mutex itself is only taken with the GIL held, never by a thread at a fork.)
     pub(crate) fn shared(&self) -> PyResult<Arc<Shared>> {
-        self.shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| PyValueError::new_err("this HostTable is closed"))
+        let guard = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = guard
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err("this HostTable is closed"))?;
+        let now = engram_core::pool::fork_generation();
+        if self.generation.load(Ordering::Relaxed) != now {
+            if Arc::strong_count(shared) > 1 {
+                return Err(PyRuntimeError::new_err(FORKED_BUSY));
+            }
+            self.generation.store(now, Ordering::Relaxed);
+        }
+        Ok(shared.clone())
     }
 
     fn wrap(table: HostTable, owners: Vec<Py<PyAny>>) -> Self {
@@ -110,6 +133,7 @@ impl TableCore {
                 table: RwLock::new(table),
                 _owners: owners,
             }))),
+            generation: AtomicU64::new(engram_core::pool::fork_generation()),
         }
     }
 
@@ -481,7 +505,8 @@ impl TableCore {
             let result = gather_into(&shared, &indices, out, od, Backend::Auto);
             drop(keep);
             result
-        });
+        })
+        .map_err(|e| to_pyerr(e, &[]))?;
         Ok(PrefetchCore {
             ticket,
             out: out.into_any().unbind(),
@@ -558,6 +583,14 @@ impl TableCore {
     fn close(&self, py: Python<'_>) {
         let taken = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(shared) = taken {
+            let forked =
+                self.generation.load(Ordering::Relaxed) != engram_core::pool::fork_generation();
+            if forked && Arc::strong_count(&shared) > 1 {
+                // Forked while operations ran: their clones never go in this child. The memory
+                // stays (the parent's threads may still use theirs); this child lets go of it.
+                std::mem::forget(shared);
+                return;
+            }
             py.detach(|| {
                 // Each running operation holds a clone; the memory goes when the last one ends.
                 while Arc::strong_count(&shared) > 1 {

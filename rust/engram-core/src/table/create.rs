@@ -92,6 +92,9 @@ impl HostTable {
         name: &str,
         progress: Option<&(dyn Fn(usize) -> Result<()> + Sync)>,
     ) -> Result<Self> {
+        // Every argument is checked before the temporary file exists; `path` is only replaced
+        // by a complete, readable table.
+        check_tensor_name(name)?;
         let (vbytes, sbytes) = table_bytes(dtype, rows, dim)?;
         let scale_name = format!("{name}_scale");
         let mut tensors = vec![(name, dtype.safetensors_name(), vec![rows, dim])];
@@ -199,6 +202,18 @@ impl HostTable {
         let scales = (dtype == DType::F8E4M3).then_some(scale_name.as_str());
         Self::open_file(file, path, Some(name), scales, Mode::Mmap, true)
     }
+}
+
+/// A tensor name a safetensors file can hold: not empty and not the header's reserved
+/// `__metadata__` key (a table of that name could never be opened again).
+fn check_tensor_name(name: &str) -> Result<()> {
+    if name.is_empty() || name == "__metadata__" {
+        return Err(EngramError::Invalid(format!(
+            "name = {name:?} cannot name a table: safetensors reserves \"__metadata__\" and \
+             needs a non-empty name; pass another name (the default is \"weight\")"
+        )));
+    }
+    Ok(())
 }
 
 /// A temporary file beside the target, removed when dropped unless it was renamed.

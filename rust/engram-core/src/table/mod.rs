@@ -696,6 +696,24 @@ mod tests {
         d
     }
 
+    #[test]
+    fn create_with_a_reserved_name_leaves_the_existing_file() {
+        let d = dir("reserved-name");
+        let path = d.join("t.safetensors");
+        drop(HostTable::create(&path, 4, 8, DType::F32, Init::Zeros, "weight", None).unwrap());
+        let before = std::fs::read(&path).unwrap();
+        for name in ["__metadata__", ""] {
+            let Err(err) = HostTable::create(&path, 4, 8, DType::F32, Init::Zeros, name, None)
+            else {
+                panic!("{name:?} was accepted");
+            };
+            assert!(err.to_string().contains("cannot name a table"), "{err}");
+            assert_eq!(std::fs::read(&path).unwrap(), before);
+        }
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     /// Row `r`'s value and scale bytes.
     fn row(t: &HostTable, r: usize) -> (Vec<u8>, Vec<u8>) {
         assert!(r < t.rows);
