@@ -93,6 +93,10 @@ def sparse_step(
     beta2: float,
     state: list[TableCore],
     step: int,
+    *,
+    check_finite: bool = False,
+    grad_scale: float = 1.0,
+    max_grad_norm: float | None = None,
 ) -> int: ...
 
 @final

@@ -164,6 +164,47 @@ impl Consts {
     }
 }
 
+/// What a step does besides the update: see [`sparse_step_checked`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOptions {
+    /// Write nothing, and return [`StepOutcome::NonFinite`], when the gradient of a touched row
+    /// (the sum of its gradient rows, times `grad_scale`) holds a NaN or an infinity.
+    pub check_finite: bool,
+    /// Multiplies every summed gradient row before the update (a loss scaler's `1 / scale`,
+    /// rounded to float32 as `torch.amp.GradScaler` rounds it); 1 for none.
+    pub grad_scale: f64,
+    /// Clips the summed (and scaled) gradient of the touched rows to this global L2 norm, as
+    /// `torch.nn.utils.clip_grad_norm_` does: every row times `max / (norm + 1e-6)` when that
+    /// is below 1.
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        Self {
+            check_finite: false,
+            grad_scale: 1.0,
+            max_grad_norm: None,
+        }
+    }
+}
+
+/// What [`sparse_step_checked`] did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepOutcome {
+    /// `rows` unique rows were updated; `grad_norm` is the global L2 norm of the summed, scaled
+    /// gradient before clipping (computed only when clipping was asked for).
+    Updated { rows: usize, grad_norm: Option<f64> },
+    /// Nothing was written: the gradient of table row `row` is not finite (`value`; `position`
+    /// is a lookup of that row whose gradient row holds it, or its first lookup when only the
+    /// sum overflows).
+    NonFinite {
+        position: usize,
+        row: usize,
+        value: f32,
+    },
+}
+
 /// Applies one step of `opt` to the rows `ids` of `table`: `grads` holds one float32 gradient
 /// row (`dim` values) per id; rows looked up several times get the sum of their gradient rows
 /// (summed in float32 in position order). `state` holds the optimizer's float32 state tables
@@ -187,11 +228,53 @@ pub fn sparse_step(
     state: &mut [&mut HostTable],
     step: u64,
 ) -> Result<usize> {
-    sparse_step_with(table, ids, grads, opt, state, step, false, None)
+    match sparse_step_with(
+        table,
+        ids,
+        grads,
+        opt,
+        state,
+        step,
+        &StepOptions::default(),
+        false,
+        None,
+    )? {
+        StepOutcome::Updated { rows, .. } => Ok(rows),
+        StepOutcome::NonFinite { .. } => unreachable!("finiteness is checked only when asked"),
+    }
 }
 
-/// [`sparse_step`], with `comparison_sort` forcing the fallback sort and `simd` the code path
-/// (tests).
+/// [`sparse_step`] with the checks of `opts`: non-finite gradients refused before anything is
+/// written (`check_finite`), a gradient multiplier (`grad_scale`) and clipping by global norm
+/// (`max_grad_norm`), all inside the fused step.
+///
+/// How: with `check_finite` alone, one parallel streaming pass over `grads` (the largest
+/// magnitude, in integer lanes: a NaN or infinity cannot hide from it) runs before the update;
+/// when it proves that no sum of gradient rows (times `grad_scale`) can overflow, which holds
+/// unless gradients approach `f32::MAX / lookups`, that is the whole check. Otherwise, and
+/// whenever clipping is asked for, a first pass over the unique rows sums each row's gradient
+/// exactly as the update does (same values, same order) and checks it and its squares (f64,
+/// summed in a fixed order: the norm does not depend on the thread count). A step refused for
+/// a non-finite gradient writes no row of the table or of the states.
+///
+/// The gradients are read by the check and again by the update: an array that another thread
+/// writes during the call can still bring a non-finite value in (the memory touched stays
+/// the same, see [`sparse_step`]).
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_step_checked(
+    table: &mut HostTable,
+    ids: &[i64],
+    grads: &[f32],
+    opt: &Optimizer,
+    state: &mut [&mut HostTable],
+    step: u64,
+    opts: &StepOptions,
+) -> Result<StepOutcome> {
+    sparse_step_with(table, ids, grads, opt, state, step, opts, false, None)
+}
+
+/// [`sparse_step_checked`], with `comparison_sort` forcing the fallback sort and `simd` the code
+/// path (tests).
 #[allow(clippy::too_many_arguments)]
 fn sparse_step_with(
     table: &mut HostTable,
@@ -200,10 +283,12 @@ fn sparse_step_with(
     opt: &Optimizer,
     state: &mut [&mut HostTable],
     step: u64,
+    opts: &StepOptions,
     comparison_sort: bool,
     simd: Option<Simd>,
-) -> Result<usize> {
+) -> Result<StepOutcome> {
     opt.validate(step)?;
+    validate_options(opt, opts)?;
     check_tables(table, opt, state)?;
     let dim = table.dim;
     if ids.len().checked_mul(dim) != Some(grads.len()) {
@@ -225,9 +310,70 @@ fn sparse_step_with(
         )));
     }
     if ids.is_empty() {
-        return Ok(0);
+        return Ok(StepOutcome::Updated {
+            rows: 0,
+            grad_norm: None,
+        });
     }
-    let groups = Groups::new(ids, table.rows, comparison_sort)?;
+    let simd = simd.unwrap_or_else(Simd::detect);
+    let inv = opts.grad_scale as f32;
+    // The checks, before any row is written. The streaming pass over the gradients runs on the
+    // other threads while this one sorts the ids (a sequential radix sort).
+    let mut exact = opts.max_grad_norm.is_some();
+    let (groups, top) = if opts.check_finite && !exact {
+        let (groups, top) = rayon::join(
+            || Groups::new(ids, table.rows, comparison_sort),
+            || max_abs_bits(grads, simd),
+        );
+        (groups?, Some(top))
+    } else {
+        (Groups::new(ids, table.rows, comparison_sort)?, None)
+    };
+    if let Some(top) = top {
+        if top >= F32_INF_BITS {
+            let bad = grads
+                .iter()
+                .position(|x| !x.is_finite())
+                .expect("a non-finite value (found by the pass)");
+            let position = bad / dim;
+            return Ok(StepOutcome::NonFinite {
+                position,
+                row: ids[position] as usize,
+                value: grads[bad],
+            });
+        }
+        exact = !sums_cannot_overflow(f32::from_bits(top), ids.len(), inv);
+    }
+    let mut grad_norm = None;
+    let mut clip = 1.0f32;
+    if exact {
+        let (sq, bad) = coalesced_squares(&groups, grads, dim, inv, simd);
+        if let Some((j, value)) = bad {
+            if opts.check_finite {
+                let position = groups.positions(j)[0] as usize;
+                let position = groups
+                    .positions(j)
+                    .iter()
+                    .map(|&p| p as usize)
+                    .find(|&p| grads[p * dim..][..dim].iter().any(|x| !x.is_finite()))
+                    .unwrap_or(position);
+                return Ok(StepOutcome::NonFinite {
+                    position,
+                    row: groups.row(j),
+                    value,
+                });
+            }
+        }
+        let norm = sq.sqrt();
+        if let Some(max) = opts.max_grad_norm {
+            grad_norm = Some(norm);
+            // torch.nn.utils.clip_grad_norm_: max_norm / (total_norm + 1e-6), clamped to 1.
+            let coef = max / (norm + 1e-6);
+            if coef < 1.0 {
+                clip = coef as f32;
+            }
+        }
+    }
     let consts = Consts::new(opt, step, dim);
     let t: &HostTable = table;
     let st: Vec<&HostTable> = state.iter().map(|s| &**s).collect();
@@ -239,14 +385,13 @@ fn sparse_step_with(
         + (dim * 4).div_ceil(64)
         + st.iter().map(|s| s.row_bytes().div_ceil(64)).sum::<usize>();
     let ahead = (LINES_IN_FLIGHT / lines.max(1)).clamp(2, MAX_AHEAD);
-    let simd = simd.unwrap_or_else(Simd::detect);
     // The unique rows in increasing order (neighbouring rows share page-table lines and DRAM
     // pages), split into pieces, each piece on one thread.
     (0..unique.div_ceil(PIECE))
         .into_par_iter()
         .for_each(|piece| {
             let (lo, hi) = (piece * PIECE, ((piece + 1) * PIECE).min(unique));
-            let mut rows = RowWork::new(t, &st, grads, consts);
+            let mut rows = RowWork::new(t, &st, grads, consts, inv, clip);
             // SAFETY: `groups` holds each row once, every row below `t.rows` (checked when it
             // was built) and every position below `ids.len()` (so its gradient row is inside
             // `grads`, whose length was checked); the pieces split the unique rows, so no other
@@ -255,7 +400,236 @@ fn sparse_step_with(
             // other access while the step runs. `simd` is what this CPU has.
             unsafe { rows.run(simd, &groups, lo..hi, ahead) };
         });
-    Ok(unique)
+    Ok(StepOutcome::Updated {
+        rows: unique,
+        grad_norm,
+    })
+}
+
+/// The bits of `f32::INFINITY`: an `|x|` bit pattern at or above it is an infinity or a NaN.
+const F32_INF_BITS: u32 = 0x7f80_0000;
+
+/// Refuses a gradient multiplier or a clipping norm that is not a finite number above 0.
+fn validate_options(opt: &Optimizer, opts: &StepOptions) -> Result<()> {
+    let g = opts.grad_scale;
+    if !(g > 0.0 && g.is_finite() && (g as f32).is_finite() && g as f32 > 0.0) {
+        return Err(EngramError::Invalid(format!(
+            "{}: grad_scale = {g} is invalid: it must be a finite number above 0 (in float32)",
+            opt.name()
+        )));
+    }
+    if let Some(m) = opts.max_grad_norm {
+        if !(m > 0.0 && m.is_finite()) {
+            return Err(EngramError::Invalid(format!(
+                "{}: max_grad_norm = {m} is invalid: it must be a finite number above 0 (or \
+                 None for no clipping)",
+                opt.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The largest `|x|` of `grads` as bits (sign cleared): a NaN or an infinity gives
+/// [`F32_INF_BITS`] or more. Integer lanes, so a NaN cannot be skipped by a float `max`.
+fn max_abs_bits(grads: &[f32], simd: Simd) -> u32 {
+    grads
+        .par_chunks(1 << 16)
+        .map(|c| match simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 F is there (`Simd::detect`, or a test that checked it).
+            Simd::Avx512 => unsafe { max_abs_bits_avx512(c) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 is there (as above).
+            Simd::Avx2 => unsafe { max_abs_bits_avx2(c) },
+            _ => max_abs_bits_body(c),
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// [`max_abs_bits_body`] compiled for AVX-512 F.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_abs_bits_avx512(c: &[f32]) -> u32 {
+    max_abs_bits_body(c)
+}
+
+/// [`max_abs_bits_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_abs_bits_avx2(c: &[f32]) -> u32 {
+    max_abs_bits_body(c)
+}
+
+/// The largest `|x|` bit pattern of `c`, in 16 integer lanes.
+#[inline(always)]
+fn max_abs_bits_body(c: &[f32]) -> u32 {
+    let mut lanes = [0u32; 16];
+    let mut chunks = c.chunks_exact(16);
+    for ch in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(ch) {
+            *l = (*l).max(x.to_bits() & 0x7fff_ffff);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0u32, |m, &x| m.max(x.to_bits() & 0x7fff_ffff));
+    lanes.iter().fold(tail, |m, &l| m.max(l))
+}
+
+/// Whether every sum of up to `n` gradient values of magnitude at most `top` (summed in
+/// float32, then multiplied by `inv`) is certainly finite: `|fl(sum)| <= n top (1 + u)^n`
+/// (`u = 2^-24`), bounded by `n top e^(n u)`, with a factor 2 to spare.
+fn sums_cannot_overflow(top: f32, n: usize, inv: f32) -> bool {
+    let n = n as f64;
+    let bound = top as f64 * n * ((n + 1.0) * (-24f64).exp2()).exp() * (inv as f64).max(1.0);
+    bound < f32::MAX as f64 / 2.0
+}
+
+/// The sum of squares (f64) of every unique row's gradient, summed over its lookups as the
+/// update sums it and multiplied by `inv` when that is not 1, with the first unique row (and
+/// value) that is not finite. Rows are summed in order within a piece and the pieces in order:
+/// the result does not depend on the thread count.
+fn coalesced_squares(
+    groups: &Groups,
+    grads: &[f32],
+    dim: usize,
+    inv: f32,
+    simd: Simd,
+) -> (f64, Option<(usize, f32)>) {
+    let unique = groups.len();
+    let parts: Vec<(f64, Option<(usize, f32)>)> = (0..unique.div_ceil(PIECE))
+        .into_par_iter()
+        .map(|piece| {
+            let (lo, hi) = (piece * PIECE, ((piece + 1) * PIECE).min(unique));
+            match simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512 F is there (`Simd::detect`, or a test that checked it).
+                Simd::Avx512 => unsafe { squares_avx512(groups, grads, dim, inv, lo..hi) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2 is there (as above).
+                Simd::Avx2 => unsafe { squares_avx2(groups, grads, dim, inv, lo..hi) },
+                _ => squares_body(groups, grads, dim, inv, lo..hi),
+            }
+        })
+        .collect();
+    let mut total = 0f64;
+    let mut bad = None;
+    for (sq, b) in parts {
+        total += sq;
+        bad = bad.or(b);
+    }
+    (total, bad)
+}
+
+/// [`squares_body`] compiled for AVX-512 F.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn squares_avx512(
+    groups: &Groups,
+    grads: &[f32],
+    dim: usize,
+    inv: f32,
+    range: Range<usize>,
+) -> (f64, Option<(usize, f32)>) {
+    squares_body(groups, grads, dim, inv, range)
+}
+
+/// [`squares_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn squares_avx2(
+    groups: &Groups,
+    grads: &[f32],
+    dim: usize,
+    inv: f32,
+    range: Range<usize>,
+) -> (f64, Option<(usize, f32)>) {
+    squares_body(groups, grads, dim, inv, range)
+}
+
+/// [`coalesced_squares`] over unique rows `range`.
+#[inline(always)]
+fn squares_body(
+    groups: &Groups,
+    grads: &[f32],
+    dim: usize,
+    inv: f32,
+    range: Range<usize>,
+) -> (f64, Option<(usize, f32)>) {
+    let mut buf = vec![0f32; dim];
+    let mut total = 0f64;
+    let mut bad = None;
+    for j in range {
+        let g = coalesce(groups, grads, dim, j, &mut buf, inv, 1.0);
+        let mut sq = 0f64;
+        for &x in g {
+            sq += x as f64 * x as f64;
+        }
+        if !sq.is_finite() && bad.is_none() {
+            let value = g
+                .iter()
+                .copied()
+                .find(|x| !x.is_finite())
+                .unwrap_or(f32::NAN);
+            bad = Some((j, value));
+        }
+        total += sq;
+    }
+    (total, bad)
+}
+
+/// Unique row `j`'s gradient: its only gradient row as it is when it appears once and
+/// `inv == clip == 1`, else in `buf`: the sum of its gradient rows in position order, times
+/// `inv`, then times `clip` (each multiplication only when it is not 1). The update and the
+/// checks take gradients from here, so they see the same values.
+#[inline(always)]
+fn coalesce<'g>(
+    groups: &Groups,
+    grads: &'g [f32],
+    dim: usize,
+    j: usize,
+    buf: &'g mut [f32],
+    inv: f32,
+    clip: f32,
+) -> &'g [f32] {
+    let positions = groups.positions(j);
+    let first = &grads[positions[0] as usize * dim..][..dim];
+    if positions.len() == 1 && inv == 1.0 && clip == 1.0 {
+        return first;
+    }
+    buf.copy_from_slice(first);
+    for &p in &positions[1..] {
+        let row = &grads[p as usize * dim..][..dim];
+        for (a, &b) in buf.iter_mut().zip(row) {
+            *a += b;
+        }
+    }
+    if inv != 1.0 {
+        for a in buf.iter_mut() {
+            *a *= inv;
+        }
+    }
+    if clip != 1.0 {
+        for a in buf.iter_mut() {
+            *a *= clip;
+        }
+    }
+    buf
 }
 
 /// Unique rows per unit of parallel work.
@@ -528,6 +902,9 @@ struct RowWork<'a> {
     state: &'a [&'a HostTable],
     grads: &'a [f32],
     consts: Consts,
+    /// The gradient multipliers (see [`coalesce`]).
+    inv: f32,
+    clip: f32,
     /// The table's rows are float32 at 4-byte aligned addresses: updated in place, as `[f32]`.
     direct: bool,
     /// The same for every state table.
@@ -552,6 +929,8 @@ impl<'a> RowWork<'a> {
         state: &'a [&'a HostTable],
         grads: &'a [f32],
         consts: Consts,
+        inv: f32,
+        clip: f32,
     ) -> Self {
         let dim = table.dim;
         let state_dim = if matches!(consts, Consts::Adam { .. }) {
@@ -564,6 +943,8 @@ impl<'a> RowWork<'a> {
             state,
             grads,
             consts,
+            inv,
+            clip,
             direct: f32_aligned(table),
             direct_state: state.iter().all(|s| f32_aligned(s)),
             g: vec![0.0; dim],
@@ -669,12 +1050,13 @@ impl<'a> RowWork<'a> {
     unsafe fn update(&mut self, groups: &Groups, j: usize) {
         let dim = self.table.dim;
         let r = groups.row(j);
-        let positions = groups.positions(j);
         let grads = self.grads;
         let RowWork {
             table: t,
             state,
             consts,
+            inv,
+            clip,
             direct,
             direct_state,
             g: g_buf,
@@ -683,21 +1065,9 @@ impl<'a> RowWork<'a> {
             v: v_buf,
             ..
         } = self;
-        // The gradient: the row itself when the id appears once, else the sum in position
-        // order (each gradient value is read once).
-        let first = &grads[positions[0] as usize * dim..][..dim];
-        let g: &[f32] = if positions.len() == 1 {
-            first
-        } else {
-            g_buf.copy_from_slice(first);
-            for &p in &positions[1..] {
-                let row = &grads[p as usize * dim..][..dim];
-                for (a, &b) in g_buf.iter_mut().zip(row) {
-                    *a += b;
-                }
-            }
-            g_buf
-        };
+        // The gradient: the row itself when the id appears once (and nothing scales it), else
+        // the sum in position order, scaled (each gradient value is read once here).
+        let g: &[f32] = coalesce(groups, grads, dim, j, g_buf, *inv, *clip);
         let (rb, sb) = (t.row_bytes(), t.scale_bytes());
         // SAFETY: `r < rows` (the caller's contract), so the row's value bytes (and, for FP8,
         // its scale bytes) lie inside the table, which is writable; no other thread touches
@@ -990,6 +1360,8 @@ mod tests {
         comparison_sort: bool,
         simd: Option<Simd>,
         misaligned: bool,
+        /// With the finiteness check (every gradient finite: the same results).
+        check_finite: bool,
     }
 
     /// The code paths this CPU can run.
@@ -1090,10 +1462,17 @@ mod tests {
                     &opt,
                     &mut refs,
                     step,
+                    &StepOptions {
+                        check_finite: how.check_finite,
+                        ..StepOptions::default()
+                    },
                     how.comparison_sort,
                     how.simd,
                 )
                 .unwrap();
+                let StepOutcome::Updated { rows: unique, .. } = unique else {
+                    panic!("{unique:?}")
+                };
                 let mut distinct = ids.clone();
                 distinct.sort();
                 distinct.dedup();
@@ -1145,12 +1524,15 @@ mod tests {
         for opt in OPTS {
             for simd in simds() {
                 for misaligned in [false, true] {
-                    let how = How {
-                        simd: Some(simd),
-                        misaligned,
-                        ..How::default()
-                    };
-                    check(DType::F32, opt, how);
+                    for check_finite in [false, true] {
+                        let how = How {
+                            simd: Some(simd),
+                            misaligned,
+                            check_finite,
+                            ..How::default()
+                        };
+                        check(DType::F32, opt, how);
+                    }
                 }
             }
             let how = How {
@@ -1270,6 +1652,7 @@ mod tests {
                 &OPTS[0],
                 &mut [],
                 1,
+                &StepOptions::default(),
                 true,
                 None,
             )
@@ -1441,6 +1824,240 @@ mod tests {
         }
         assert_eq!(mem, before);
         assert!(m.iter().chain(&v).chain(&acc).all(|&b| b == 0));
+    }
+
+    /// One checked step of `opt` on a float32 table of `rows` x `dim` (initial values `init`,
+    /// zero state): the outcome, the table's bytes and the state's bytes.
+    #[allow(clippy::too_many_arguments)]
+    fn checked_step(
+        init: &[f32],
+        rows: usize,
+        dim: usize,
+        ids: &[i64],
+        grads: &[f32],
+        opt: &Optimizer,
+        opts: &StepOptions,
+        simd: Simd,
+    ) -> (Result<StepOutcome>, Vec<u8>, Vec<Vec<u8>>) {
+        let mut mem = f32_bytes(init);
+        let cols = if matches!(opt, Optimizer::RowwiseAdagrad { .. }) {
+            1
+        } else {
+            dim
+        };
+        let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; rows * cols * 4]; opt.state_layout().0];
+        let out = {
+            let mut t = table_of(&mut mem, &mut [], rows, dim, DType::F32);
+            let mut st: Vec<HostTable> = bufs
+                .iter_mut()
+                .map(|b| table_of(b, &mut [], rows, cols, DType::F32))
+                .collect();
+            let mut refs: Vec<&mut HostTable> = st.iter_mut().collect();
+            sparse_step_with(
+                &mut t,
+                ids,
+                grads,
+                opt,
+                &mut refs,
+                1,
+                opts,
+                false,
+                Some(simd),
+            )
+        };
+        (out, mem, bufs)
+    }
+
+    #[test]
+    fn a_non_finite_gradient_writes_nothing() {
+        let (rows, dim) = (64, 40);
+        let init = noise(rows * dim, 3);
+        let ids: Vec<i64> = (0..300).map(|i| ((i * 13) % 50) as i64).collect();
+        let check = StepOptions {
+            check_finite: true,
+            ..StepOptions::default()
+        };
+        let clip = StepOptions {
+            max_grad_norm: Some(0.5),
+            ..check
+        };
+        for opt in OPTS {
+            for simd in simds() {
+                for opts in [check, clip] {
+                    for (pos, k, bad) in [
+                        (0usize, 0usize, f32::NAN),
+                        (299, 39, f32::INFINITY),
+                        (150, 17, f32::NEG_INFINITY),
+                        (77, 5, -f32::NAN),
+                    ] {
+                        let mut grads = noise(ids.len() * dim, 5);
+                        grads[pos * dim + k] = bad;
+                        let (out, mem, st) =
+                            checked_step(&init, rows, dim, &ids, &grads, &opt, &opts, simd);
+                        match out.unwrap() {
+                            StepOutcome::NonFinite {
+                                position,
+                                row,
+                                value,
+                            } => {
+                                assert_eq!((position, row), (pos, ids[pos] as usize), "{opt:?}");
+                                assert!(!value.is_finite());
+                            }
+                            other => panic!("{other:?}"),
+                        }
+                        assert_eq!(mem, f32_bytes(&init), "{opt:?} {simd:?}");
+                        assert!(st.iter().flatten().all(|&b| b == 0));
+                    }
+                    // Finite values whose sum overflows: found by the exact pass.
+                    let mut grads = noise(ids.len() * dim, 5);
+                    grads[13 * dim + 2] = f32::MAX;
+                    grads[63 * dim + 2] = f32::MAX; // ids 13 and 63 are both row 13 * 13 % 50
+                    assert_eq!(ids[13], ids[63]);
+                    let (out, mem, _) =
+                        checked_step(&init, rows, dim, &ids, &grads, &opt, &opts, simd);
+                    assert_eq!(
+                        out.unwrap(),
+                        StepOutcome::NonFinite {
+                            position: 13,
+                            row: ids[13] as usize,
+                            value: f32::INFINITY
+                        }
+                    );
+                    assert_eq!(mem, f32_bytes(&init));
+                }
+                // Without the check, the old behaviour (the NaN is written).
+                let mut grads = noise(ids.len() * dim, 5);
+                grads[3] = f32::NAN;
+                let (out, mem, _) = checked_step(
+                    &init,
+                    rows,
+                    dim,
+                    &ids,
+                    &grads,
+                    &opt,
+                    &StepOptions::default(),
+                    simd,
+                );
+                assert!(matches!(
+                    out.unwrap(),
+                    StepOutcome::Updated { rows: 50, .. }
+                ));
+                assert!(f32s(&mem)[ids[0] as usize * dim + 3].is_nan());
+            }
+        }
+    }
+
+    #[test]
+    fn scaling_and_clipping_match_the_reference() {
+        let (rows, dim) = (300, 24);
+        let init = noise(rows * dim, 8);
+        let ids: Vec<i64> = (0..900).map(|i| ((i * 7 + i / 5) % 257) as i64).collect();
+        let grads: Vec<f32> = noise(ids.len() * dim, 6)
+            .iter()
+            .map(|x| x * 512.0)
+            .collect();
+        for opt in OPTS {
+            for (scale, max) in [
+                (1.0 / 512.0, None),
+                (1.0 / 512.0, Some(0.75)),
+                (1.0, Some(3.0)),
+                (0.25, Some(1e9)),
+            ] {
+                // The reference: sums in position order, times the scale, the norm in f64 and
+                // torch's clip coefficient.
+                let mut sums: std::collections::BTreeMap<i64, Vec<f32>> = Default::default();
+                for (i, &id) in ids.iter().enumerate() {
+                    let g = &grads[i * dim..][..dim];
+                    match sums.get_mut(&id) {
+                        Some(s) => s.iter_mut().zip(g).for_each(|(a, b)| *a += b),
+                        None => {
+                            sums.insert(id, g.to_vec());
+                        }
+                    }
+                }
+                let inv = scale as f32;
+                for v in sums.values_mut() {
+                    if inv != 1.0 {
+                        v.iter_mut().for_each(|x| *x *= inv);
+                    }
+                }
+                let norm = sums
+                    .values()
+                    .flatten()
+                    .map(|&x| x as f64 * x as f64)
+                    .sum::<f64>()
+                    .sqrt();
+                let coef = max.map_or(1.0, |m: f64| m / (norm + 1e-6));
+                if coef < 1.0 {
+                    for v in sums.values_mut() {
+                        v.iter_mut().for_each(|x| *x *= coef as f32);
+                    }
+                }
+                let uids: Vec<i64> = sums.keys().copied().collect();
+                let ugrads: Vec<f32> = sums.values().flatten().copied().collect();
+                let opts = StepOptions {
+                    check_finite: true,
+                    grad_scale: scale,
+                    max_grad_norm: max,
+                };
+                for simd in simds() {
+                    let (out, mem, st) =
+                        checked_step(&init, rows, dim, &ids, &grads, &opt, &opts, simd);
+                    let (want_out, want_mem, want_st) = checked_step(
+                        &init,
+                        rows,
+                        dim,
+                        &uids,
+                        &ugrads,
+                        &opt,
+                        &StepOptions::default(),
+                        Simd::Baseline,
+                    );
+                    match (out.unwrap(), want_out.unwrap()) {
+                        (
+                            StepOutcome::Updated { rows: a, grad_norm },
+                            StepOutcome::Updated { rows: b, .. },
+                        ) => {
+                            assert_eq!(a, b);
+                            assert_eq!(grad_norm.is_some(), max.is_some());
+                            if let Some(n) = grad_norm {
+                                assert!((n - norm).abs() <= 1e-9 * norm, "{n} {norm}");
+                            }
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                    assert_eq!(mem, want_mem, "{opt:?} {simd:?} {scale} {max:?}");
+                    assert_eq!(st, want_st);
+                }
+            }
+        }
+        // Bad options are refused before anything is read.
+        for (scale, max) in [
+            (0.0, None),
+            (f64::NAN, None),
+            (1e300, None),
+            (1.0, Some(0.0)),
+            (1.0, Some(f64::INFINITY)),
+        ] {
+            let opts = StepOptions {
+                check_finite: true,
+                grad_scale: scale,
+                max_grad_norm: max,
+            };
+            let (out, mem, _) = checked_step(
+                &init,
+                rows,
+                dim,
+                &ids,
+                &grads,
+                &OPTS[0],
+                &opts,
+                Simd::Baseline,
+            );
+            let err = out.unwrap_err().to_string();
+            assert!(err.contains("is invalid"), "{err}");
+            assert_eq!(mem, f32_bytes(&init));
+        }
     }
 
     #[test]

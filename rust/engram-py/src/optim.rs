@@ -2,10 +2,10 @@
 
 use crate::table::{Shared, TableCore};
 use crate::to_pyerr;
-use engram_core::optim::{self, Optimizer};
+use engram_core::optim::{self, Optimizer, StepOptions, StepOutcome};
 use engram_core::table::HostTable;
 use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyFloatingPointError, PyValueError};
 use pyo3::prelude::*;
 use std::sync::{Arc, RwLockWriteGuard};
 
@@ -42,7 +42,17 @@ fn copy<T: Copy>(src: &[T]) -> PyResult<Vec<T>> {
 /// with the table or a state table (which the step writes) are copied first, as are arrays that
 /// are not C-contiguous. The table and the state tables are write-locked for the step (taken
 /// without the GIL, in one fixed order).
+///
+/// Keyword options (`engram_core::optim::StepOptions`), all checked before any row is written:
+/// `check_finite` raises `FloatingPointError` (naming the lookup, the row and the value) and
+/// writes nothing when the gradient of a touched row is not finite; `grad_scale` multiplies
+/// every summed gradient row (a loss scaler's `1 / scale`); `max_grad_norm` clips the summed,
+/// scaled gradient of the touched rows to that global L2 norm (`clip_grad_norm_`).
 #[pyfunction]
+#[pyo3(signature = (
+    table, ids, grads, kind, lr, eps, beta1, beta2, state, step,
+    *, check_finite=false, grad_scale=1.0, max_grad_norm=None
+))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sparse_step(
     py: Python<'_>,
@@ -56,7 +66,15 @@ pub(crate) fn sparse_step(
     beta2: f64,
     state: Vec<Bound<'_, TableCore>>,
     step: u64,
+    check_finite: bool,
+    grad_scale: f64,
+    max_grad_norm: Option<f64>,
 ) -> PyResult<usize> {
+    let opts = StepOptions {
+        check_finite,
+        grad_scale,
+        max_grad_norm,
+    };
     let opt = match kind {
         "sgd" => Optimizer::Sgd { lr },
         "rowwise_adagrad" => Optimizer::RowwiseAdagrad { lr, eps },
@@ -142,9 +160,27 @@ pub(crate) fn sparse_step(
         let mut tables = guards.iter_mut().flatten().map(|g| &mut **g);
         let t = tables.next().expect("the table's guard");
         let mut st: Vec<&mut HostTable> = tables.collect();
-        optim::sparse_step(t, ids, grads, &opt, &mut st, step)
+        optim::sparse_step_checked(t, ids, grads, &opt, &mut st, step, &opts)
     })
     .map_err(|e| to_pyerr(e, &[n]))
+    .and_then(|outcome| match outcome {
+        StepOutcome::Updated { rows, .. } => Ok(rows),
+        StepOutcome::NonFinite {
+            position,
+            row,
+            value,
+        } => Err(PyFloatingPointError::new_err(format!(
+            "{}: the gradient is not finite ({value} in the gradient of table row {row}, \
+             lookup {position}{}): the step was not applied, no row of the table or of its \
+             optimizer state was written",
+            opt.name(),
+            if grad_scale == 1.0 {
+                String::new()
+            } else {
+                format!(", after multiplying by grad_scale = {grad_scale}")
+            }
+        ))),
+    })
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
