@@ -69,7 +69,7 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     for name in PRESETS:
         cfg = EngramConfig.preset(name)
-        h = NgramHasher(cfg, PRESET_VOCAB[name])
+        h = NgramHasher(cfg, PRESET_VOCAB[name], compressed_pad_id=cfg.pad_id)
         ids = np.random.default_rng(0).integers(0, PRESET_VOCAB[name], size=(2, 6))
         out = h.hash(ids)
         layer = cfg.layer_ids[0]
@@ -334,21 +334,36 @@ def _add_precompute(sub: Any) -> argparse.ArgumentParser:
 
 def _train_demo(args: argparse.Namespace) -> int:
     try:
-        from .torch.train_demo import train_demo
+        from .torch.train_demo import check_sizes, train_demo
     except ImportError as e:
         raise ImportError(f"train-demo needs PyTorch ({e}): pip install torch") from None
-    losses = train_demo(
-        args.out,
-        deepseek_v4_tokenizer_json(),
-        sample_text(),
-        steps=args.steps,
-        batch=args.batch,
-        seq_len=args.seq_len,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        seed=args.seed,
-        progress=None if not args.no_progress else False,
-    )
+    try:
+        check_sizes(
+            steps=args.steps,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            checkpoint_every=args.checkpoint_every,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        args.train_parser.error(str(e))  # sizes that cannot work: a usage error (exit status 2)
+    try:
+        losses = train_demo(
+            args.out,
+            deepseek_v4_tokenizer_json(),
+            sample_text(),
+            steps=args.steps,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            seed=args.seed,
+            progress=None if not args.no_progress else False,
+        )
+    except (ValueError, OSError) as e:
+        # Too few windows in the text for the sizes, a checkpoint refused: one line, status 1.
+        print(f"engram-rs train-demo: error: {e}", file=sys.stderr)
+        return 1
     return 0 if losses else 1
 
 
@@ -396,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     train.add_argument("--no-progress", action="store_true")
-    train.set_defaults(func=_train_demo)
+    train.set_defaults(func=_train_demo, train_parser=train)
     bench = sub.add_parser("bench", help="throughput against baselines, in the same process")
     what = bench.add_subparsers(
         dest="what", required=True, metavar="{hash,gather,compress,precompute,train}"

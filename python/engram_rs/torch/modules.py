@@ -170,8 +170,10 @@ class EngramEmbedding(nn.Module):
         from . import ops
 
         # The host gather's backward applies `optimizer` to the table; the zero-size anchor
-        # makes the gathered rows require grad (it is left out of the state_dict).
-        self._host_handle = ops.register(table, optimizer)
+        # makes the gathered rows require grad (it is left out of the state_dict). The module
+        # alone holds its binding (weakly registered), so deleting it releases the table.
+        self._host_binding = ops.bind(table, optimizer)
+        self._host_handle = self._host_binding.handle
         self._anchor = nn.Parameter(torch.empty(0))
         self._register_state_dict_hook(_drop_anchor)  # type: ignore[no-untyped-call]
         self.register_load_state_dict_post_hook(_anchor_not_missing)  # type: ignore[no-untyped-call]
@@ -187,6 +189,8 @@ class EngramEmbedding(nn.Module):
             dense: torch.Tensor = self.multi_head_embedding(hash_ids)
             return dense.flatten(-2)
         _check_hash_ids(hash_ids, self.head_rows, self.layer_id)
+        if self._anchor.dtype != torch.float32:
+            raise _cast_error(self)
         from .ops import host_embedding
 
         rows: torch.Tensor = host_embedding(self, hash_ids)
@@ -200,6 +204,56 @@ class EngramEmbedding(nn.Module):
         from .ops import host_prefetch
 
         return host_prefetch(self, hash_ids)
+
+    # A host table is a file held under a lock: a copy cannot share it (an exclusive lock) or
+    # own a copy of it, so deepcopy, pickle and torch.save(module) (which all reduce the module
+    # with __reduce_ex__) say what to do instead.
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if getattr(self, "table", None) is not None:
+            raise _copy_error(self)
+        return super().__reduce_ex__(protocol)
+
+    def __copy__(self) -> EngramEmbedding:
+        """A shallow copy (as ``copy.copy`` makes of any module): it shares the table."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+
+def _table_name(emb: EngramEmbedding) -> str:
+    table = emb.table
+    assert table is not None
+    return (
+        f"the HostTable {table.path}" if table.path else f"a HostTable [{table.rows}, {table.dim}]"
+    )
+
+
+def _copy_error(emb: EngramEmbedding) -> TypeError:
+    return TypeError(
+        f"an EngramEmbedding over {_table_name(emb)} cannot be copied or pickled "
+        "(copy.deepcopy, pickle, torch.save(module)): its rows live in the table, whose file "
+        "it holds under a lock, and a copy can neither share nor duplicate it. Save a "
+        "checkpoint instead with engram_rs.torch.checkpoint.save_checkpoint(path, model, "
+        "optimizer, config=...) (the table's rows, its optimizer state and the dense "
+        "parameters) and restore it with load_checkpoint, or torch.save(model.state_dict()) "
+        "for the dense parameters only (the rows stay in the table's file: table.flush(), then "
+        "copy the file to snapshot them)"
+    )
+
+
+def _cast_error(emb: EngramEmbedding) -> TypeError:
+    table = emb.table
+    assert table is not None
+    dt = str(emb._anchor.dtype)
+    return TypeError(
+        f"this EngramEmbedding gathers float32 rows from {_table_name(emb)} (stored as "
+        f"{table.dtype}, gathered as float32 whatever the storage), but the module was cast to "
+        f"{dt} (module.to / .half() / .bfloat16()): keep the Engram module in float32 "
+        f"(model.to({dt}), then model.engram.float()) and cast around it (engram(h.float(), "
+        f"ids).to({dt})), or keep the model in float32 and run it under "
+        f"torch.autocast(device_type, dtype={dt}); a standalone EngramEmbedding: .float() it "
+        f"and cast its output, emb(ids).to({dt})"
+    )
 
 
 def _drop_anchor(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
@@ -268,7 +322,9 @@ class Engram(nn.Module):
             hidden_size=cfg.hidden_size if hidden_size is None else hidden_size,
             hc_mult=cfg.hc_mult if hc_mult is None else hc_mult,
         )
-        hasher = NgramHasher(cfg, compressed_vocab_size)
+        # Only the layout (table rows, offsets, primes) is used here, and it does not depend
+        # on the pad: any compressed pad id will do.
+        hasher = NgramHasher(cfg, compressed_vocab_size, pad_id=0)
         self.layer_id = layer_id
         self.hidden_size = d = cfg.hidden_size
         self.hc_mult = g = cfg.hc_mult

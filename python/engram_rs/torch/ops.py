@@ -13,7 +13,10 @@
 
 Both have fake (meta) implementations, so they trace under ``torch.compile`` and pass
 ``torch.library.opcheck``. A table is referred to by an integer handle (tables are not
-tensors); :func:`register` makes one.
+tensors); :func:`register` makes one (kept until :func:`unregister`); a module holds its own
+binding (:func:`bind`), so a deleted module releases its table, memory and file lock at once.
+Row ids must be an integer tensor: a float or bool tensor is refused (a ``TypeError``), never
+truncated.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -36,6 +40,7 @@ __all__ = [
     "host_sparse_step",
     "prefetch",
     "register",
+    "unregister",
 ]
 
 
@@ -50,22 +55,44 @@ class _DeviceCopy:
     result: list[Any]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Binding:
     table: HostTable
     optimizer: SparseOptimizer | None
+    handle: int = 0
     #: A prefetch in flight: (the rows it gathers, its ticket, its output).
     pending: tuple[torch.Tensor, Prefetch, torch.Tensor] | None = None
     #: Its copy to the GPU, when the rows are for a CUDA device.
     device_copy: _DeviceCopy | None = None
 
 
-_BINDINGS: dict[int, _Binding] = {}
+#: Every live binding, by handle. Weak: a module holds its own binding (so a deleted module
+#: frees its table, its memory and its file lock at once); ``register`` holds the ones it makes
+#: in ``_HELD`` until ``unregister``.
+_BINDINGS: weakref.WeakValueDictionary[int, _Binding] = weakref.WeakValueDictionary()
+_HELD: dict[int, _Binding] = {}
 _COUNTER = itertools.count(1)
 
+#: The dtypes row ids may have (anything else is refused: a float would be truncated, a bool
+#: read as rows 0 and 1).
+_ROW_DTYPES = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
 
-def register(table: HostTable, optimizer: SparseOptimizer | None) -> int:
-    """A handle for ``table`` (trained by ``optimizer``, or inference-only when None)."""
+
+def _check_rows(rows: torch.Tensor) -> None:
+    """Refuses row ids that are not an integer tensor (a dtype check only: no data read)."""
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"row ids must be a torch tensor, got {type(rows).__name__}")
+    if rows.dtype not in _ROW_DTYPES:
+        raise TypeError(
+            f"row ids must be an integer tensor (int64, int32, int16, int8 or uint8), got dtype "
+            f"{rows.dtype}: they index table rows, so convert integral values with rows.long() "
+            "(a float or bool tensor is not truncated or reinterpreted silently)"
+        )
+
+
+def bind(table: HostTable, optimizer: SparseOptimizer | None) -> _Binding:
+    """A binding of ``table`` (trained by ``optimizer``, or inference-only when None) that
+    lives as long as the caller keeps it: its ``handle`` stops working once it is freed."""
     if not isinstance(table, HostTable):
         raise TypeError(f"table must be a HostTable, got {type(table).__name__}")
     if optimizer is not None and not isinstance(optimizer, SparseOptimizer):
@@ -73,16 +100,35 @@ def register(table: HostTable, optimizer: SparseOptimizer | None) -> int:
             "optimizer must be SparseSGD, SparseRowwiseAdagrad or SparseAdam (from "
             f"engram_rs.torch), got {type(optimizer).__name__}"
         )
-    handle = next(_COUNTER)
-    _BINDINGS[handle] = _Binding(table, optimizer)
-    return handle
+    b = _Binding(table, optimizer, next(_COUNTER))
+    _BINDINGS[b.handle] = b
+    return b
+
+
+def register(table: HostTable, optimizer: SparseOptimizer | None) -> int:
+    """A handle for ``table`` (trained by ``optimizer``, or inference-only when None), valid
+    (and keeping the table open) until :func:`unregister`. The modules hold theirs themselves,
+    so a deleted module releases its table."""
+    b = bind(table, optimizer)
+    _HELD[b.handle] = b
+    return b.handle
+
+
+def unregister(handle: int) -> None:
+    """Forgets a handle made by :func:`register` (the table is freed once nothing else holds
+    it)."""
+    if _HELD.pop(handle, None) is None:
+        raise ValueError(f"no host table registered under handle {handle}")
 
 
 def binding(handle: int) -> _Binding:
-    try:
-        return _BINDINGS[handle]
-    except KeyError:
-        raise ValueError(f"no host table registered under handle {handle}") from None
+    b = _BINDINGS.get(handle)
+    if b is None:
+        raise ValueError(
+            f"no host table registered under handle {handle} (its module was deleted, or the "
+            "handle unregistered)"
+        )
+    return b
 
 
 def _pinned() -> bool:
@@ -97,6 +143,7 @@ def prefetch(handle: int, rows: torch.Tensor, device: torch.device | None = None
     """Starts gathering ``rows`` now (on the background pool); the next ``host_gather`` of the
     same rows waits for it instead of gathering again. With a CUDA ``device``, the copy of the
     (pinned) rows to it also starts as soon as the gather is done, on a side stream."""
+    _check_rows(rows)
     b = binding(handle)
     flat = rows.detach().reshape(-1).to("cpu", torch.int64).contiguous()
     out = _new_rows(flat.numel(), b.table.dim)
@@ -125,6 +172,7 @@ def prefetch(handle: int, rows: torch.Tensor, device: torch.device | None = None
 
 @torch.library.custom_op("engram_rs::host_gather", mutates_args=())
 def host_gather(anchor: torch.Tensor, rows: torch.Tensor, handle: int) -> torch.Tensor:
+    _check_rows(rows)
     b = binding(handle)
     flat = rows.reshape(-1).to(torch.int64).contiguous()
     pending, b.pending = b.pending, None
@@ -144,11 +192,13 @@ def host_gather(anchor: torch.Tensor, rows: torch.Tensor, handle: int) -> torch.
 
 @host_gather.register_fake
 def _(anchor: torch.Tensor, rows: torch.Tensor, handle: int) -> torch.Tensor:
+    _check_rows(rows)
     return rows.new_empty((rows.numel(), binding(handle).table.dim), dtype=torch.float32)
 
 
 @torch.library.custom_op("engram_rs::host_sparse_step", mutates_args=())
 def host_sparse_step(rows: torch.Tensor, grad: torch.Tensor, handle: int) -> torch.Tensor:
+    _check_rows(rows)
     b = binding(handle)
     if b.optimizer is None:
         raise RuntimeError(

@@ -28,7 +28,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .modules import Engram
 from .optim import SparseAdam
 
-__all__ = ["TinyLM", "demo_config", "train_demo"]
+__all__ = ["TinyLM", "check_sizes", "demo_config", "train_demo"]
 
 LAYER = 1
 
@@ -76,6 +76,76 @@ class TinyLM(nn.Module):
         return logits
 
 
+#: The demo's limit on the memory of one training step (its estimate: see check_sizes).
+STEP_BYTES = 4 << 30
+#: The table's file in ``out``; its optimizer's state files are beside it.
+TABLE = "engram-table.safetensors"
+
+
+def _step_bytes(batch: int, seq_len: int) -> int:
+    """About the memory of one step: float32 attention scores (2 blocks x 4 heads x seq_len^2
+    per window, kept three times over for the backward) and logits (up to 8192 ids, three
+    times over), for ``batch`` windows."""
+    return 4 * batch * seq_len * (2 * 4 * 3 * seq_len + 3 * 8192)
+
+
+def check_sizes(
+    *, steps: int, batch: int, seq_len: int, checkpoint_every: int, seed: int = 0
+) -> None:
+    """Refuses sizes that cannot work (a ``ValueError`` saying the limit), before any file is
+    touched (the limits that depend on the text are checked once it is hashed)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"--seed must be an int in [0, 2**64), got {seed!r}")
+    for name, value in (
+        ("steps", steps),
+        ("batch", batch),
+        ("seq-len", seq_len),
+        ("checkpoint-every", checkpoint_every),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name} must be an int >= 1, got {value!r}")
+    need = _step_bytes(batch, seq_len)
+    if need <= STEP_BYTES:
+        return
+    # The longest window that fits at this batch: the root of the quadratic, then exact.
+    a, b = 4 * batch * 24, 4 * batch * 3 * 8192
+    max_len = (-b + math.isqrt(b * b + 4 * a * STEP_BYTES)) // (2 * a)
+    while _step_bytes(batch, max_len + 1) <= STEP_BYTES:
+        max_len += 1
+    while max_len > 0 and _step_bytes(batch, max_len) > STEP_BYTES:
+        max_len -= 1
+    max_batch = STEP_BYTES // _step_bytes(1, seq_len)
+    hints = []
+    if max_len >= 1:
+        hints.append(f"at --batch {batch}, --seq-len at most {max_len}")
+    if max_batch >= 1:
+        hints.append(f"at --seq-len {seq_len}, --batch at most {max_batch}")
+    raise ValueError(
+        f"--batch {batch} --seq-len {seq_len} needs about {-(-need // (1 << 30))} GiB a step "
+        "(its attention scores, 2 blocks x 4 heads x batch x seq-len^2 float32, and logits, "
+        f"kept for the backward), over the demo's limit of at most {STEP_BYTES >> 30} GiB: "
+        + "; ".join(hints or ["use a smaller --batch and --seq-len"])
+    )
+
+
+def _check_windows(tokens: int, windows: int, text: str, batch: int, seq_len: int) -> None:
+    """The text must give two windows of ``seq_len + 1`` tokens (one to train on, one held
+    out), and at least ``batch`` training windows."""
+    if windows < 2:
+        raise ValueError(
+            f"--seq-len {seq_len}: the text {text} has {tokens} tokens, too few for two "
+            f"windows of seq-len + 1 = {seq_len + 1} tokens (one to train on, one held out): "
+            f"--seq-len at most {max(tokens // 2 - 1, 0)}"
+        )
+    train = windows - max(1, windows // 10)
+    if batch > train:
+        raise ValueError(
+            f"--batch {batch}: the text gives {train} training windows of {seq_len + 1} tokens "
+            f"(and {windows - train} held out), so a batch of {batch} would repeat windows in "
+            f"one step: --batch at most {train} (or a smaller --seq-len for more windows)"
+        )
+
+
 def _unigram_loss(train: np.ndarray, held_out: np.ndarray, vocab: int) -> float:
     """Cross-entropy on ``held_out`` of the unigram model of ``train`` (add-one smoothed): the
     best a model without context does."""
@@ -106,14 +176,41 @@ def train_demo(
     log: Callable[[str], None] = print,
 ) -> list[float]:
     """Trains the demo model for ``steps`` steps (continuing the checkpoint in ``out`` when
-    ``resume``); returns the loss of every step from the first."""
+    ``resume``); returns the loss of every step from the first.
+
+    Without a checkpoint to continue (no ``resume``, or a run killed before its first
+    checkpoint) it starts clean: a new table, new optimizer state, the text hashed again. Sizes
+    that cannot work (a step over the demo's memory limit, a window longer than half the text,
+    a batch of more windows than the text has) are refused with a ``ValueError`` before the
+    table is made.
+    """
+    check_sizes(
+        steps=steps, batch=batch, seq_len=seq_len, checkpoint_every=checkpoint_every, seed=seed
+    )
     torch.manual_seed(seed)
     os.makedirs(out, exist_ok=True)
     cfg = demo_config()
     comp = CompressedTokenizer.from_file(tokenizer)
     idx_dir = os.path.join(out, "indices")
-    precompute(text, idx_dir, cfg, tokenizer, seq_len=seq_len + 1, progress=False)
+    table_path = os.path.join(out, TABLE)
+    ckpt = os.path.join(out, "checkpoint.safetensors")
+    # A resume continues the checkpoint, with the table and optimizer state it restores; with
+    # none (killed before the first), the run starts clean, as an uninterrupted one did.
+    clean = not (resume and os.path.exists(ckpt))
+    # Starting clean hashes the text again (under a second): whatever a killed run left in
+    # ``indices.partial``, or a precompute of another --seq-len, is replaced.
+    precompute(
+        text,
+        idx_dir,
+        cfg,
+        tokenizer,
+        seq_len=seq_len + 1,
+        progress=False,
+        overwrite=clean,
+        resume=not clean,
+    )
     data = PrecomputedIndices(idx_dir, window=seq_len + 1)
+    _check_windows(data.num_tokens, len(data), text, batch, seq_len)
     raw = np.stack([data[i][0] for i in range(len(data))]).astype(np.int64)
     hashes = np.stack([data[i][1][LAYER] for i in range(len(data))])
     vocab_ids, dense = np.unique(raw, return_inverse=True)
@@ -122,11 +219,22 @@ def train_demo(
     n = len(data) - max(1, len(data) // 10)
     unigram = _unigram_loss(dense[:n, 1:], dense[n:, 1:], len(vocab_ids))
 
-    table_path = os.path.join(out, "engram-table.safetensors")
     from ..hashing import NgramHasher
 
-    rows = NgramHasher(cfg, len(comp)).table_rows[LAYER]
-    if not resume or not os.path.exists(table_path):
+    rows = NgramHasher.from_tokenizer(cfg, comp).table_rows[LAYER]
+    if clean:
+        # An earlier run's checkpoint first (a kill of this run before its own first one must
+        # not resume that one), then the killed run's table and its optimizer's state files
+        # beside it (engram-table.<kind>-<state>...): a clean start inherits none of them.
+        for name in ("checkpoint.safetensors", "losses.json"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        stem = TABLE[: -len(".safetensors")] + "."
+        for name in sorted(os.listdir(out)):
+            path = os.path.join(out, name)
+            if name.startswith(stem) and name != TABLE and not os.path.isdir(path):
+                os.remove(path)
+    if clean or not os.path.exists(table_path):
         HostTable.create(
             table_path, rows, cfg.head_dim, dtype="float32", init="normal", std=0.02, seed=seed
         )
@@ -135,15 +243,16 @@ def train_demo(
     engram = Engram(cfg, LAYER, compressed_vocab_size=len(comp), table=table, optimizer=sparse)
     model = TinyLM(len(vocab_ids), seq_len, engram)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    ckpt = os.path.join(out, "checkpoint.safetensors")
     losses: list[float] = []
     start = 0
-    if resume and os.path.exists(ckpt):
+    if not clean:
         extra = load_checkpoint(
             ckpt, model, opt, config=cfg, tokenizer_fingerprint=comp.fingerprint
         )
         start, losses = int(extra["step"]), list(extra["losses"])
         log(f"resumed from {ckpt} at step {start}")
+    elif resume:
+        log(f"no checkpoint in {out} to resume: starting from step 0 with a new table")
     log(
         f"{n} training and {len(data) - n} held-out windows of {seq_len + 1} tokens from {text} "
         f"({len(vocab_ids)} distinct "
