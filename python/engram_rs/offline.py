@@ -19,11 +19,15 @@ nothing appears under the final name half-written.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
+import math
 import os
 import queue
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -46,6 +50,13 @@ log = logging.getLogger("engram_rs.offline")
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
+#: Written in ``DIR.partial`` when the precompute creates it (and so also in the finished
+#: ``DIR``): only a directory holding it is ever removed or replaced by a run.
+MARKER = ".engram_rs-precompute"
+#: The largest ``--chunk-tokens`` (a chunk's buffers are a few bytes a token, several times over).
+MAX_CHUNK_TOKENS = 1 << 30
+#: The largest ``--threads`` (the kernels' pool refuses more).
+MAX_THREADS = 4096
 FORMAT_VERSION = 1
 #: Bytes of the fixed .npy header of every output file (rewritten with the shape at the end).
 HEADER = 128
@@ -185,17 +196,21 @@ class _OutFile:
         n = self.bytes // (self.dtype.itemsize * (self.cols or 1))
         return (n,) if self.cols is None else (n, self.cols)
 
-    def open(self, directory: str, resume_bytes: int | None) -> None:
-        path = os.path.join(directory, self.name)
+    def open(self, job_dir: _JobDir, resume_bytes: int | None) -> None:
+        """Creates the file in the (locked) job directory, or on a resume opens the one the
+        job made (a regular file with one link, never through a link) and cuts it to the
+        committed bytes."""
+        path = os.path.join(job_dir.path, self.name)
         self.checksum = _engram_rs.Checksum()
         if resume_bytes is None:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = job_dir.open(self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             _write_all(self.fd, _npy_header(self.dtype, self.shape()), path)
             self.bytes = 0
         else:
-            self.fd = os.open(path, os.O_RDWR)
+            self.fd = job_dir.open(self.name, os.O_RDWR)
+            job_dir.check_own(self.name, os.fstat(self.fd))
             os.ftruncate(self.fd, HEADER + resume_bytes)
-            self.checksum.update_from_file(path, HEADER, resume_bytes)
+            self.checksum.update_from_file(_fd_path(self.fd, path), HEADER, resume_bytes)
             self.bytes = resume_bytes
         os.lseek(self.fd, HEADER + self.bytes, os.SEEK_SET)
 
@@ -246,9 +261,16 @@ class _Writer:
     GIL), one chunk behind the hashing; commits (fsync, then state.json) every
     ``commit_seconds``."""
 
-    def __init__(self, directory: str, files: dict[str, _OutFile], commit_seconds: float) -> None:
+    def __init__(
+        self,
+        directory: str,
+        files: dict[str, _OutFile],
+        commit_seconds: float,
+        sums: _InputSums | None = None,
+    ) -> None:
         self.directory = directory
         self.files = files
+        self.sums = sums
         self.commit_seconds = commit_seconds
         self.queue: queue.Queue[tuple[dict[str, np.ndarray], dict[str, Any]] | None] = queue.Queue(
             maxsize=1
@@ -280,6 +302,8 @@ class _Writer:
                 arrays, state = item
                 for name, data in arrays.items():
                     self.files[name].write(data, self.directory)
+                if self.sums is not None:  # the bytes just read, from the page cache
+                    self.sums.advance(state["cursor"])
                 if time.monotonic() - self.last_commit >= self.commit_seconds:
                     self.commit(state)
         except BaseException as e:
@@ -347,6 +371,301 @@ class EngineRun:
     @property
     def layers(self) -> list[int]:
         return [int(x) for x in self.job["layers"]]
+
+
+# ---- the job's own directory: made, marked, locked, never followed ------------------------------
+
+
+def _fd_path(fd: int, path: str) -> str:
+    """A name of the file open as ``fd`` that reaches that very file (``/proc/self/fd``), so a
+    path swapped meanwhile is never read; ``path`` where there is no such name."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else path
+
+
+class _JobDir:
+    """``DIR.partial`` of a run: opened without following a link, locked (``flock``, exclusive)
+    for the whole run, and holding the :data:`MARKER` the precompute wrote when it made it.
+    Files in it are opened relative to its descriptor, never through a link."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def create(cls, path: str) -> _JobDir:
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            raise FileExistsError(
+                f"{path} appeared while this run started (another precompute of the same "
+                "--out?): run again once it has finished"
+            ) from None
+        job = cls._lock(path)
+        try:
+            fd = job.open(MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                os.write(
+                    fd, json.dumps({"made_by": "engram_rs precompute", "pid": os.getpid()}).encode()
+                )
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            job.close()
+            raise
+        return job
+
+    @classmethod
+    def claim(cls, path: str) -> _JobDir:
+        """The job directory of an earlier run, locked: refused when it is a link, is locked by
+        a run now, or was not made by the precompute (no marker)."""
+        job = cls._lock(path)
+        try:
+            try:
+                st = os.stat(MARKER, dir_fd=job.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                raise FileExistsError(
+                    f"{path} was not made by engram_rs precompute (it holds no {MARKER} file): "
+                    "it is left untouched; move it away or choose another --out"
+                )
+        except BaseException:
+            job.close()
+            raise
+        return job
+
+    @classmethod
+    def _lock(cls, path: str) -> _JobDir:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} disappeared while this run started") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise FileExistsError(
+                f"{path} is {_file_kind(st.st_mode)}, not a directory the precompute made: it "
+                "is left untouched (never followed); remove it or choose another --out"
+            )
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FileExistsError(
+                f"{path} is in use by another precompute run of the same --out: wait for it to "
+                "finish (or stop it), then run again"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd)
+
+    def open(self, name: str, flags: int) -> int:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=self.fd)
+
+    def check_own(self, name: str, st: os.stat_result) -> None:
+        """Refuses a resumed file that the job cannot have made: not a regular file, another
+        owner, or a second link (a hard link to a file elsewhere)."""
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            raise FileExistsError(
+                f"{os.path.join(self.path, name)} is not a file this precompute made ("
+                f"{_file_kind(st.st_mode)} with {st.st_nlink} links, owner {st.st_uid}): it is "
+                "left untouched; pass --overwrite to start the job again"
+            )
+
+    def stat(self, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def read_json(self, name: str, limit: int = 64 << 20) -> Any:
+        """A small JSON file of the job (``state.json``), read through no link and checked."""
+        st = self.stat(name)
+        if st is not None:
+            self.check_own(name, st)  # a link is refused here, named, not an ELOOP
+        fd = self.open(name, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            self.check_own(name, st)
+            if st.st_size > limit:
+                raise FileExistsError(f"{self.path}/{name} is {st.st_size} bytes: not a state file")
+            raw = os.pread(fd, st.st_size, 0)
+        finally:
+            os.close(fd)
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise FileExistsError(
+                f"{self.path}/{name} is damaged ({str(e)[:200]}): pass --overwrite to start "
+                "the job again"
+            ) from None
+
+    def remove_temporaries(self) -> None:
+        """Removes the temporaries of atomic writes a killed run left (``.state.json.*.tmp``)."""
+        for name in os.listdir(self.fd):
+            if name.startswith((f".{STATE}.", f".{MANIFEST}.")) and name.endswith(".tmp"):
+                os.unlink(name, dir_fd=self.fd)
+
+    def remove(self) -> None:
+        """Deletes the directory (it is this job's: locked, marked), refusing when its name
+        now reaches another directory."""
+        here, mine = os.lstat(self.path), os.fstat(self.fd)
+        if (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+            raise FileExistsError(f"{self.path} was replaced while this run used it: left alone")
+        shutil.rmtree(self.path)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # releases the lock
+            self.fd = -1
+
+
+class _InputSums:
+    """The checksums of the inputs, computed as the run reads them: after each block, its
+    file's checksum is advanced to the block's end (the bytes just read, from the page cache;
+    no second pass over the inputs at the end). Parquet/Arrow inputs, whose bytes are not read
+    in order, are summed whole once the run has moved past them."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.sums = [_engram_rs.Checksum() for _ in source.paths]
+        self.done = [0] * len(source.paths)
+        self.finished = [False] * len(source.paths)
+        self.unit: list[tuple[int, int] | None] = []  # (first byte, bytes a cursor unit)
+        for p in source.paths:
+            if source.format == "bin":
+                self.unit.append((0, source.token_dtype.itemsize))
+            elif source.format == "npy":
+                arr = source._npy(p)
+                row = arr.dtype.itemsize * (arr.shape[1] if arr.ndim == 2 else 1)
+                self.unit.append((int(getattr(arr, "offset", 0)), row))
+            elif source.format in ("text", "jsonl"):
+                self.unit.append((0, 1))
+            else:
+                self.unit.append(None)
+
+    def advance(self, cursor: dict[str, int]) -> None:
+        f = int(cursor["file"])
+        for i in range(f):
+            self.finish(i)
+        unit = self.unit[f]
+        if unit is not None:
+            self._read(f, unit[0] + unit[1] * int(cursor["pos"]))
+
+    def _read(self, i: int, upto: int) -> None:
+        if upto > self.done[i]:
+            self.sums[i].update_from_file(self.source.paths[i], self.done[i], upto - self.done[i])
+            self.done[i] = upto
+
+    def finish(self, i: int) -> None:
+        if not self.finished[i]:
+            self._read(i, os.path.getsize(self.source.paths[i]))
+            self.finished[i] = True
+
+    def hexdigests(self) -> list[str]:
+        for i in range(len(self.sums)):
+            self.finish(i)
+        return [s.hexdigest() for s in self.sums]
+
+
+def _check_inputs_unchanged(job: dict[str, Any]) -> None:
+    """Refuses a result whose inputs changed while they were read (size or modification
+    time): the manifest would describe files other than the ones hashed."""
+    for d in job["inputs"]:
+        st = os.stat(d["path"])
+        if (st.st_size, st.st_mtime_ns) != (d["bytes"], d["mtime_ns"]):
+            raise ValueError(
+                f"input {d['path']} changed while it was hashed ({d['bytes']} bytes, modified "
+                f"at {d['mtime_ns']} ns when the run started; {st.st_size} bytes, modified at "
+                f"{st.st_mtime_ns} ns now): the indices would not be of the file the manifest "
+                "names; run again once it no longer changes"
+            )
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_state(
+    state: Any, job: dict[str, Any], files: dict[str, _OutFile], source: Source, job_dir: _JobDir
+) -> dict[str, Any]:
+    """Checks the resume state of an interrupted run against the job, its files and its inputs:
+    a state that does not match (edited, or of files changed since) is refused, never trusted."""
+    where = f"{job_dir.path}/{STATE}"
+
+    def bad(what: str) -> FileExistsError:
+        return FileExistsError(
+            f"{where} does not match the run's files and inputs ({what}): pass --overwrite to "
+            "start the job again"
+        )
+
+    if not isinstance(state, dict):
+        raise bad(f"a JSON {_json_kind(state)}, not an object")
+    if state.get("job") != job:
+        old = state.get("job")
+        raise ValueError(
+            f"{job_dir.path} is an interrupted run of another job ("
+            f"{_describe_mismatch(old if isinstance(old, dict) else {}, job)}"
+            "): pass --overwrite to start again"
+        )
+    for key in ("tokens", "sequences", "units"):
+        if not _is_count(state.get(key)):
+            raise bad(f"{key} is {str(state.get(key))[:40]}, not a count")
+    cursor = state.get("cursor")
+    if not (
+        isinstance(cursor, dict) and _is_count(cursor.get("file")) and _is_count(cursor.get("pos"))
+    ):
+        raise bad(f"cursor {str(cursor)[:80]}")
+    f, pos = cursor["file"], cursor["pos"]
+    if f >= len(source.paths) or pos > source.totals[f]:
+        raise bad(f"cursor {cursor} is beyond the inputs")
+    if state["units"] != sum(source.totals[:f]) + pos:
+        raise bad(f"{state['units']} units done, the cursor {cursor} says otherwise")
+    if (
+        source.format in ("bin", "npy")
+        and source.kind == "stream"
+        and state["tokens"] != state["units"]
+    ):
+        raise bad(f"{state['tokens']} tokens at the cursor {cursor}")
+    if source.format in ("text", "jsonl") and pos:
+        fd = os.open(source.paths[f], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if os.pread(fd, 1, pos - 1) != b"\n":
+                raise bad(f"the cursor {cursor} is not at the start of a line")
+        finally:
+            os.close(fd)
+    ctx = state.get("ctx")
+    history = max(0, int(job["config"]["max_ngram_size"]) - 1)
+    if not (
+        isinstance(ctx, list)
+        and len(ctx) <= history
+        and all(_is_count(t) and t < 1 << 32 for t in ctx)
+    ):
+        raise bad(f"ctx {str(ctx)[:80]}")
+    sizes = state.get("bytes")
+    if not isinstance(sizes, dict) or sorted(sizes) != sorted(files):
+        raise bad(f"bytes of {sorted(sizes) if isinstance(sizes, dict) else sizes}")
+    per_token = {
+        name: f.dtype.itemsize * (f.cols or 1) for name, f in files.items() if name != "offsets.npy"
+    }
+    for name, n in sizes.items():
+        if not _is_count(n):
+            raise bad(f"bytes of {name} is {str(n)[:40]}")
+        want = (
+            state["sequences"] * 8 if name == "offsets.npy" else state["tokens"] * per_token[name]
+        )
+        if n != want:
+            raise bad(
+                f"{n} bytes of {name} for {state['tokens']} tokens, {state['sequences']} sequences"
+            )
+        st = job_dir.stat(name)
+        if st is None:
+            raise bad(f"{name} is missing")
+        job_dir.check_own(name, st)
+        if st.st_size < HEADER + n:
+            raise bad(f"{name} holds {max(0, st.st_size - HEADER)} bytes, the state says {n}")
+    return state
 
 
 # ---- the job ------------------------------------------------------------------------------------
@@ -426,8 +745,29 @@ def precompute(
         _ray()  # ImportError (pip install 'engram-rs[ray]') before any file is made
     if index_dtype not in ("int32", "int64"):
         raise ValueError(f"index_dtype must be 'int32' or 'int64', got {index_dtype!r}")
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    if (
+        isinstance(chunk_tokens, bool)
+        or not isinstance(chunk_tokens, int)
+        or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS
+    ):
+        raise ValueError(
+            f"chunk_tokens (--chunk-tokens) must be an int in [1, 2**30], got {chunk_tokens!r}"
+        )
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+        raise ValueError(
+            f"threads (--threads) must be an int in [0, {MAX_THREADS}] (0: one per CPU), got "
+            f"{threads!r}"
+        )
+    if (
+        isinstance(commit_seconds, bool)
+        or not isinstance(commit_seconds, (int, float))
+        or not math.isfinite(commit_seconds)
+        or commit_seconds < 0
+    ):
+        raise ValueError(
+            "commit_seconds (--commit-seconds) must be a finite number of seconds >= 0, got "
+            f"{commit_seconds!r}"
+        )
     cfg = _config(config)
     tok_path = os.path.abspath(os.fspath(tokenizer))
     if not os.path.isfile(tok_path):
@@ -470,56 +810,70 @@ def precompute(
     existing = _existing(final, job, overwrite)
     if existing is not None:
         return existing
-    if os.path.exists(partial) and not resume:
-        if not overwrite:
-            raise FileExistsError(
-                f"{partial} holds an interrupted run: pass --resume to continue it, or "
-                "--overwrite to start again"
-            )
-        shutil.rmtree(partial)
+    job_dir = None
+    if os.path.lexists(partial):
+        job_dir = _JobDir.claim(partial)  # a link, a folder of the user's, a running job: refused
+        if not resume:
+            if not overwrite:
+                job_dir.close()
+                raise FileExistsError(
+                    f"{partial} holds an interrupted run: pass --resume to continue it, or "
+                    "--overwrite to start again"
+                )
+            try:
+                job_dir.remove()
+            finally:
+                job_dir.close()
+            job_dir = None
     parent = os.path.dirname(final)
     if not os.path.isdir(parent):
         raise FileNotFoundError(
             f"{final}: the directory {parent!r} does not exist: create it first (os.makedirs)"
         )
-    state = None
-    if resume and os.path.exists(os.path.join(partial, STATE)):
-        with open(os.path.join(partial, STATE)) as f:
-            state = json.load(f)
-        if state.get("job") != job:
-            raise ValueError(
-                f"{partial} is an interrupted run of another job ("
-                f"{_describe_mismatch(state.get('job', {}), job)}): pass --overwrite to start "
-                "again"
-            )
-    if state is not None:
-        log.info("resuming %s at token %d (%s)", partial, state["tokens"], state["cursor"])
-    os.makedirs(partial, exist_ok=True)
     dt = np.dtype(index_dtype)
     files = {layer_file(x): _OutFile(layer_file(x), dt, cfg.cols) for x in chosen}
     files["tokens.npy"] = _OutFile("tokens.npy", np.dtype(np.uint32), None)
     files["offsets.npy"] = _OutFile("offsets.npy", np.dtype(np.int64), None)
+    if job_dir is None:
+        job_dir = _JobDir.create(partial)
     try:
-        for name, out_file in files.items():
-            out_file.open(partial, None if state is None else int(state["bytes"][name]))
-        run = EngineRun(source, hasher, boundary, job, files, partial, progress, chunk_tokens)
-        if engine == "ray":
-            from .ray import run_ray
+        state = None
+        if job_dir.stat(STATE) is not None:
+            state = _check_state(job_dir.read_json(STATE), job, files, source, job_dir)
+            log.info("resuming %s at token %d (%s)", partial, state["tokens"], state["cursor"])
+        elif any(job_dir.stat(name) is not None for name in files):
+            # Files but no state: killed before its first commit; nothing to continue from.
+            for name in files:
+                if job_dir.stat(name) is not None:
+                    os.unlink(name, dir_fd=job_dir.fd)
+        job_dir.remove_temporaries()
+        try:
+            for name, out_file in files.items():
+                out_file.open(job_dir, None if state is None else int(state["bytes"][name]))
+            run = EngineRun(source, hasher, boundary, job, files, partial, progress, chunk_tokens)
+            if engine == "ray":
+                from .ray import run_ray
 
-            counts = run_ray(run)
-        else:
-            counts = _run_local(run, state, commit_seconds)
-        _finalize(final, partial, job, files, source, counts, comp, tok_path, cfg)
-    except ValueError:
-        # Bad input data (an id beyond the vocabulary, a null row): a resume would stop at the
-        # same place, and a fixed input is another job, so the partial run is of no use.
-        for out_file in files.values():
-            out_file.close()
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+                counts = run_ray(run)
+                sums = _InputSums(source)
+            else:
+                sums = _InputSums(source)
+                counts = _run_local(run, state, commit_seconds, sums)
+            _finalize(final, job_dir, job, files, source, counts, comp, tok_path, cfg, sums)
+        except ValueError:
+            # Bad input data (an id beyond the vocabulary, a null row, an input changed while it
+            # was read): a resume would stop at the same place, and a fixed input is another
+            # job, so the partial run is of no use. Only the job's own directory is removed.
+            for out_file in files.values():
+                out_file.close()
+            if os.path.lexists(partial):
+                job_dir.remove()
+            raise
+        finally:
+            for out_file in files.values():
+                out_file.close()
     finally:
-        for out_file in files.values():
-            out_file.close()
+        job_dir.close()
     return PrecomputedIndices(final)
 
 
@@ -538,9 +892,21 @@ def _existing(final: str, job: dict[str, Any], overwrite: bool) -> PrecomputedIn
             f"{final} exists and is not a precompute output (no {MANIFEST}): choose another --out"
         )
     if overwrite:
+        if not os.path.isfile(os.path.join(final, MARKER)) or os.path.islink(final):
+            raise FileExistsError(
+                f"{final} holds a {MANIFEST} but was not made by engram_rs precompute (no "
+                f"{MARKER} in it, or a link): --overwrite leaves it untouched; remove it "
+                "yourself or choose another --out"
+            )
         return None
-    with open(manifest_path) as f:
-        old = json.load(f).get("job", {})
+    fd = os.open(final, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        man = _read_manifest(fd, final)
+    finally:
+        os.close(fd)
+    old = man.get("job")
+    if not isinstance(old, dict):
+        old = {}
     if old == job:
         return PrecomputedIndices(final)
     raise FileExistsError(
@@ -550,7 +916,7 @@ def _existing(final: str, job: dict[str, Any], overwrite: bool) -> PrecomputedIn
 
 
 def _run_local(
-    run: EngineRun, state: dict[str, Any] | None, commit_seconds: float
+    run: EngineRun, state: dict[str, Any] | None, commit_seconds: float, sums: _InputSums
 ) -> dict[str, int]:
     source, hasher, job, files = run.source, run.hasher, run.job, run.files
     history = hasher.config.max_ngram_size - 1
@@ -566,7 +932,7 @@ def _run_local(
         bar.update(done)
     layers = run.layers
     dtype: IndexDType = job["index_dtype"]
-    writer = _Writer(run.partial, files, commit_seconds)
+    writer = _Writer(run.partial, files, commit_seconds, sums)
     started = time.monotonic()
     try:
         for block in source.blocks(cursor, run.chunk_tokens):
@@ -608,7 +974,7 @@ def _run_local(
 
 def _finalize(
     final: str,
-    partial: str,
+    job_dir: _JobDir,
     job: dict[str, Any],
     files: dict[str, _OutFile],
     source: Source,
@@ -616,11 +982,19 @@ def _finalize(
     comp: CompressedTokenizer,
     tok_path: str,
     cfg: EngramConfig,
+    sums: _InputSums,
 ) -> None:
+    partial = job_dir.path
     files["offsets.npy"].append(np.array([counts["tokens"]], np.int64), partial)
     for f in files.values():
         f.finish()
-    inputs = [dict(d, checksum=_engram_rs.file_checksum(d["path"])) for d in source.describe()]
+    _check_inputs_unchanged(job)
+    digests = sums.hexdigests()
+    _check_inputs_unchanged(job)  # and not while the last bytes were summed
+    inputs = [
+        {"path": d["path"], "format": d["format"], "bytes": d["bytes"], "checksum": c}
+        for d, c in zip(job["inputs"], digests, strict=True)
+    ]
     manifest = {
         "format_version": FORMAT_VERSION,
         "engram_rs_version": _engram_rs.__version__,
@@ -658,10 +1032,10 @@ def _finalize(
         "job": job,
     }
     _write_json(os.path.join(partial, MANIFEST), manifest)
-    state = os.path.join(partial, STATE)
-    if os.path.exists(state):
-        os.remove(state)
-    fsync_path(partial)
+    if job_dir.stat(STATE) is not None:
+        os.unlink(STATE, dir_fd=job_dir.fd)
+    job_dir.remove_temporaries()
+    os.fsync(job_dir.fd)
     old = None
     if os.path.exists(final):  # --overwrite of another job's result
         old = f"{final}.old-{os.getpid()}"
@@ -673,6 +1047,278 @@ def _finalize(
 
 
 # ---- reading a result ----------------------------------------------------------------------------
+
+#: The most bytes a manifest may hold (it lists the inputs, a few hundred bytes each).
+MAX_MANIFEST_BYTES = 64 << 20
+#: Chunk of the sequential checks and checksums over a mapped file.
+_SCAN = 1 << 24
+
+
+def _damaged(where: str, what: str) -> ValueError:
+    return ValueError(
+        f"{where}: {what}: the directory is damaged or was not written by engram_rs; rerun the "
+        "precompute"
+    )
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _open_own(dirfd: int, directory: str, name: str) -> int:
+    """A read-only descriptor of the regular file ``name`` right in ``directory`` (open as
+    ``dirfd``). Never leaves the directory, never follows a link, never blocks (a FIFO or a
+    device is refused before it is read)."""
+    full = os.path.join(directory, name)
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise _damaged(full, "not a file name of the directory")
+    relative = os.open in os.supports_dir_fd
+    target = name if relative else full
+    kw: dict[str, Any] = {"dir_fd": dirfd} if relative else {}
+    try:
+        st = os.stat(target, follow_symlinks=False, **kw)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{full} is missing: the directory is incomplete or damaged; rerun the precompute"
+        ) from None
+    link = ValueError(
+        f"{full} is a symbolic link: a precompute output holds its own regular files and links "
+        "in it are not followed; rerun the precompute (or copy the files in with cp -L)"
+    )
+    if stat.S_ISLNK(st.st_mode):
+        raise link
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(
+            f"{full} is not a regular file ({_file_kind(st.st_mode)}): a precompute output "
+            "holds regular files only; rerun the precompute"
+        )
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(target, flags | getattr(os, "O_CLOEXEC", 0), **kw)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # replaced by a link since the stat
+            raise link from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # replaced since the stat
+        os.close(fd)
+        raise ValueError(f"{full} is not a regular file ({_file_kind(st.st_mode)})")
+    return fd
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    return f"a {type(value).__name__}"
+
+
+def _read_manifest(dirfd: int, directory: str) -> dict[str, Any]:
+    where = os.path.join(directory, MANIFEST)
+    with os.fdopen(_open_own(dirfd, directory, MANIFEST), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise _damaged(
+                where, f"{size} bytes, more than a manifest holds ({MAX_MANIFEST_BYTES})"
+            )
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    try:
+        man = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _damaged(where, f"not JSON ({str(e)[:200]})") from None
+    if not isinstance(man, dict):
+        raise _damaged(where, f"not a JSON object ({_json_kind(man)})")
+    return man
+
+
+def _count(entries: dict[str, Any], key: str, where: str) -> int:
+    if key not in entries:
+        raise _damaged(where, f"no {key!r} entry")
+    value = entries[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _damaged(where, f"{key!r} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _dict(entries: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    if key not in entries:
+        raise _damaged(where, f"no {key!r} entry")
+    value = entries[key]
+    if not isinstance(value, dict):
+        raise _damaged(where, f"{key!r} must be a JSON object, got {_json_kind(value)}")
+    return value
+
+
+def _check_manifest(
+    man: dict[str, Any], where: str
+) -> tuple[EngramConfig, list[int], int, int, dict[str, tuple[np.dtype[Any], tuple[int, ...]]]]:
+    """(config, layers, tokens, sequences, {file: (dtype, shape)}) of a manifest, each checked
+    against the others; a ValueError naming the first entry that is wrong."""
+    if man.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{where}: manifest format {man.get('format_version')!r}, this engram_rs reads "
+            f"format {FORMAT_VERSION}"
+        )
+    try:
+        cfg = EngramConfig.from_dict(_dict(man, "config", where))
+    except (TypeError, KeyError, ValueError) as e:
+        if str(e).startswith(where):
+            raise
+        raise _damaged(where, f"its config is not valid: {e}") from None
+    tokens = _count(man, "tokens", where)
+    sequences = _count(man, "sequences", where)
+    index_dtype = man.get("index_dtype")
+    if index_dtype not in ("int32", "int64"):
+        raise _damaged(where, f"'index_dtype' must be 'int32' or 'int64', got {index_dtype!r}")
+    if not isinstance(man.get("flat"), bool):
+        raise _damaged(where, f"'flat' must be true or false, got {man.get('flat')!r}")
+    layers_entry = _dict(man, "layers", where)
+    if not layers_entry:
+        raise _damaged(where, "'layers' is empty")
+    layers = []
+    for key, entry in layers_entry.items():
+        try:
+            layer = int(key)
+        except ValueError:
+            layer = None
+        if layer is None or str(layer) != key:
+            raise _damaged(where, f"layer key {key!r} is not an int")
+        if layer not in cfg.layer_ids:
+            raise _damaged(where, f"layer {layer} is not one of its config's {list(cfg.layer_ids)}")
+        named = entry.get("file") if isinstance(entry, dict) else None
+        if named != layer_file(layer):
+            raise _damaged(
+                where,
+                f"layer {layer} names the file {named!r}: a precompute writes "
+                f"{layer_file(layer)!r}",
+            )
+        layers.append(layer)
+    want: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {
+        "tokens.npy": (np.dtype(np.uint32), (tokens,)),
+        "offsets.npy": (np.dtype(np.int64), (sequences + 1,)),
+    }
+    for layer in layers:
+        want[layer_file(layer)] = (np.dtype(index_dtype), (tokens, cfg.cols))
+    files = _dict(man, "files", where)
+    for name in files:
+        if name not in want:
+            raise _damaged(
+                where,
+                f"it names a file {name!r} that is not one of its own files (tokens.npy, "
+                f"offsets.npy, {', '.join(layer_file(x) for x in layers)}): only its own files "
+                "are read",
+            )
+    for name, (dtype, shape) in want.items():
+        if name not in files:
+            raise _damaged(where, f"no entry for {name!r} in 'files'")
+        entry = files[name]
+        if not isinstance(entry, dict):
+            raise _damaged(where, f"files[{name!r}] must be a JSON object, got {_json_kind(entry)}")
+        got = entry.get("shape")
+        if (
+            not isinstance(got, list)
+            or len(got) != len(shape)
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in got)
+        ):
+            raise _damaged(
+                where, f"files[{name!r}]['shape'] must be {len(shape)} ints, got {got!r}"
+            )
+        if entry.get("dtype") != dtype.name:
+            raise _damaged(
+                where,
+                f"files[{name!r}] says dtype {entry.get('dtype')!r}, a precompute writes "
+                f"{dtype.name!r} there",
+            )
+        if tuple(got) != shape:
+            if name == "tokens.npy":
+                what = f"it claims {tokens} tokens, but its tokens.npy holds {got[0]}"
+            elif name == "offsets.npy":
+                what = (
+                    f"it claims {sequences} sequences, but its offsets.npy holds {got[0]} offsets "
+                    f"({sequences + 1} needed)"
+                )
+            else:
+                what = (
+                    f"files[{name!r}] says shape {tuple(got)}, its {tokens} tokens and config "
+                    f"need {shape}"
+                )
+            raise _damaged(where, what)
+    return cfg, layers, tokens, sequences, want
+
+
+def _map_npy(
+    dirfd: int, directory: str, name: str, dtype: np.dtype[Any], shape: tuple[int, ...]
+) -> np.ndarray:
+    """The data of ``directory/name`` mapped read-only, once its header says exactly ``dtype``
+    (byte order included), C order and ``shape`` and its size is exactly that of the data."""
+    full = os.path.join(directory, name)
+    with os.fdopen(_open_own(dirfd, directory, name), "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                got_shape, fortran, got = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                got_shape, fortran, got = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except Exception as e:  # numpy raises ValueError or a SyntaxError of its header parse
+            raise _damaged(full, f"not a readable .npy file ({e})") from None
+        if got != dtype:
+            raise _damaged(
+                full,
+                f"its .npy header says dtype {got.str}, the manifest {dtype.name} ({dtype.str})",
+            )
+        if fortran:
+            raise _damaged(full, "its .npy header says fortran_order True (column-major ids)")
+        if tuple(got_shape) != shape:
+            raise _damaged(
+                full, f"its .npy header says shape {tuple(got_shape)}, the manifest {shape}"
+            )
+        offset = f.tell()
+        if offset != HEADER:
+            raise _damaged(full, f"its .npy header is {offset} bytes, a precompute writes {HEADER}")
+        need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        data = os.fstat(f.fileno()).st_size - offset
+        if data != need:
+            raise _damaged(full, f"{data} data bytes, the manifest's shape {shape} needs {need}")
+        if need == 0:
+            empty = np.zeros(shape, dtype)
+            empty.flags.writeable = False
+            return empty
+        return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def _check_offsets(offsets: np.ndarray, tokens: int, where: str) -> None:
+    """Sequence offsets start at 0, end at ``tokens`` and never decrease (chunked: O(1) memory)."""
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0:
+        raise _damaged(where, f"offset 0 is {first}, not 0")
+    if last != tokens:
+        raise _damaged(where, f"the last offset is {last}, not the {tokens} tokens")
+    n = offsets.shape[0]
+    for a in range(0, n - 1, _SCAN):
+        down = np.flatnonzero(np.diff(np.asarray(offsets[a : a + _SCAN + 1])) < 0)
+        if down.size:
+            k = a + int(down[0]) + 1
+            raise _damaged(
+                where,
+                f"offset {k} ({int(offsets[k])}) is below offset {k - 1} "
+                f"({int(offsets[k - 1])}): sequence offsets never decrease",
+            )
 
 
 class PrecomputedIndices:
@@ -688,9 +1334,13 @@ class PrecomputedIndices:
     def __init__(
         self, path: str | os.PathLike[str], window: int | None = None, drop_last: bool = True
     ) -> None:
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+        ):
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
         self.path = os.path.abspath(os.fspath(path))
         manifest_path = os.path.join(self.path, MANIFEST)
-        if not os.path.isfile(manifest_path):
+        if not os.path.lexists(manifest_path):
             partial = self.path.rstrip(os.sep) + ".partial"
             hint = (
                 f" ({partial} holds an unfinished run: finish it with --resume)"
@@ -698,37 +1348,26 @@ class PrecomputedIndices:
                 else ""
             )
             raise FileNotFoundError(f"{self.path}: no {MANIFEST}, not a precompute output{hint}")
-        with open(manifest_path) as f:
-            self.manifest: dict[str, Any] = json.load(f)
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{self.path}: manifest format {self.manifest.get('format_version')!r}, this "
-                f"engram_rs reads format {FORMAT_VERSION}"
+        # Only the directory's own regular files are read, through its descriptor: no name of
+        # the manifest leaves it, no link is followed, no FIFO or device is opened.
+        dirfd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            self.manifest: dict[str, Any] = _read_manifest(dirfd, self.path)
+            self.config, self.layer_ids, self.num_tokens, self.num_sequences, want = (
+                _check_manifest(self.manifest, manifest_path)
             )
-        self.config = EngramConfig.from_dict(self.manifest["config"])
-        self.layer_ids = [int(x) for x in self.manifest["layers"]]
-        self.num_tokens = int(self.manifest["tokens"])
-        self.num_sequences = int(self.manifest["sequences"])
-        self.tokens = self._load("tokens.npy")
-        self.offsets = self._load("offsets.npy")
-        self._layers = {x: self._load(layer_file(x)) for x in self.layer_ids}
-        if window is not None and (
-            isinstance(window, bool) or not isinstance(window, int) or window < 1
-        ):
-            raise ValueError(f"window must be an int >= 1, got {window!r}")
+            self._files = {
+                name: _map_npy(dirfd, self.path, name, dtype, shape)
+                for name, (dtype, shape) in want.items()
+            }
+        finally:
+            os.close(dirfd)
+        self.tokens = self._files["tokens.npy"]
+        self.offsets = self._files["offsets.npy"]
+        _check_offsets(self.offsets, self.num_tokens, os.path.join(self.path, "offsets.npy"))
+        self._layers = {x: self._files[layer_file(x)] for x in self.layer_ids}
         self.window = window
         self.drop_last = drop_last
-
-    def _load(self, name: str) -> np.ndarray:
-        want = self.manifest["files"][name]
-        arr: np.ndarray = np.load(os.path.join(self.path, name), mmap_mode="r")
-        if list(arr.shape) != want["shape"] or arr.dtype.name != want["dtype"]:
-            raise ValueError(
-                f"{self.path}/{name}: shape {arr.shape} {arr.dtype}, the manifest says "
-                f"{tuple(want['shape'])} {want['dtype']}: the directory was changed; rerun "
-                "the precompute"
-            )
-        return arr
 
     def layer(self, layer_id: int) -> np.ndarray:
         """The ``[tokens, cols]`` hash ids of one Engram layer (memory-mapped, read-only)."""
@@ -737,6 +1376,11 @@ class PrecomputedIndices:
         return self._layers[layer_id]
 
     def sequence(self, i: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Sequence ``i``: its tokens and each layer's hash ids (numpy copies)."""
+        n = self.num_sequences
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} out of range for {n} sequences")
+        i %= n
         s, e = int(self.offsets[i]), int(self.offsets[i + 1])
         return self._item(s, e)
 
@@ -779,21 +1423,33 @@ def verify(
     """Checks a precompute result: file sizes and shapes against the manifest, every file's
     checksum, and a re-hash of ``sample`` random sequences. Raises ValueError at the first
     mismatch; returns what was checked."""
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+        raise ValueError(f"sample must be an int >= 0 (sequences to re-hash), got {sample!r}")
     idx = PrecomputedIndices(path)
     man = idx.manifest
-    for name, want in man["files"].items():
+    where = os.path.join(idx.path, MANIFEST)
+    # The sizes, headers, counts and offsets were checked when idx mapped the files; the
+    # checksums are of the mapped data (the files idx opened, not a name opened again).
+    for name, arr in idx._files.items():
         full = os.path.join(idx.path, name)
+        want = man["files"][name].get("checksum")
+        if not isinstance(want, str):
+            raise _damaged(where, f"files[{name!r}] has no 'checksum' string")
         sum_ = _engram_rs.Checksum()
-        n = sum_.update_from_file(full, HEADER)
-        itemsize = np.dtype(want["dtype"]).itemsize
-        if n != int(np.prod(want["shape"])) * itemsize:
-            raise ValueError(f"{full}: {n} data bytes, the manifest's shape needs more")
-        if sum_.hexdigest() != want["checksum"]:
+        data = arr.reshape(-1).view(np.uint8)
+        for a in range(0, data.shape[0], _SCAN):
+            sum_.update(data[a : a + _SCAN])
+        if sum_.hexdigest() != want:
             raise ValueError(
                 f"{full}: checksum {sum_.hexdigest()} differs from the manifest's "
-                f"{want['checksum']}: the file was changed or damaged; rerun the precompute"
+                f"{want}: the file was changed or damaged; rerun the precompute"
             )
-    tok = os.fspath(tokenizer) if tokenizer is not None else man["tokenizer"]["path"]
+    about = man.get("tokenizer")
+    if not isinstance(about, dict) or not isinstance(about.get("fingerprint"), str):
+        raise _damaged(where, "its 'tokenizer' entry needs a 'fingerprint' string")
+    if tokenizer is None and not isinstance(about.get("path"), str):
+        raise _damaged(where, "its 'tokenizer' entry names no 'path': pass --tokenizer")
+    tok = os.fspath(tokenizer) if tokenizer is not None else about["path"]
     if not os.path.isfile(tok):
         raise FileNotFoundError(
             f"the tokenizer {tok} named in the manifest is gone: pass --tokenizer"

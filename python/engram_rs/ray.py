@@ -19,7 +19,8 @@ Notes:
 * The input paths must be readable at the same path on every node of the Ray cluster (a shared
   file system), as for any Ray reader of local files.
 * A stream, Arrow IPC or JSONL file is read whole by one Ray task (``read_binary_files``): shard
-  big files into files of a few GB.
+  big files into files of a few GB. A JSONL line longer than
+  ``engram_rs.sources.max_line_bytes(chunk_tokens)`` is refused, as by the local engine.
 * The ray engine does not resume: it writes no ``state.json``, and ``--resume`` with
   ``--engine ray`` reruns the whole job from the start (an interrupted run of the local engine is
   refused: continue that one with ``--engine local --resume``).
@@ -42,7 +43,17 @@ from .compress import CompressedTokenizer
 from .config import EngramConfig
 from .hashing import IndexDType, NgramHasher
 from .offline import Boundary, EngineRun, _config, _progress, hash_block, output_arrays
-from .sources import Block, Source, _row_where, _token_where, jsonl_block, list_column
+from .sources import (
+    Block,
+    Source,
+    _row_where,
+    _token_where,
+    jsonl_block,
+    list_column,
+    long_line_error,
+    max_line_bytes,
+    split_lines,
+)
 
 __all__ = ["HashBatches", "run_ray"]
 
@@ -294,7 +305,7 @@ def _split_files(
             elif fmt == "arrow":
                 pieces = _arrow_pieces(path, data, column, chunk)
             else:
-                pieces = _jsonl_pieces(data, chunk)
+                pieces = _jsonl_pieces(path, data, chunk)
             for k, piece in enumerate(pieces):
                 rows.append(dict(piece, file=i, piece=k, last=False))
             if not rows or rows[-1]["file"] != i:
@@ -397,15 +408,22 @@ def _rows_piece(
     }
 
 
-def _jsonl_pieces(data: bytes, chunk: int) -> Iterator[dict[str, Any]]:
+def _jsonl_pieces(path: str, data: bytes, chunk: int) -> Iterator[dict[str, Any]]:
     """Groups of whole lines (split at b"\\n" only, as ``readlines``) of about ``4 * chunk``
-    bytes, with their byte offset and the number of their first line."""
-    budget = max(1 << 16, chunk * 4)
+    bytes, with their byte offset and the number of their first line. A line longer than
+    ``max_line_bytes(chunk)`` is refused (as the local engine does) before it is tokenized."""
+    budget = min(max(1 << 16, chunk * 4), 1 << 30)
+    limit = max_line_bytes(chunk)
     offset = 0
     line = 0
     while offset < len(data):
-        end = data.find(b"\n", min(len(data), offset + budget) - 1)
+        cut = min(len(data), offset + budget) - 1
+        end = data.find(b"\n", cut)
         end = len(data) if end < 0 else end + 1
+        last = max(offset, data.rfind(b"\n", offset, cut) + 1)  # where the last line starts
+        if end - last > limit:
+            number = line + data.count(b"\n", offset, last)
+            raise long_line_error(path, number, last, limit, chunk)
         text = data[offset:end]
         yield {"pos": offset, "line": line, "text": text, "units": end - offset}
         line += text.count(b"\n")
@@ -487,12 +505,8 @@ class _HashPieces(_Hashing):
 
     def _jsonl_block(self, path: str, data: bytes, start: int, number: int) -> Block:
         """As ``Source._read_jsonl`` does with a group of lines."""
-        lines = []
-        for raw in data.split(b"\n"):
-            try:
-                lines.append(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 text near byte {start}: {e.reason}") from None
+        raw = io.BytesIO(data).readlines()
+        lines = split_lines(raw, path, number, start, len(data), 0)  # lengths checked: pieces
         return jsonl_block(self.text, lines, self.text_field, path, start, number)
 
 

@@ -7,10 +7,18 @@ its text field tokenized here) or plain text (a stream, tokenized here line by l
 
 A reader yields :class:`Block` s of at most about ``chunk`` tokens from a cursor (a small JSON
 dict), so that an interrupted run can continue where its last commit left it.
+
+Text and JSONL inputs are read in pieces of ``4 * chunk`` bytes and each line is tokenized whole
+(a tokenizer needs about 100 times a line's size), so a line may hold at most
+:func:`max_line_bytes` ``(chunk)`` bytes, ``max(1 MiB, 4 * chunk)``: a longer one is refused
+with its file, line and byte offset before more of it is read (raise ``--chunk-tokens`` or split
+it). Invalid UTF-8, a record nested too deeply for the JSON reader and a lone surrogate in a
+record's text are errors naming the file, the line and (for UTF-8) the byte offset.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -21,7 +29,7 @@ import numpy as np
 
 from . import _engram_rs
 
-__all__ = ["FORMATS", "Block", "Source", "detect_format"]
+__all__ = ["FORMATS", "Block", "Source", "detect_format", "max_line_bytes"]
 
 #: Input formats and whether their rows are sequences ("rows") or a flat token stream ("stream").
 FORMATS = {
@@ -320,33 +328,40 @@ class Source:
 
     def _lines(self, i: int, pos: int, chunk: int) -> Iterator[tuple[list[str], int, int, int]]:
         """(lines, byte offset of the first, byte offset after the last, line number of the
-        first) in groups of about ``chunk`` bytes."""
+        first counted from 0, or -1 when unknown) in groups of about ``4 * chunk`` bytes, read
+        in pieces of that size: a line longer than :func:`max_line_bytes` is refused before
+        more of it is read, so memory stays bounded by ``chunk`` whatever the lines."""
         path = self.paths[i]
-        budget = max(1 << 16, chunk)
+        budget = min(max(1 << 16, 4 * chunk), 1 << 30)
+        limit = max_line_bytes(chunk)
         with open(path, "rb") as f:
             f.seek(pos)
-            offset = pos
-            number = None if pos else 0
+            offset = pos  # file offset of rest[0]
+            number = 0 if pos == 0 else -1
+            rest = b""
             while True:
-                data = f.readlines(budget)
-                if not data:
+                data = f.read(budget)
+                buf = rest + data if rest else data
+                if not buf:
                     return
-                start = offset
-                offset += sum(len(x) for x in data)
-                try:
-                    lines = [x.decode("utf-8") for x in data]
-                except UnicodeDecodeError as e:
-                    raise ValueError(
-                        f"{path}: not UTF-8 text near byte {start}: {e.reason}"
-                    ) from None
-                yield lines, start, offset, -1 if number is None else number
-                if number is not None:
-                    number += len(data)
+                cut = buf.rfind(b"\n") + 1 if data else len(buf)
+                if cut == 0:  # no end of line yet: the first line goes on
+                    if len(buf) > limit:
+                        raise long_line_error(path, number, offset, limit, chunk)
+                    rest = buf
+                    continue
+                group, rest = buf[:cut], buf[cut:]
+                raw = io.BytesIO(group).readlines()
+                lines = split_lines(raw, path, number, offset, limit, chunk)
+                yield lines, offset, offset + cut, number
+                offset += cut
+                if number >= 0:
+                    number += len(raw)
 
     def _read_text(self, i: int, pos: int, chunk: int) -> Iterator[Block]:
         tok = self._text_tokenizer()
         path = self.paths[i]
-        for lines, start, end, _ in self._lines(i, pos, chunk * 4):
+        for lines, start, end, _ in self._lines(i, pos, chunk):
             ids, _lens = tok.encode_batch(lines, False)
             yield Block(
                 ids,
@@ -359,10 +374,60 @@ class Source:
     def _read_jsonl(self, i: int, pos: int, chunk: int) -> Iterator[Block]:
         tok = self._text_tokenizer()
         path = self.paths[i]
-        for lines, start, end, number in self._lines(i, pos, chunk * 4):
+        for lines, start, end, number in self._lines(i, pos, chunk):
             block = jsonl_block(tok, lines, self.text_field, path, start, number)
             block.cursor, block.units = {"file": i, "pos": end}, end - start
             yield block
+
+
+def max_line_bytes(chunk: int) -> int:
+    """The longest line (its bytes, the newline included) a text or JSONL input may hold with
+    ``chunk_tokens=chunk``: ``max(1 MiB, 4 * chunk)`` (``--chunk-tokens`` 2**18: 1 MiB). A
+    tokenizer needs about 100 times a line's size in memory, and a line is tokenized whole."""
+    return max(1 << 20, 4 * chunk)
+
+
+def _line_name(path: str, number: int, offset: int) -> str:
+    if number >= 0:
+        return f"{path}, line {number + 1} (from byte {offset})"
+    return f"{path}, the line from byte {offset}"
+
+
+def long_line_error(path: str, number: int, offset: int, limit: int, chunk: int) -> ValueError:
+    """The error for a line longer than ``limit`` bytes (number counted from 0, -1: unknown)."""
+    return ValueError(
+        f"{_line_name(path, number, offset)}: longer than {limit} bytes, the most a line may "
+        f"hold with --chunk-tokens {chunk} (4 bytes a token, at least 1 MiB; a line is "
+        "tokenized whole): split it into shorter lines or records, or raise --chunk-tokens"
+    )
+
+
+def split_lines(
+    raw: list[bytes], path: str, number: int, offset: int, limit: int, chunk: int
+) -> list[str]:
+    """The UTF-8 text of ``raw`` lines, the first at byte ``offset``, line ``number`` (from 0,
+    -1: unknown); an over-long line or invalid UTF-8 is a ValueError naming its line and its
+    byte offset in the file."""
+    try:
+        if max(map(len, raw), default=0) <= limit:
+            return [x.decode("utf-8") for x in raw]
+    except UnicodeDecodeError:
+        pass
+    at = offset
+    for k, x in enumerate(raw):
+        here = -1 if number < 0 else number + k
+        if len(x) > limit:
+            raise long_line_error(path, here, at, limit, chunk)
+        try:
+            x.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = f"line {here + 1}, " if here >= 0 else ""
+            raise ValueError(
+                f"{path}, {line}byte {at + e.start}: not UTF-8 text ({e.reason}): text and JSONL "
+                "inputs must be UTF-8"
+            ) from None
+        at += len(x)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def jsonl_block(
@@ -371,21 +436,45 @@ def jsonl_block(
     """The tokenized records of JSONL ``lines`` (read from byte ``start``, line ``first_line``
     counted from 0, or -1 if unknown): one sequence per non-blank line, its ``text_field``
     encoded as ``Tokenizer.encode(text)`` does (special tokens included)."""
+
+    def here(k: int) -> str:
+        if first_line >= 0:
+            return f"{path}, line {first_line + k + 1}"
+        return f"{path}, byte {start + sum(len(x.encode('utf-8')) for x in lines[:k])}"
+
     texts = []
+    index = []
     for k, line in enumerate(lines):
         if not line.strip():
             continue
-        here = f"{path}, line {first_line + k + 1}" if first_line >= 0 else f"{path} byte {start}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{here}: not JSON: {e}") from None
+            raise ValueError(f"{here(k)}: not JSON: {e}") from None
+        except RecursionError:
+            raise ValueError(
+                f"{here(k)}: a record nested too deeply for Python's JSON reader: each line "
+                f"must be a JSON object with a string field {text_field!r}"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise ValueError(
-                f"{here}: a record needs a string field {text_field!r} (--text-field names it)"
+                f"{here(k)}: a record needs a string field {text_field!r} (--text-field names it)"
             )
         texts.append(record[text_field])
-    ids, lens = tokenizer.encode_batch(texts, True)
+        index.append(k)
+    try:
+        ids, lens = tokenizer.encode_batch(texts, True)
+    except UnicodeEncodeError:
+        for k, text in zip(index, texts, strict=True):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"{here(k)}: field {text_field!r} holds a lone surrogate "
+                    f"({text[e.start]!a} at character {e.start}), which is not Unicode text: "
+                    "fix the record (a \\u escape of half a UTF-16 pair)"
+                ) from None
+        raise
     lengths = lens.astype(np.int64)
     where = _row_where(f"{path} (the records from byte {start})", lengths, 0)
     return Block(ids, lengths, {}, where, 0)
