@@ -309,10 +309,6 @@ print("STEP", opt.step_count(t))
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
-@pytest.mark.xfail(
-    reason="needs HostTable.path made absolute when the table is opened (engram-core table, H6)",
-    strict=False,
-)
 def test_state_of_a_relative_table_ignores_a_chdir_before_the_first_step(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "elsewhere").mkdir()

@@ -108,9 +108,12 @@ PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
 
 def _path(path: PathArg) -> str | bytes:
-    """``os.fspath(path)``: a str or bytes path, or a TypeError naming what was passed."""
+    """``os.path.abspath(os.fspath(path))``: a str or bytes path, or a TypeError naming what was
+    passed."""
     try:
-        return os.fspath(path)
+        # Absolute: the table's path (and the optimizer state found beside it) does not follow
+        # a later os.chdir.
+        return os.path.abspath(os.fspath(path))
     except TypeError:
         raise TypeError(
             f"path must be a str, bytes or os.PathLike, got {type(path).__name__}: "
