@@ -94,6 +94,28 @@ _BY_FILE: dict[tuple[str, str], tuple[weakref.ref[HostTable], _TableState]] = {}
 _LOCK = threading.RLock()
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: a lock another thread held at the fork
+    (a step in flight) would never be released there, and the child's next step would block.
+    The locks start over unlocked; the tables themselves refuse a call that was in flight at
+    the fork (RuntimeError), so a half-done step is never built on."""
+    global _LOCK
+    _LOCK = threading.RLock()
+    for states in list(_STATES.values()):
+        for entry in states.values():
+            entry.lock = threading.Lock()
+    for _, entry in list(_BY_FILE.values()):
+        entry.lock = threading.Lock()
+    for opt in list(_OPTIMIZERS):
+        opt._count_lock = threading.Lock()
+
+
+#: Every live optimizer (for the fork handler).
+_OPTIMIZERS: weakref.WeakSet[SparseOptimizer] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _release(key: tuple[str, str], entry: _TableState) -> None:
     """A file table was freed: close its state files (releasing their locks) at once."""
     with _LOCK:
@@ -163,6 +185,7 @@ class SparseOptimizer:
         #: Whether the last step of this optimizer was skipped.
         self.last_step_skipped = False
         self._count_lock = threading.Lock()
+        _OPTIMIZERS.add(self)
 
     @property
     def lr(self) -> float:
