@@ -144,6 +144,11 @@ impl ProcessPool {
     }
 }
 
+/// Whether this process was forked from the one that loaded the library.
+fn forked() -> bool {
+    fork_generation() != 0
+}
+
 /// The process whose rayon global pool runs the kernels (`None`: it could not start).
 fn global_owner() -> Result<Option<u32>> {
     if let Some(owner) = GLOBAL_OWNER.get() {
@@ -168,7 +173,9 @@ fn global_owner() -> Result<Option<u32>> {
 /// in a forked child (where the global pool's threads do not exist). An error when the OS
 /// refuses the pool's threads.
 pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> Result<R> {
-    if global_owner()? == Some(std::process::id()) {
+    // A forked child never touches rayon's global pool nor `GLOBAL_OWNER`: a thread of the parent
+    // may have been building either at the fork, and their `Once` would block here forever.
+    if !forked() && global_owner()? == Some(std::process::id()) {
         Ok(f())
     } else {
         Ok(CHILD.get()?.install(f))
@@ -188,6 +195,7 @@ pub fn set_threads(threads: usize) -> Result<usize> {
     // Until a pool runs the kernels here (none did, or the OS refused their threads), the
     // count can still change.
     let fixed = match GLOBAL_OWNER.get() {
+        _ if forked() => CHILD.built_here(),
         None => false,
         Some(Some(pid)) if *pid == std::process::id() => true,
         Some(_) => CHILD.built_here(),

@@ -495,16 +495,15 @@ impl TableCore {
             }
         };
         let addr = ptr as usize;
-        // The job keeps its own reference to the output, so dropping the Prefetch early is safe
-        // (the reference is released without the GIL; PyO3 defers the decref).
-        let keep = out.clone().into_any().unbind();
+        // The job holds no Python object: one released on its thread, without the GIL, would
+        // go through PyO3's deferred-decref queue, whose mutex a fork can leave locked. The
+        // output stays alive because the `PrefetchCore` owns it and, when dropped early, waits
+        // for the job first.
         let ticket = spawn(move || {
-            // SAFETY: `keep` holds the output array alive until the job ends; callers must not
-            // touch it before `wait()`.
+            // SAFETY: the PrefetchCore keeps the output array alive until the job ends (its
+            // Drop waits); callers must not touch it before `wait()`.
             let out = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
-            let result = gather_into(&shared, &indices, out, od, Backend::Auto);
-            drop(keep);
-            result
+            gather_into(&shared, &indices, out, od, Backend::Auto)
         })
         .map_err(|e| to_pyerr(e, &[]))?;
         Ok(PrefetchCore {
@@ -581,6 +580,15 @@ impl TableCore {
     /// Releases the table; waits (without the GIL) for every operation still running on it:
     /// gathers, prefetches, writes and flushes.
     fn close(&self, py: Python<'_>) {
+        self.release(py)
+    }
+}
+
+impl TableCore {
+    /// Lets go of the table: waits (without the GIL) for the operations in flight, so that the
+    /// last reference, and the Python objects whose memory the table uses, always go on a thread
+    /// that holds the GIL.
+    fn release(&self, py: Python<'_>) {
         let taken = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(shared) = taken {
             let forked =
@@ -601,12 +609,31 @@ impl TableCore {
     }
 }
 
+impl Drop for TableCore {
+    fn drop(&mut self) {
+        // A table dropped without close() while a prefetch runs on it.
+        Python::attach(|py| self.release(py));
+    }
+}
+
 /// A gather running in the background.
 #[pyclass(module = "engram_rs._engram_rs")]
 pub struct PrefetchCore {
     ticket: Ticket,
     out: Py<PyAny>,
     shape: Vec<usize>,
+}
+
+impl Drop for PrefetchCore {
+    fn drop(&mut self) {
+        // The job writes into `out`: dropped before it ends, the Prefetch waits for it (without
+        // the GIL) before the array can go. In a child forked while it ran, `wait` returns at
+        // once (the job never runs there).
+        if !self.ticket.done() {
+            let ticket = self.ticket.clone();
+            Python::attach(|py| py.detach(|| ticket.wait()).ok());
+        }
+    }
 }
 
 #[pymethods]
