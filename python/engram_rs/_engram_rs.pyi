@@ -7,6 +7,7 @@ import numpy as np
 __all__ = [
     "Checksum",
     "HasherCore",
+    "OutOfRangeError",
     "PooledBuffer",
     "PrefetchCore",
     "TableCore",
@@ -14,14 +15,18 @@ __all__ = [
     "__version__",
     "cast_f32",
     "check_hash_config",
+    "check_optimizer",
     "clear_buffer_pool",
     "compress_file",
     "compress_json",
+    "dtypes",
     "file_checksum",
     "fingerprint_file",
     "fingerprint_json",
+    "head_rows",
     "layer_multipliers",
     "normalize",
+    "optimizer_kinds",
     "quantize_fp8",
     "set_num_threads",
     "simd_available",
@@ -98,6 +103,25 @@ def sparse_step(
     grad_scale: float = 1.0,
     max_grad_norm: float | None = None,
 ) -> int: ...
+def head_rows(
+    hash_ids: np.ndarray[Any, np.dtype[np.int64]] | np.ndarray[Any, np.dtype[np.int32]],
+    offsets: list[int],
+    bounds: list[int],
+) -> np.ndarray[Any, np.dtype[np.int64]]: ...
+
+class OutOfRangeError(IndexError):
+    what: str
+    value: int
+    bound: int
+    position: tuple[int, ...]
+    flat_index: int
+    column: int | None
+
+def dtypes() -> list[tuple[str, str, str, str, int, bool, list[str], int]]: ...
+def check_optimizer(
+    kind: str, lr: float, eps: float = 0.0, beta1: float = 0.0, beta2: float = 0.0
+) -> None: ...
+def optimizer_kinds() -> list[tuple[str, str, list[str], list[tuple[str, int | None]]]]: ...
 
 @final
 class PrefetchCore:

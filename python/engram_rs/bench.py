@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from . import simd_available
+from . import dtypes, simd_available
 from .atomic import fsync_path
 from .compress import CompressedTokenizer
 from .config import EngramConfig
 from .hashing import NgramHasher
 from .reference import reference_hash, reference_lookup_table
-from .table import _NUMPY_OF
 
 if TYPE_CHECKING:
     from .table import DTypeSpec
@@ -259,7 +258,7 @@ def huge_page_share(arr: np.ndarray) -> float:
 
 
 #: Table dtypes the gather benchmark takes, with torch's dtype of each.
-GATHER_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3")
+GATHER_DTYPES = dtypes.NAMES
 
 
 def _fill_table(values: np.ndarray, scales: np.ndarray | None, dtype: str) -> None:
@@ -351,7 +350,7 @@ def _open_gather_tables(
     if mode == "resident" and path is None:
         # One numpy array (on transparent huge pages, as numpy allocates large arrays) that
         # engram_rs and torch both wrap.
-        values = np.empty((rows, dim), _NUMPY_OF[dtype])
+        values = np.empty((rows, dim), dtypes.DTYPES[dtype].numpy)
         scales = np.empty((rows, dim // 32), np.uint8) if fp8 else None
         _fill_table(values, scales, dtype)
         return (
@@ -413,7 +412,7 @@ def bench_gather(
         raise ValueError(f"batch must be at least 1 row, got {batch}")
     if dtype not in GATHER_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(GATHER_DTYPES)}")
-    row_bytes = dim * np.dtype(_NUMPY_OF[dtype]).itemsize + (
+    row_bytes = dim * np.dtype(dtypes.DTYPES[dtype].numpy).itemsize + (
         dim // 32 if dtype == "float8_e4m3" else 0
     )
     if rows is None:
@@ -880,7 +879,7 @@ def _train_contender(
         opt = SparseAdam(lr=1e-3) if kind == "adam" else SparseRowwiseAdagrad(lr=0.01, eps=1e-10)
         # The state as it is in a running training: every page written once (torch's state is
         # made with zeros_like, which writes it all, in the warm-up step).
-        state = opt.state(table)
+        state = opt.state_tables(table)
         chunk = 1 << 18
         for s in state:
             zeros = np.zeros((min(chunk, rows), s.dim), np.float32)

@@ -7,15 +7,16 @@ import struct
 
 import numpy as np
 
+from . import dtypes
+
 __all__ = ["tensor_memmap"]
 
+#: The numpy dtype holding each safetensors dtype: the table dtypes' from the core's registry,
+#: and the scales' bytes.
 _NUMPY = {
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": np.uint16,
-    "F8_E4M3": np.uint8,
-    "F8_E8M0": np.uint8,
-    "U8": np.uint8,
+    **{d.safetensors: d.numpy for d in dtypes.DTYPES.values()},
+    "F8_E8M0": np.dtype(np.uint8),
+    "U8": np.dtype(np.uint8),
 }
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, cast, overlo
 import numpy as np
 import numpy.typing as npt
 
-from . import _engram_rs
+from . import _engram_rs, dtypes
 
 __all__ = ["HostTable", "Prefetch"]
 
@@ -33,15 +33,13 @@ if TYPE_CHECKING:
 
 _Out = TypeVar("_Out", bound="npt.NDArray[Any] | torch.Tensor")
 
-_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3")
-_OUT_DTYPES = ("float32", "float16", "bfloat16")
-#: The numpy dtype holding each table dtype's values (bfloat16 and FP8 as their raw bits).
-_NUMPY_OF = {
-    "float32": np.float32,
-    "float16": np.float16,
-    "bfloat16": np.uint16,
-    "float8_e4m3": np.uint8,
-}
+_DTYPES = dtypes.NAMES
+_OUT_DTYPES = dtypes.OUTPUT_NAMES
+
+
+def _holder(name: str) -> np.dtype[Any]:
+    """The numpy dtype holding a table dtype's values (bfloat16 and FP8 as their raw bits)."""
+    return dtypes.DTYPES[name].numpy
 
 
 def _torch() -> Any:
@@ -56,36 +54,7 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
 
 
-#: Every spelling of a table or output dtype, lower-cased, to its one name.
-_SPELLINGS = {
-    **dict.fromkeys(("float32", "f32", "fp32", "float"), "float32"),
-    **dict.fromkeys(("float16", "f16", "fp16", "half"), "float16"),
-    **dict.fromkeys(("bfloat16", "bf16"), "bfloat16"),
-    **dict.fromkeys(("float8_e4m3", "float8_e4m3fn", "fp8", "e4m3", "f8_e4m3"), "float8_e4m3"),
-}
-
-
-def _dtype_name(dtype: Any, what: str, allowed: tuple[str, ...]) -> str:
-    """One rule for every dtype argument: a name ("bfloat16", "bf16", "fp8", "f32", ...), a
-    numpy dtype (np.float32, np.dtype("float16")) or a torch dtype (torch.bfloat16,
-    torch.float8_e4m3fn) -> one of ``allowed``."""
-    if isinstance(dtype, str):
-        key = dtype.lower()
-    elif type(dtype).__module__ == "torch":
-        key = str(dtype).removeprefix("torch.")
-    else:
-        try:
-            key = np.dtype(dtype).name
-        except TypeError:
-            key = repr(dtype)
-    name = _SPELLINGS.get(key)
-    if name not in allowed:
-        hint = ' (bfloat16 bits in uint16: pass dtype="bfloat16")' if key == "uint16" else ""
-        raise ValueError(
-            f"unsupported {what} {dtype!r}{hint}: use one of {', '.join(allowed)} "
-            "(or bf16, f16, f32, fp8, a numpy or torch dtype)"
-        )
-    return str(name)
+_dtype_name = dtypes.resolve
 
 
 def _round_to_f32_odd(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
@@ -349,10 +318,8 @@ class HostTable:
             dt = inferred[arr.dtype]
         else:
             dt = _dtype_name(dtype, "dtype", _DTYPES)
-        if arr.dtype != _NUMPY_OF[dt]:
-            raise ValueError(
-                f"a {dt} table needs a {np.dtype(_NUMPY_OF[dt])} array, got {arr.dtype}"
-            )
+        if arr.dtype != _holder(dt):
+            raise ValueError(f"a {dt} table needs a {np.dtype(_holder(dt))} array, got {arr.dtype}")
         if scales is not None:
             if not isinstance(scales, np.ndarray) or scales.dtype != np.uint8:
                 raise ValueError("scales must be a uint8 numpy array [rows, dim // 32]")
@@ -375,8 +342,8 @@ class HostTable:
                 f"{'' if tensor.is_contiguous() else ' (not contiguous)'}"
             )
         dt = _dtype_name(tensor.dtype, "tensor dtype", _DTYPES)
-        view = {"bfloat16": torch.uint16, "float8_e4m3": torch.uint8}.get(dt)
-        arr = (tensor.view(view) if view is not None else tensor).numpy()
+        holder = getattr(torch, _holder(dt).name)  # the raw bits numpy can hold
+        arr = (tensor.view(holder) if holder != tensor.dtype else tensor).numpy()
         sc = None
         if scales is not None:
             if not _is_torch(scales) or scales.device.type != "cpu":
@@ -492,7 +459,7 @@ class HostTable:
     def _wrap(self, raw: np.ndarray, od: str, plan: tuple[tuple[int, ...], str]) -> Rows:
         """Views a pooled uint8 result as the output dtype, as numpy or torch (zero-copy)."""
         shape, framework = plan
-        arr = raw.view(_NUMPY_OF[od]).reshape(shape)
+        arr = raw.view(_holder(od)).reshape(shape)
         if framework == "torch":
             torch = _torch()
             t = torch.from_numpy(arr)
@@ -600,10 +567,10 @@ class HostTable:
         elif vals.dtype == np.float32 and self.dtype != "float32":
             vals = (
                 _engram_rs.cast_f32(np.ascontiguousarray(vals), self.dtype)
-                .view(_NUMPY_OF[self.dtype])
+                .view(_holder(self.dtype))
                 .reshape(vals.shape)
             )
-        elif vals.dtype != _NUMPY_OF[self.dtype]:
+        elif vals.dtype != _holder(self.dtype):
             raise ValueError(
                 f"values for a {self.dtype} table must be floats (float64, float32, float16, "
                 f"bfloat16: rounded to {self.dtype}) or lists of numbers, got {vals.dtype}"

@@ -20,6 +20,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from .. import dtypes
 from ..atomic import write_atomically
 from ..config import EngramConfig
 from ..table import HostTable
@@ -31,21 +32,10 @@ FORMAT = "engram_rs.checkpoint/1"
 #: Rows per chunk when a host table is streamed into or out of a checkpoint.
 _CHUNK_BYTES = 64 << 20
 
-_ST_DTYPES = {
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float8_e4m3": "F8_E4M3",
-    "uint8": "U8",
-    "int64": "I64",
-    "int32": "I32",
-    "bool": "BOOL",
-}
+#: The torch dtype of every safetensors dtype a checkpoint may hold: the table dtypes (the
+#: core's registry, ``engram_rs.dtypes``) and the other dtypes of dense parameters and buffers.
 _TORCH_OF = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
+    **{d.safetensors: d.torch() for d in dtypes.DTYPES.values()},
     "F64": torch.float64,
     "I64": torch.int64,
     "I32": torch.int32,
@@ -53,10 +43,6 @@ _TORCH_OF = {
     "BOOL": torch.bool,
 }
 _ST_OF_TORCH = {v: k for k, v in _TORCH_OF.items()}
-#: The safetensors dtype each host table dtype is stored as.
-_TABLE_ST = {
-    k: v for k, v in _ST_DTYPES.items() if k in ("float32", "float16", "bfloat16", "float8_e4m3")
-}
 #: Bytes per element of each dtype a checkpoint may hold.
 _ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in _TORCH_OF.items()}
 #: The largest header read (a crafted length is refused before it is allocated).
@@ -131,7 +117,7 @@ def _table_entries(key: str, table: HostTable) -> dict[str, _Entry]:
         return write
 
     shape = [table.rows, table.dim]
-    out = {key: _Entry(_ST_DTYPES[table.dtype], shape, table.rows * rb, part(False))}
+    out = {key: _Entry(dtypes.DTYPES[table.dtype].safetensors, shape, table.rows * rb, part(False))}
     if sb:
         out[f"{key}_scale"] = _Entry("U8", [table.rows, sb], table.rows * sb, part(True))
     return out
@@ -147,7 +133,7 @@ def _refuse_own_files(path: str, model: torch.nn.Module) -> None:
         owned = [(mod.table, f"host table {name!r}")]
         if opt is not None:
             what = f"the {opt.kind} optimizer state of host table {name!r}"
-            owned += [(st, what) for st in opt.state(mod.table)]
+            owned += [(st, what) for st in opt.state_tables(mod.table)]
         for table, what in owned:
             if table.path is not None and os.path.exists(table.path):
                 if os.path.samefile(path, table.path):
@@ -184,7 +170,7 @@ def save_checkpoint(
         if opt is not None:
             info["optimizer"] = {"kind": opt.kind, **opt.hyperparameters()}
             info["step"] = opt.step_count(table)
-            for (sname, _), state in zip(opt.state_shapes, opt.state(table), strict=True):
+            for (sname, _), state in zip(opt.state_shapes, opt.state_tables(table), strict=True):
                 entries.update(_table_entries(f"host.{name}.{sname}", state))
         hosts[name] = info
     meta = {
@@ -458,7 +444,12 @@ def _plan_host(r: _Reader, name: str, mod: Any, info: Any, claimed: set[str]) ->
     shape = [table.rows, table.dim]
     wkey = f"host.{name}.weight"
     weight = _expect(
-        r, wkey, _TABLE_ST[table.dtype], shape, f"the rows of host table {name!r}", needs
+        r,
+        wkey,
+        dtypes.DTYPES[table.dtype].safetensors,
+        shape,
+        f"the rows of host table {name!r}",
+        needs,
     )
     claimed.add(wkey)
     scale = None
@@ -660,7 +651,7 @@ def _load(
         opt: SparseOptimizer | None = plan.mod.optimizer
         if opt is None or plan.step is None:
             continue
-        states = opt.state(plan.mod.table)
+        states = opt.state_tables(plan.mod.table)
         for (stored, _, _), st in zip(plan.copies[1:], states, strict=True):
             if not st.writable or [st.rows, st.dim] != stored.shape or st.dtype != "float32":
                 raise ValueError(

@@ -50,11 +50,24 @@ def _check_embed_dim(embed_dim: int) -> None:
         raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
 
 
-def _check_hash_ids(hash_ids: torch.Tensor, head_rows: torch.Tensor, layer_id: int) -> None:
+def hash_id_error(layer_id: int, position: tuple[int, ...], value: int, rows: int) -> IndexError:
+    """The error of a hash id outside its head's table (one message, whoever finds it)."""
+    b, t, c = position
+    return IndexError(
+        f"hash id {value} in column {c} at position ({b}, {t}) is outside layer {layer_id}'s "
+        f"table: that column's head has {rows} rows [0, {rows}); hash with the same config "
+        "and layer (and flat=False: the module adds the offsets)"
+    )
+
+
+def _check_hash_ids(
+    hash_ids: torch.Tensor, head_rows: torch.Tensor, layer_id: int, range_check: bool = True
+) -> None:
     """Hash ids must be ``[B, L, cols]`` int64/int32 and inside each column's head table.
 
     The range check reads the ids (a device sync), so it runs in eager mode only: a compiled
-    graph keeps no data-dependent branch.
+    graph keeps no data-dependent branch. Host tables pass ``range_check=False``: their rows
+    are made by the core, which checks each id in the same pass (``ops.layer_rows``).
     """
     cols = head_rows.shape[0]
     if not isinstance(hash_ids, torch.Tensor):
@@ -73,17 +86,12 @@ def _check_hash_ids(hash_ids: torch.Tensor, head_rows: torch.Tensor, layer_id: i
             f"layer {layer_id} ((max_ngram_size - 1) * n_head_per_ngram columns), got shape "
             f"{tuple(hash_ids.shape)}"
         )
-    if torch.compiler.is_compiling():
+    if not range_check or torch.compiler.is_compiling():
         return
     bad = (hash_ids < 0) | (hash_ids >= head_rows)
     if bool(bad.any()):
         b, t, c = (int(i) for i in bad.nonzero()[0])
-        value, rows = int(hash_ids[b, t, c]), int(head_rows[c])
-        raise IndexError(
-            f"hash id {value} in column {c} at position ({b}, {t}) is outside layer {layer_id}'s "
-            f"table: that column's head has {rows} rows [0, {rows}); hash with the same config "
-            "and layer (and flat=False: the module adds the offsets)"
-        )
+        raise hash_id_error(layer_id, (b, t, c), int(hash_ids[b, t, c]), int(head_rows[c]))
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -188,7 +196,7 @@ class EngramEmbedding(nn.Module):
         if self.multi_head_embedding is not None:
             dense: torch.Tensor = self.multi_head_embedding(hash_ids)
             return dense.flatten(-2)
-        _check_hash_ids(hash_ids, self.head_rows, self.layer_id)
+        _check_hash_ids(hash_ids, self.head_rows, self.layer_id, range_check=False)
         if self._anchor.dtype != torch.float32:
             raise _cast_error(self)
         from .ops import host_embedding
@@ -200,7 +208,7 @@ class EngramEmbedding(nn.Module):
         """Starts reading the rows of ``hash_ids`` from a host table (None for a dense one)."""
         if self.multi_head_embedding is not None:
             return None
-        _check_hash_ids(hash_ids, self.head_rows, self.layer_id)
+        _check_hash_ids(hash_ids, self.head_rows, self.layer_id, range_check=False)
         from .ops import host_prefetch
 
         return host_prefetch(self, hash_ids)

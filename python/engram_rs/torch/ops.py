@@ -234,10 +234,25 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
 host_gather.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _rows(emb: Any, hash_ids: torch.Tensor) -> torch.Tensor:
-    """Flat table rows of per-head hash ids: ``hash_ids + offsets``, on the CPU."""
-    offsets: torch.Tensor = emb.offsets
-    return (hash_ids.to(torch.int64) + offsets.to(hash_ids.device)).reshape(-1).cpu()
+def layer_rows(emb: Any, hash_ids: torch.Tensor) -> torch.Tensor:
+    """Flat table rows of per-head hash ids: ``hash_ids + offsets``, int64 on the CPU.
+
+    Eagerly, the core makes them in one pass that also checks each id against its head's rows
+    (no torch op, so no OpenMP threads left spinning beside the gather's); under
+    ``torch.compile``, torch ops the graph can hold (the module checked nothing then)."""
+    if torch.compiler.is_compiling():
+        offsets: torch.Tensor = emb.offsets
+        return (hash_ids.to(torch.int64) + offsets.to(hash_ids.device)).reshape(-1).cpu()
+    from .. import _engram_rs
+    from .modules import hash_id_error
+
+    ids = hash_ids.detach().cpu().contiguous().numpy()
+    offsets_list, bounds = emb._layout
+    try:
+        rows = _engram_rs.head_rows(ids, offsets_list, bounds)
+    except _engram_rs.OutOfRangeError as e:
+        raise hash_id_error(emb.layer_id, e.position, e.value, e.bound) from None
+    return torch.from_numpy(rows).reshape(-1)
 
 
 def host_embedding(emb: Any, hash_ids: torch.Tensor) -> torch.Tensor:
@@ -245,7 +260,9 @@ def host_embedding(emb: Any, hash_ids: torch.Tensor) -> torch.Tensor:
     ``hash_ids``' device (copied asynchronously from pinned memory where CUDA is there, or
     taken from a prefetch's copy already on the GPU)."""
     handle = emb._host_handle
-    out: torch.Tensor = torch.ops.engram_rs.host_gather(emb._anchor, _rows(emb, hash_ids), handle)
+    out: torch.Tensor = torch.ops.engram_rs.host_gather(
+        emb._anchor, layer_rows(emb, hash_ids), handle
+    )
     if hash_ids.device.type != "cuda":
         return out.to(hash_ids.device)
     b = binding(handle)
@@ -265,7 +282,7 @@ def host_embedding(emb: Any, hash_ids: torch.Tensor) -> torch.Tensor:
 def host_prefetch(emb: Any, hash_ids: torch.Tensor) -> None:
     """Starts the host gather of ``hash_ids`` now (and, for ids on a GPU, the copy of the rows
     there); the next forward with them waits for it."""
-    prefetch(emb._host_handle, _rows(emb, hash_ids), hash_ids.device)
+    prefetch(emb._host_handle, layer_rows(emb, hash_ids), hash_ids.device)
 
 
 @torch.library.custom_op("engram_rs::attach_copy", mutates_args=())

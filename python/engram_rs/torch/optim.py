@@ -29,6 +29,7 @@ import weakref
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 
 from .. import _engram_rs
 from ..table import HostTable
@@ -37,6 +38,12 @@ __all__ = ["SparseAdam", "SparseOptimizer", "SparseRowwiseAdagrad", "SparseSGD"]
 
 #: The largest step count the step file holds exactly (two float32 integers below 2**24).
 _MAX_STEP = (1 << 48) - 1
+
+#: The core's registry of optimizer kinds: kind -> (class name, hyperparameters, state tables).
+KINDS: dict[str, tuple[str, tuple[str, ...], tuple[tuple[str, int | None], ...]]] = {
+    kind: (cls, tuple(hyper), tuple(state))
+    for kind, cls, hyper, state in _engram_rs.optimizer_kinds()
+}
 
 
 def _number(name: str, value: object) -> float:
@@ -55,6 +62,47 @@ def _positive(name: str, value: object, allow_zero: bool = False) -> float:
             f"{name} must be a finite number {'>= 0' if allow_zero else 'above 0'}, got {value!r}"
         )
     return v
+
+
+def _betas(betas: object) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+    return (_number("betas[0]", betas[0]), _number("betas[1]", betas[1]))
+
+
+class _State(dict[Any, Any]):
+    """``torch.optim.Optimizer.state`` (per-parameter state: empty, the rows' state belongs to
+    the tables), also callable: ``opt.state(table)`` is ``opt.state_tables(table)``."""
+
+    def __init__(self, owner: SparseOptimizer, items: Any = ()) -> None:
+        super().__init__(items)
+        self._owner = weakref.ref(owner)
+
+    def __missing__(self, key: Any) -> dict[Any, Any]:  # as torch's defaultdict(dict)
+        value: dict[Any, Any] = {}
+        self[key] = value
+        return value
+
+    def __call__(self, table: HostTable) -> list[HostTable]:
+        owner = self._owner()
+        assert owner is not None
+        return owner.state_tables(table)
+
+
+class _Hyper:
+    """A hyperparameter as an attribute: read from the optimizer's parameter group (where an
+    lr_scheduler writes it), checked by the core when set."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, opt: Any, owner: Any = None) -> Any:
+        if opt is None:
+            return self
+        return float(opt.param_groups[0][self.name])
+
+    def __set__(self, opt: Any, value: float) -> None:
+        opt._set(self.name, _number(self.name, value))
 
 
 class _TableState:
@@ -128,7 +176,7 @@ def _closed(table: HostTable) -> bool:
     return bool(table._core.closed)
 
 
-class SparseOptimizer:
+class SparseOptimizer(torch.optim.Optimizer):
     """Base of the fused optimizers: hyper-parameters, the per-table state and step counts, and
     the safety options every step applies.
 
@@ -156,8 +204,13 @@ class SparseOptimizer:
     """
 
     kind: ClassVar[str]
-    #: Names of the float32 state tables and their width (None: the table's dim).
+    #: Names of the float32 state tables and their width (None: the table's dim), from the core.
     state_shapes: ClassVar[tuple[tuple[str, int | None], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "kind", None) in KINDS:
+            cls.state_shapes = KINDS[cls.kind][2]
 
     def __init__(
         self,
@@ -166,13 +219,18 @@ class SparseOptimizer:
         nonfinite: Literal["skip", "raise"] = "skip",
         max_grad_norm: float | None = None,
         grad_scaler: Any = None,
+        **hyperparameters: Any,
     ) -> None:
-        self.lr = lr
+        defaults = {"lr": _number("lr", lr), **hyperparameters}
+        self._check(defaults)
         if nonfinite not in ("skip", "raise"):
             raise ValueError(
                 f"nonfinite must be 'skip' (skip and count a step whose gradient is not finite) "
                 f"or 'raise' (raise FloatingPointError), got {nonfinite!r}"
             )
+        # torch.optim.Optimizer wants parameters: the rows are not tensors, so the one group
+        # holds a zero-size placeholder (it never has a gradient) and the hyperparameters.
+        super().__init__([torch.empty(0, requires_grad=True)], defaults)
         self.nonfinite: Literal["skip", "raise"] = nonfinite
         self.max_grad_norm = (
             None if max_grad_norm is None else _positive("max_grad_norm", max_grad_norm)
@@ -187,22 +245,105 @@ class SparseOptimizer:
         self._count_lock = threading.Lock()
         _OPTIMIZERS.add(self)
 
-    @property
-    def lr(self) -> float:
-        return self._lr
+    def _check(self, group: dict[str, Any]) -> None:
+        """The core's check of a group's hyperparameters (a ValueError in the step's words)."""
+        beta1, beta2 = group.get("betas", (0.0, 0.0))
+        _engram_rs.check_optimizer(
+            self.kind, group["lr"], group.get("eps", 0.0), float(beta1), float(beta2)
+        )
 
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self._lr = _positive("lr", value, allow_zero=True)
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "param_groups", None):
+            raise ValueError(
+                f"{type(self).__name__} has one parameter group (its hyperparameters): it trains "
+                "host tables, not tensors; make another optimizer for other hyperparameters"
+            )
+        super().add_param_group(param_group)
+
+    @property  # type: ignore[override]
+    def state(self) -> _State:
+        return self._state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        # torch.optim.Optimizer sets and reloads it; it stays callable as state_tables().
+        self._state = _State(self, value)
+
+    def step(self, closure: Any = None) -> Any:
+        """Does nothing (the update ran in ``loss.backward()``); returns ``closure()`` if given."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do: the host rows' gradients never outlive their backward."""
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["engram_rs"] = {
+            "kind": self.kind,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite": self.nonfinite,
+            "max_grad_norm": self.max_grad_norm,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("engram_rs")
+        if not isinstance(extra, dict) or extra.get("kind") != self.kind:
+            got = extra.get("kind") if isinstance(extra, dict) else None
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: this state_dict is not of a "
+                f"{type(self).__name__} (its kind is {got!r}, expected {self.kind!r})"
+            )
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: expected one parameter group, got "
+                f"{groups!r}"
+            )
+        group = {k: v for k, v in groups[0].items() if k != "params"}
+        if not set(self.defaults) <= set(group):  # (a scheduler adds initial_lr and the like)
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: its hyperparameters are "
+                f"{sorted(group)}, expected {sorted(self.defaults)}"
+            )
+        self._check(group)
+        skipped = extra.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"skipped_steps must be an int >= 0, got {skipped!r}")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "engram_rs"})
+        self.skipped_steps = skipped
+        nonfinite = extra.get("nonfinite", self.nonfinite)
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        mgn = extra.get("max_grad_norm")
+        self.max_grad_norm = None if mgn is None else _positive("max_grad_norm", mgn)
+
+    def _set(self, name: str, value: Any) -> None:
+        group = dict(self.param_groups[0], **{name: value})
+        self._check(group)
+        self.param_groups[0][name] = value
+
+    lr = _Hyper("lr")
 
     # -- state -------------------------------------------------------------------------------
 
     def hyperparameters(self) -> dict[str, float]:
-        return {"lr": self.lr}
+        """The hyperparameters the next step uses (``betas`` as ``beta1``, ``beta2``)."""
+        group = self.param_groups[0]
+        hp = {"lr": float(group["lr"])}
+        if "betas" in group:
+            hp["beta1"], hp["beta2"] = (float(b) for b in group["betas"])
+        if "eps" in group:
+            hp["eps"] = float(group["eps"])
+        return hp
 
-    def state(self, table: HostTable) -> list[HostTable]:
+    def state_tables(self, table: HostTable) -> list[HostTable]:
         """The state tables of ``table`` (made on first use: zeros, or read back from the files
-        beside the table's file)."""
+        beside the table's file). ``opt.state(table)`` is the same."""
         return self._entry(table).tables
 
     def _entry(self, table: HostTable) -> _TableState:
@@ -393,7 +534,6 @@ class SparseRowwiseAdagrad(SparseOptimizer):
     """One accumulator per row: ``acc += mean(g**2)``, ``w -= lr * g / (sqrt(acc) + eps)``."""
 
     kind = "rowwise_adagrad"
-    state_shapes = (("acc", 1),)
 
     def __init__(
         self,
@@ -405,19 +545,20 @@ class SparseRowwiseAdagrad(SparseOptimizer):
         grad_scaler: Any = None,
     ) -> None:
         super().__init__(
-            lr, nonfinite=nonfinite, max_grad_norm=max_grad_norm, grad_scaler=grad_scaler
+            lr,
+            nonfinite=nonfinite,
+            max_grad_norm=max_grad_norm,
+            grad_scaler=grad_scaler,
+            eps=_number("eps", eps),
         )
-        self.eps = _positive("eps", eps, allow_zero=True)
 
-    def hyperparameters(self) -> dict[str, float]:
-        return {"lr": self.lr, "eps": self.eps}
+    eps = _Hyper("eps")
 
 
 class SparseAdam(SparseOptimizer):
     """``torch.optim.SparseAdam`` on the touched rows (the same formula, float32 state)."""
 
     kind = "adam"
-    state_shapes = (("exp_avg", None), ("exp_avg_sq", None))
 
     def __init__(
         self,
@@ -430,19 +571,21 @@ class SparseAdam(SparseOptimizer):
         grad_scaler: Any = None,
     ) -> None:
         super().__init__(
-            lr, nonfinite=nonfinite, max_grad_norm=max_grad_norm, grad_scaler=grad_scaler
+            lr,
+            nonfinite=nonfinite,
+            max_grad_norm=max_grad_norm,
+            grad_scaler=grad_scaler,
+            betas=_betas(betas),
+            eps=_number("eps", eps),
         )
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas must be a pair of floats, got {betas!r}")
-        pair = []
-        for i, b in enumerate(betas):
-            v = _number(f"betas[{i}]", b)
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"betas[{i}] must be in [0, 1), got {b!r}")
-            pair.append(v)
-        self.betas = (pair[0], pair[1])
-        # torch.optim.SparseAdam refuses eps <= 0 (a zero denominator for untouched moments).
-        self.eps = _positive("eps", eps)
 
-    def hyperparameters(self) -> dict[str, float]:
-        return {"lr": self.lr, "beta1": self.betas[0], "beta2": self.betas[1], "eps": self.eps}
+    @property
+    def betas(self) -> tuple[float, float]:
+        b1, b2 = self.param_groups[0]["betas"]
+        return (float(b1), float(b2))
+
+    @betas.setter
+    def betas(self, value: tuple[float, float]) -> None:
+        self._set("betas", _betas(value))
+
+    eps = _Hyper("eps")

@@ -19,6 +19,17 @@ pub enum EngramError {
         index: usize,
         rows: usize,
     },
+    /// A per-head hash id outside its head's table `[0, rows)` at flat position `index`, in
+    /// column `column` (maps to `IndexError`).
+    #[error(
+        "hash id {value} at flat position {index} (column {column}) is out of range [0, {rows})"
+    )]
+    HashIdOutOfRange {
+        value: i128,
+        index: usize,
+        column: usize,
+        rows: u64,
+    },
     /// A file that exists but cannot be read or written (maps to `PermissionError` or
     /// `OSError` by `kind`).
     #[error("{path}: {message}")]

@@ -68,6 +68,80 @@ pub fn check_indices<I: IdElem>(idx: &[I], rows: usize) -> Result<()> {
     }
 }
 
+/// The flat table rows of per-head hash ids, in one pass that checks each id: for `cols =
+/// offsets.len()` heads, `out[i] = ids[i] + offsets[i % cols]` where `ids[i]` must be in
+/// `[0, bounds[i % cols])` (its head's rows). The error ([`EngramError::HashIdOutOfRange`])
+/// names the first bad id, its flat position and its column, so callers map the position
+/// instead of scanning the ids again. Each id is read once (a concurrent write to `ids` can
+/// only change which in-range row is produced).
+pub fn head_rows<I: IdElem>(
+    ids: &[I],
+    offsets: &[i64],
+    bounds: &[u64],
+    out: &mut [i64],
+) -> Result<()> {
+    let cols = offsets.len();
+    if cols == 0
+        || bounds.len() != cols
+        || ids.len() != out.len()
+        || !ids.len().is_multiple_of(cols)
+    {
+        return Err(EngramError::Invalid(format!(
+            "head rows: {} ids, {} out, {} offsets and {} bounds: the ids must be whole rows of \
+             one id per head (a multiple of the head count), out as long as the ids",
+            ids.len(),
+            out.len(),
+            offsets.len(),
+            bounds.len()
+        )));
+    }
+    // Whole rows of `cols` ids per piece (so the column of `ids[i]` is `i % cols` in each).
+    let piece = cols * (1 << 14);
+    let first_bad = ids
+        .par_chunks(piece)
+        .zip(out.par_chunks_mut(piece))
+        .enumerate()
+        .map(|(p, (ids, out))| {
+            let mut bad = None;
+            for (r, (ids, out)) in ids
+                .chunks_exact(cols)
+                .zip(out.chunks_exact_mut(cols))
+                .enumerate()
+            {
+                for (c, ((&id, o), (&off, &bound))) in ids
+                    .iter()
+                    .zip(out.iter_mut())
+                    .zip(offsets.iter().zip(bounds))
+                    .enumerate()
+                {
+                    let v = id.bits();
+                    if v >= bound && bad.is_none() {
+                        bad = Some((p * piece + r * cols + c, id.wide(), c));
+                    }
+                    *o = off.wrapping_add(v as i64);
+                }
+            }
+            bad
+        })
+        .reduce(
+            || None,
+            |a, b| match (a, b) {
+                (Some(x), Some(y)) => Some(if x.0 <= y.0 { x } else { y }),
+                (x, None) => x,
+                (None, y) => y,
+            },
+        );
+    match first_bad {
+        None => Ok(()),
+        Some((index, value, column)) => Err(EngramError::HashIdOutOfRange {
+            value,
+            index,
+            column,
+            rows: bounds[column],
+        }),
+    }
+}
+
 /// Refuses an output `out` (`out_len` bytes) that shares memory with the table's values or
 /// scales, or with the index array `idx` (`idx_len` bytes): the gather would read what it
 /// writes. The bindings call this before they make slices of the three.
@@ -679,6 +753,44 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn head_rows_add_offsets_and_name_the_first_bad_id() {
+        let offsets = [0i64, 10, 30];
+        let bounds = [10u64, 20, 5];
+        let ids: Vec<i64> = (0..3 * 40_000).map(|i| (i % 5) as i64).collect();
+        let mut out = vec![0i64; ids.len()];
+        head_rows(&ids, &offsets, &bounds, &mut out).unwrap();
+        for (i, (&id, &o)) in ids.iter().zip(&out).enumerate() {
+            assert_eq!(o, id + offsets[i % 3]);
+        }
+        let mut bad = ids.clone();
+        bad[70_001] = 7; // column 2, bound 5 (the first bad one)
+        bad[100_000] = -1; // later, negative
+        bad[2] = 4; // in range
+        let err = head_rows(&bad, &offsets, &bounds, &mut out).unwrap_err();
+        assert_eq!(
+            err,
+            EngramError::HashIdOutOfRange {
+                value: 7,
+                index: 70_001,
+                column: 2,
+                rows: 5
+            }
+        );
+        let neg: Vec<i32> = vec![0, -3, 0];
+        let mut out3 = vec![0i64; 3];
+        let err = head_rows(&neg, &offsets, &bounds, &mut out3).unwrap_err();
+        assert!(matches!(
+            err,
+            EngramError::HashIdOutOfRange {
+                value: -3,
+                index: 1,
+                ..
+            }
+        ));
+        assert!(head_rows(&neg[..2], &offsets, &bounds, &mut out3[..2]).is_err());
+    }
+
     use super::*;
     use crate::dtype::FP8_BLOCK;
 

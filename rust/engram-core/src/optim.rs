@@ -43,37 +43,141 @@ pub enum Optimizer {
     },
 }
 
+/// The optimizer kinds, by the names the boundary uses (`"sgd"`, `"rowwise_adagrad"`,
+/// `"adam"`): one registry for the core, the binding and the Python classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimizerKind {
+    Sgd,
+    RowwiseAdagrad,
+    Adam,
+}
+
+/// One state table of an optimizer: its name (the file suffix `<table>.<kind>-<name>`) and its
+/// width (`None`: the table's dim). Every state table is float32 with the table's row count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateTable {
+    pub name: &'static str,
+    pub width: Option<usize>,
+}
+
+impl OptimizerKind {
+    pub const ALL: [OptimizerKind; 3] = [
+        OptimizerKind::Sgd,
+        OptimizerKind::RowwiseAdagrad,
+        OptimizerKind::Adam,
+    ];
+
+    /// The kind named `name`, or an error listing the names.
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| {
+                EngramError::Invalid(format!(
+                    "unknown optimizer kind {name:?}: use \"sgd\", \"rowwise_adagrad\" or \"adam\""
+                ))
+            })
+    }
+
+    /// The kind's name at the boundary (and in state file names).
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::RowwiseAdagrad => "rowwise_adagrad",
+            OptimizerKind::Adam => "adam",
+        }
+    }
+
+    /// The name of the optimizer's class (used in messages).
+    pub fn class_name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "SparseSGD",
+            OptimizerKind::RowwiseAdagrad => "SparseRowwiseAdagrad",
+            OptimizerKind::Adam => "SparseAdam",
+        }
+    }
+
+    /// The state tables a step needs, in the order [`sparse_step`] takes them.
+    pub fn state_tables(self) -> &'static [StateTable] {
+        match self {
+            OptimizerKind::Sgd => &[],
+            OptimizerKind::RowwiseAdagrad => &[StateTable {
+                name: "acc",
+                width: Some(1),
+            }],
+            OptimizerKind::Adam => &[
+                StateTable {
+                    name: "exp_avg",
+                    width: None,
+                },
+                StateTable {
+                    name: "exp_avg_sq",
+                    width: None,
+                },
+            ],
+        }
+    }
+
+    /// The hyperparameters the kind uses (the others are ignored by [`Optimizer::new`]).
+    pub fn hyperparameters(self) -> &'static [&'static str] {
+        match self {
+            OptimizerKind::Sgd => &["lr"],
+            OptimizerKind::RowwiseAdagrad => &["lr", "eps"],
+            OptimizerKind::Adam => &["lr", "betas", "eps"],
+        }
+    }
+}
+
+/// A float as Python writes it in messages (`nan`, `inf`, `0.001`).
+fn py_float(v: f64) -> String {
+    if v.is_nan() {
+        "nan".into()
+    } else {
+        format!("{v}")
+    }
+}
+
 impl Optimizer {
+    /// The optimizer of `kind` with these hyperparameters, checked (the one check: the Python
+    /// classes call it when made, and every step calls it again). `eps` and `betas` are ignored
+    /// by the kinds that have none.
+    pub fn new(kind: OptimizerKind, lr: f64, eps: f64, betas: (f64, f64)) -> Result<Self> {
+        let opt = match kind {
+            OptimizerKind::Sgd => Optimizer::Sgd { lr },
+            OptimizerKind::RowwiseAdagrad => Optimizer::RowwiseAdagrad { lr, eps },
+            OptimizerKind::Adam => Optimizer::Adam {
+                lr,
+                beta1: betas.0,
+                beta2: betas.1,
+                eps,
+            },
+        };
+        opt.check()?;
+        Ok(opt)
+    }
+
+    /// The optimizer's kind.
+    pub fn kind(&self) -> OptimizerKind {
+        match self {
+            Optimizer::Sgd { .. } => OptimizerKind::Sgd,
+            Optimizer::RowwiseAdagrad { .. } => OptimizerKind::RowwiseAdagrad,
+            Optimizer::Adam { .. } => OptimizerKind::Adam,
+        }
+    }
+
     /// The name used in messages.
     pub fn name(&self) -> &'static str {
-        match self {
-            Optimizer::Sgd { .. } => "SparseSGD",
-            Optimizer::RowwiseAdagrad { .. } => "SparseRowwiseAdagrad",
-            Optimizer::Adam { .. } => "SparseAdam",
-        }
+        self.kind().class_name()
     }
 
-    /// How many state tables the optimizer needs, and what they hold.
-    fn state_layout(&self) -> (usize, &'static str) {
-        match self {
-            Optimizer::Sgd { .. } => (0, "no state tables"),
-            Optimizer::RowwiseAdagrad { .. } => (
-                1,
-                "1 state table (the row-wise accumulator): float32 [rows, 1]",
-            ),
-            Optimizer::Adam { .. } => (
-                2,
-                "2 state tables (exp_avg, exp_avg_sq): float32 [rows, dim] each",
-            ),
-        }
-    }
-
-    /// Refuses hyperparameters torch refuses (and non-finite ones).
-    fn validate(&self, step: u64) -> Result<()> {
-        let bad = |field: &'static str, value: f64, reason: &str| {
+    /// Refuses hyperparameters torch refuses (and non-finite ones), with the same words
+    /// whoever calls: `SparseAdam: eps must be a finite number above 0, got 0`.
+    pub fn check(&self) -> Result<()> {
+        let bad = |field: &str, value: f64, rule: &str| {
             Err(EngramError::Invalid(format!(
-                "{}: {field} = {value} is invalid: {reason}",
-                self.name()
+                "{}: {field} must be {rule}, got {}",
+                self.name(),
+                py_float(value)
             )))
         };
         let (lr, eps) = match *self {
@@ -85,29 +189,37 @@ impl Optimizer {
                 beta2,
                 eps,
             } => {
-                for (field, b) in [("beta1", beta1), ("beta2", beta2)] {
+                for (field, b) in [("betas[0]", beta1), ("betas[1]", beta2)] {
                     if !(0.0..1.0).contains(&b) {
-                        return bad(field, b, "it must be in [0, 1)");
+                        return bad(field, b, "in [0, 1)");
                     }
                 }
+                // torch.optim.SparseAdam refuses eps <= 0 (a zero denominator for untouched
+                // moments).
                 if !(eps > 0.0 && eps.is_finite()) {
-                    return bad("eps", eps, "it must be a finite number above 0");
-                }
-                if step == 0 {
-                    return Err(EngramError::Invalid(
-                        "SparseAdam: step = 0 is invalid: pass the step count after \
-                         incrementing it (1 at the first step)"
-                            .into(),
-                    ));
+                    return bad("eps", eps, "a finite number above 0");
                 }
                 (lr, eps)
             }
         };
         if !(lr >= 0.0 && lr.is_finite()) {
-            return bad("lr", lr, "it must be a finite number >= 0");
+            return bad("lr", lr, "a finite number >= 0");
         }
         if !(eps >= 0.0 && eps.is_finite()) {
-            return bad("eps", eps, "it must be a finite number >= 0");
+            return bad("eps", eps, "a finite number >= 0");
+        }
+        Ok(())
+    }
+
+    /// [`Optimizer::check`], and Adam's step count (1 at the first step).
+    fn validate(&self, step: u64) -> Result<()> {
+        self.check()?;
+        if matches!(self, Optimizer::Adam { .. }) && step == 0 {
+            return Err(EngramError::Invalid(
+                "SparseAdam: step = 0 is invalid: pass the step count after incrementing it (1 \
+                 at the first step)"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -649,32 +761,43 @@ fn check_tables(table: &HostTable, opt: &Optimizer, state: &[&mut HostTable]) ->
             table.mode.name()
         )));
     }
-    let (want, what) = opt.state_layout();
-    if state.len() != want {
+    let layout = opt.kind().state_tables();
+    if state.len() != layout.len() {
+        let names: Vec<String> = layout
+            .iter()
+            .map(|t| match t.width {
+                Some(w) => format!("{} float32 [rows, {w}]", t.name),
+                None => format!("{} float32 [rows, dim]", t.name),
+            })
+            .collect();
         return Err(EngramError::Invalid(format!(
-            "{} needs {what}, got {} state table{}",
+            "{} needs {} state table{}{}, got {}",
             opt.name(),
-            state.len(),
-            if state.len() == 1 { "" } else { "s" }
+            layout.len(),
+            if layout.len() == 1 { "" } else { "s" },
+            if names.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", names.join(", "))
+            },
+            state.len()
         )));
     }
-    let cols = match opt {
-        Optimizer::RowwiseAdagrad { .. } => 1,
-        _ => table.dim,
-    };
     let span = |t: &HostTable| {
         // SAFETY: `row_ptr(0)` only offsets by 0; the pointer is compared, never read.
         (unsafe { t.row_ptr(0) }, t.rows * t.row_bytes())
     };
-    for (i, s) in state.iter().enumerate() {
+    for (i, (s, t)) in state.iter().zip(layout).enumerate() {
+        let cols = t.width.unwrap_or(table.dim);
         if s.dtype != DType::F32 || s.rows != table.rows || s.dim != cols {
             return Err(EngramError::Invalid(format!(
-                "{}: state table {i} is {} [{}, {}], expected float32 [{}, {cols}] ({what})",
+                "{}: state table {i} is {} [{}, {}], expected float32 [{}, {cols}] ({})",
                 opt.name(),
                 s.dtype.name(),
                 s.rows,
                 s.dim,
-                table.rows
+                table.rows,
+                t.name
             )));
         }
         if !s.writable() {
@@ -1437,7 +1560,7 @@ mod tests {
         } else {
             dim
         };
-        let nstate = opt.state_layout().0;
+        let nstate = opt.kind().state_tables().len();
         let mut state_bufs: Vec<Vec<u8>> = vec![Vec::new(); nstate];
         let mut state_mem: Vec<&mut [u8]> = state_bufs
             .iter_mut()
@@ -1769,7 +1892,7 @@ mod tests {
             let err = sparse_step(&mut t, &[1, 2, 3], &grads, &bad, &mut [&mut sm, &mut sv], 1)
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("beta1 = 1"), "{err}");
+            assert!(err.contains("betas[0] must be in [0, 1), got 1"), "{err}");
             let err = sparse_step(
                 &mut t,
                 &[1],
@@ -1780,7 +1903,10 @@ mod tests {
             )
             .unwrap_err()
             .to_string();
-            assert!(err.contains("lr = NaN"), "{err}");
+            assert!(
+                err.contains("lr must be a finite number >= 0, got nan"),
+                "{err}"
+            );
             // A read-only state.
             let mut ro_state = ro_table(&mut v);
             let err = sparse_step(
@@ -1845,7 +1971,8 @@ mod tests {
         } else {
             dim
         };
-        let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; rows * cols * 4]; opt.state_layout().0];
+        let mut bufs: Vec<Vec<u8>> =
+            vec![vec![0u8; rows * cols * 4]; opt.kind().state_tables().len()];
         let out = {
             let mut t = table_of(&mut mem, &mut [], rows, dim, DType::F32);
             let mut st: Vec<HostTable> = bufs

@@ -22,6 +22,26 @@ mod table;
 
 /// Formats flat position `index` as a tuple over `shape` ("(1, 5)", "(7,)").
 fn unravel(index: usize, shape: &[usize]) -> String {
+    let pos = position(index, shape)
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("({pos}{})", if shape.len() == 1 { "," } else { "" })
+}
+
+pyo3::create_exception!(
+    _engram_rs,
+    OutOfRangeError,
+    pyo3::exceptions::PyIndexError,
+    "An id or row index outside its range (an IndexError). Attributes: `what` (\"id\", \"raw \
+     token id\", \"row index\" or \"hash id\"), `value`, `bound` (the range is [0, bound)), \
+     `position` (a tuple, in the caller's array shape), `flat_index` and `column` (the head of \
+     a hash id, else None): callers map the position instead of scanning the ids again."
+);
+
+/// The position of flat `index` in `shape`, as a tuple of ints.
+fn position(index: usize, shape: &[usize]) -> Vec<usize> {
     let mut pos = Vec::with_capacity(shape.len());
     let mut rest = index;
     for &dim in shape.iter().rev() {
@@ -29,12 +49,33 @@ fn unravel(index: usize, shape: &[usize]) -> String {
         rest /= dim.max(1);
     }
     pos.reverse();
-    let pos = pos
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!("({pos}{})", if shape.len() == 1 { "," } else { "" })
+    pos
+}
+
+/// An [`OutOfRangeError`] with its attributes set.
+fn out_of_range(
+    message: String,
+    what: &str,
+    value: i128,
+    bound: u64,
+    index: usize,
+    shape: &[usize],
+    column: Option<usize>,
+) -> PyErr {
+    let err = OutOfRangeError::new_err(message);
+    Python::attach(|py| {
+        let e = err.value(py);
+        let pos = pyo3::types::PyTuple::new(py, position(index, shape))?;
+        e.setattr("what", what)?;
+        e.setattr("value", value)?;
+        e.setattr("bound", bound)?;
+        e.setattr("position", pos)?;
+        e.setattr("flat_index", index)?;
+        e.setattr("column", column)?;
+        PyResult::Ok(())
+    })
+    .ok();
+    err
 }
 
 /// Maps a core error to the Python exception users expect; `shape` unravels flat id positions.
@@ -51,16 +92,50 @@ pub(crate) fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
             } else {
                 "pass compressed token ids (map raw ids through CompressedTokenizer first)"
             };
-            PyIndexError::new_err(format!(
-                "{}id {value} at position {} is out of range [0, {vocab}): {hint}",
-                if *raw { "raw token " } else { "" },
-                unravel(*index, shape)
-            ))
+            out_of_range(
+                format!(
+                    "{}id {value} at position {} is out of range [0, {vocab}): {hint}",
+                    if *raw { "raw token " } else { "" },
+                    unravel(*index, shape)
+                ),
+                if *raw { "raw token id" } else { "id" },
+                *value,
+                *vocab,
+                *index,
+                shape,
+                None,
+            )
         }
-        EngramError::IndexOutOfRange { value, index, rows } => PyIndexError::new_err(format!(
-            "row index {value} at position {} is out of range for a table of {rows} rows",
-            unravel(*index, shape)
-        )),
+        EngramError::IndexOutOfRange { value, index, rows } => out_of_range(
+            format!(
+                "row index {value} at position {} is out of range for a table of {rows} rows",
+                unravel(*index, shape)
+            ),
+            "row index",
+            *value,
+            *rows as u64,
+            *index,
+            shape,
+            None,
+        ),
+        EngramError::HashIdOutOfRange {
+            value,
+            index,
+            column,
+            rows,
+        } => out_of_range(
+            format!(
+                "hash id {value} in column {column} at position {} is out of range [0, {rows}) \
+                 (its head's rows)",
+                unravel(*index, shape)
+            ),
+            "hash id",
+            *value,
+            *rows,
+            *index,
+            shape,
+            Some(*column),
+        ),
         EngramError::FileNotFound { .. } => PyFileNotFoundError::new_err(err.to_string()),
         EngramError::Io { kind, .. } if *kind == std::io::ErrorKind::NotFound => {
             PyFileNotFoundError::new_err(err.to_string())
@@ -137,6 +212,53 @@ pub(crate) unsafe fn pooled_array<'py, T: Element>(
         let view = ArrayView2::from_shape_ptr((rows, cols), ptr);
         Ok(PyArray2::borrow_from_array(&view, owner.into_any()))
     }
+}
+
+/// The flat table rows of per-head hash ids `[..., cols]` (int32 or int64, C-contiguous):
+/// `ids + offsets` per column, each id checked against its head's rows `bounds` in the same
+/// pass (an `OutOfRangeError` naming the position in `hash_ids`' shape, the column, the value
+/// and the bound). Returns int64 `[n / cols, cols]` on a pooled buffer.
+#[pyfunction]
+fn head_rows<'py>(
+    py: Python<'py>,
+    hash_ids: &Bound<'py, PyAny>,
+    offsets: Vec<i64>,
+    bounds: Vec<u64>,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let arr = hash_ids.cast::<numpy::PyUntypedArray>()?;
+    let shape = arr.shape().to_vec();
+    let cols = offsets.len().max(1);
+    if shape.last() != Some(&offsets.len()) {
+        return Err(PyValueError::new_err(format!(
+            "hash ids of shape {shape:?}: the last axis must hold one id per head ({} heads)",
+            offsets.len()
+        )));
+    }
+    let n = arr.len();
+    // SAFETY: `head_rows` writes every element (or the array is dropped with the error).
+    let out = unsafe { pooled_array::<i64>(py, n / cols, cols)? };
+    {
+        let mut rw = out.readwrite();
+        let dst = rw.as_slice_mut()?;
+        macro_rules! run {
+            ($t:ty) => {
+                if let Ok(a) = hash_ids.cast::<PyArrayDyn<$t>>() {
+                    let ro = a.try_readonly()?;
+                    let ids = ro.as_slice()?;
+                    return detached(py, || {
+                        engram_core::gather::head_rows(ids, &offsets, &bounds, dst)
+                    })
+                    .map_err(|e| to_pyerr(e, &shape))
+                    .map(|()| out.clone());
+                }
+            };
+        }
+        run!(i64);
+        run!(i32);
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(
+        "hash ids must be an int32 or int64 numpy array",
+    ))
 }
 
 /// Frees the idle pooled output buffers; returns how many bytes they held.
@@ -452,9 +574,12 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_hash_config, m)?)?;
     m.add_function(wrap_pyfunction!(py_simd_available, m)?)?;
     m.add_function(wrap_pyfunction!(clear_buffer_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(head_rows, m)?)?;
+    m.add("OutOfRangeError", m.py().get_type::<OutOfRangeError>())?;
     m.add_class::<PooledBuffer>()?;
     m.add_class::<table::TableCore>()?;
     m.add_function(wrap_pyfunction!(table::cast_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(table::dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(table::quantize_fp8, m)?)?;
     m.add_class::<table::PrefetchCore>()?;
     m.add_class::<HasherCore>()?;

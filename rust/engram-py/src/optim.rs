@@ -2,12 +2,56 @@
 
 use crate::table::{Shared, TableCore};
 use crate::to_pyerr;
-use engram_core::optim::{self, Optimizer, StepOptions, StepOutcome};
+use engram_core::optim::{self, Optimizer, OptimizerKind, StepOptions, StepOutcome};
 use engram_core::table::HostTable;
 use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyFloatingPointError, PyValueError};
 use pyo3::prelude::*;
 use std::sync::{Arc, RwLockWriteGuard};
+
+/// The optimizer `kind` with these hyperparameters, checked by the core (a ValueError in its
+/// words).
+fn optimizer(kind: &str, lr: f64, eps: f64, beta1: f64, beta2: f64) -> PyResult<Optimizer> {
+    let kind = OptimizerKind::parse(kind).map_err(|e| to_pyerr(e, &[]))?;
+    Optimizer::new(kind, lr, eps, (beta1, beta2)).map_err(|e| to_pyerr(e, &[]))
+}
+
+/// Checks an optimizer's hyperparameters as every step will (`SparseAdam(eps=0)` is refused
+/// when made, in the words of the step): a ValueError when one is invalid.
+#[pyfunction]
+#[pyo3(signature = (kind, lr, eps=0.0, beta1=0.0, beta2=0.0))]
+pub(crate) fn check_optimizer(
+    kind: &str,
+    lr: f64,
+    eps: f64,
+    beta1: f64,
+    beta2: f64,
+) -> PyResult<()> {
+    optimizer(kind, lr, eps, beta1, beta2).map(|_| ())
+}
+
+/// The optimizer kinds: `{kind: (class name, hyperparameter names, [(state table, width or
+/// None for the table's dim)])}`, the registry the Python classes are built from.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+pub(crate) fn optimizer_kinds() -> Vec<(
+    &'static str,
+    &'static str,
+    Vec<&'static str>,
+    Vec<(&'static str, Option<usize>)>,
+)> {
+    OptimizerKind::ALL
+        .into_iter()
+        .map(|k| {
+            (
+                k.name(),
+                k.class_name(),
+                k.hyperparameters().to_vec(),
+                k.state_tables().iter().map(|t| (t.name, t.width)).collect(),
+            )
+        })
+        .collect()
+}
 
 /// A copy of `src`, or a MemoryError.
 fn copy<T: Copy>(src: &[T]) -> PyResult<Vec<T>> {
@@ -75,21 +119,7 @@ pub(crate) fn sparse_step(
         grad_scale,
         max_grad_norm,
     };
-    let opt = match kind {
-        "sgd" => Optimizer::Sgd { lr },
-        "rowwise_adagrad" => Optimizer::RowwiseAdagrad { lr, eps },
-        "adam" => Optimizer::Adam {
-            lr,
-            beta1,
-            beta2,
-            eps,
-        },
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown optimizer kind {other:?}: use \"sgd\", \"rowwise_adagrad\" or \"adam\""
-            )))
-        }
-    };
+    let opt = optimizer(kind, lr, eps, beta1, beta2)?;
     let shared = table.get().shared()?;
     let states = state
         .iter()
@@ -185,5 +215,7 @@ pub(crate) fn sparse_step(
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparse_step, m)?)?;
+    m.add_function(wrap_pyfunction!(check_optimizer, m)?)?;
+    m.add_function(wrap_pyfunction!(optimizer_kinds, m)?)?;
     Ok(())
 }

@@ -650,6 +650,42 @@ impl PrefetchCore {
     }
 }
 
+/// The table dtypes, the registry every Python dtype rule is built from: per dtype `(name,
+/// safetensors name, numpy holder, torch name, bytes per value, whether gathers can output it,
+/// spellings, FP8 block)`.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+pub fn dtypes() -> Vec<(
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    usize,
+    bool,
+    Vec<&'static str>,
+    usize,
+)> {
+    DType::ALL
+        .into_iter()
+        .map(|d| {
+            (
+                d.name(),
+                d.safetensors_name(),
+                d.numpy_name(),
+                d.torch_name(),
+                d.size(),
+                d.is_output(),
+                d.spellings().to_vec(),
+                if d == DType::F8E4M3 {
+                    engram_core::dtype::FP8_BLOCK
+                } else {
+                    0
+                },
+            )
+        })
+        .collect()
+}
+
 /// Rounds float32 values to `dtype` ("float16"/"bfloat16", nearest even) as raw bytes.
 #[pyfunction]
 pub fn cast_f32<'py>(

@@ -52,20 +52,52 @@ impl DType {
         }
     }
 
-    /// Parses a user-facing or safetensors name.
+    /// Every table dtype, in the order of the registry.
+    pub const ALL: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F8E4M3];
+
+    /// Every spelling a caller may use (lower case; the name first), besides the safetensors
+    /// name: the one list the Python dtype rules are built from.
+    pub fn spellings(self) -> &'static [&'static str] {
+        match self {
+            DType::F32 => &["float32", "f32", "fp32", "float"],
+            DType::F16 => &["float16", "f16", "fp16", "half"],
+            DType::BF16 => &["bfloat16", "bf16"],
+            DType::F8E4M3 => &["float8_e4m3", "float8_e4m3fn", "fp8", "e4m3", "f8_e4m3"],
+        }
+    }
+
+    /// The numpy dtype that holds the values (bfloat16 and FP8 as their raw bits).
+    pub fn numpy_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "uint16",
+            DType::F8E4M3 => "uint8",
+        }
+    }
+
+    /// The torch dtype of the values (`torch.<name>`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::F8E4M3 => "float8_e4m3fn",
+        }
+    }
+
+    /// Parses any spelling (case-insensitive) or the safetensors name.
     pub fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "float32" | "F32" => DType::F32,
-            "float16" | "F16" => DType::F16,
-            "bfloat16" | "BF16" => DType::BF16,
-            "float8_e4m3" | "float8_e4m3fn" | "F8_E4M3" => DType::F8E4M3,
-            other => {
-                return Err(EngramError::Invalid(format!(
-                    "unsupported table dtype {other:?}: use float32, float16, bfloat16 or \
+        let lower = name.to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|d| d.safetensors_name() == name || d.spellings().contains(&lower.as_str()))
+            .ok_or_else(|| {
+                EngramError::Invalid(format!(
+                    "unsupported table dtype {name:?}: use float32, float16, bfloat16 or \
                      float8_e4m3 (with UE8M0 scales)"
-                )))
-            }
-        })
+                ))
+            })
     }
 
     /// Whether gathers can write this type as output (FP8 is storage only).
