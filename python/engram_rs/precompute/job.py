@@ -1,4 +1,4 @@
-"""Offline precompute: hash a whole tokenized corpus to memory-mapped index files.
+"""The precompute job: hash a whole tokenized corpus to memory-mapped index files.
 
 Output directory layout (``manifest.json`` describes it all)::
 
