@@ -5,8 +5,11 @@ sequences), a raw token binary (``.bin``, uint16/uint32, the nanoGPT/Megatron la
 Arrow IPC with a list-of-int column (a tokenized HF dataset), JSONL (one record per sequence,
 its text field tokenized here) or plain text (a stream, tokenized here line by line).
 
-A reader yields :class:`Block` s of at most about ``chunk`` tokens from a cursor (a small JSON
-dict), so that an interrupted run can continue where its last commit left it.
+A reader yields :class:`~.blocks.Block` s of at most about ``chunk`` tokens from a cursor (a
+small JSON dict), so that an interrupted run can continue where its last commit left it. The
+Ray engine cuts the files it reads whole with the same functions (:func:`line_groups`,
+:func:`row_groups`, :func:`read_arrow_ipc`, :func:`jsonl_block`), so both engines group, check
+and name errors alike.
 
 Text and JSONL inputs are read in pieces of ``4 * chunk`` bytes and each line is tokenized whole
 (a tokenizer needs about 100 times a line's size), so a line may hold at most
