@@ -31,7 +31,7 @@ def _prelude(tmp: Path, tok: str) -> str:
     return textwrap.dedent(
         f"""
         import json, os, numpy as np
-        from engram_rs import offline
+        from engram_rs.precompute import job as offline
         from engram_rs.offline import precompute
         TMP, TOK = {str(tmp)!r}, {tok!r}
         INP = os.path.join(TMP, "in.bin")

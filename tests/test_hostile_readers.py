@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from engram_rs import _engram_rs
 from engram_rs.bench import deepseek_v4_tokenizer_json
-from engram_rs.offline import HEADER, _npy_header, precompute
+from engram_rs.offline import HEADER, precompute
+from engram_rs.precompute.files import npy_header as _npy_header
 from isolated import expect_error, run_isolated
 
 VOCAB = 129280
@@ -424,7 +425,7 @@ def _ray_pieces(path: str, tok: str, chunk: int = 1 << 12) -> list[str]:
     """What _split_files and _HashPieces make of one JSONL file: each error message."""
     import engram_rs as er
     from engram_rs.offline import Boundary
-    from engram_rs.ray import _ERROR, _HashPieces, _split_files
+    from engram_rs.precompute.ray_engine import _ERROR, _HashPieces, _split_files
 
     data = read(path)
     batch = {"path": np.array([path], object), "bytes": np.array([data], object)}

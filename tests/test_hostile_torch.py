@@ -382,7 +382,7 @@ def test_train_demo_function_refuses_a_window_longer_than_the_text(tmp_path) -> 
     expect_error(
         f"""
 from engram_rs.bench import deepseek_v4_tokenizer_json
-from engram_rs.torch.train_demo import train_demo
+from engram_rs.train_demo import train_demo
 train_demo({str(tmp_path / "run")!r}, deepseek_v4_tokenizer_json(), {str(text)!r}, steps=1,
            batch=1, seq_len=500, log=lambda s: None)
 """,
@@ -394,7 +394,7 @@ train_demo({str(tmp_path / "run")!r}, deepseek_v4_tokenizer_json(), {str(text)!r
 
 KILL_AT = """
 import os, signal, sys
-import engram_rs.torch.train_demo as td
+import engram_rs.train_demo as td
 calls = [0]
 real = td._loss
 def _loss(*a):
@@ -446,7 +446,7 @@ def test_train_demo_killed_in_its_precompute_resumes(tmp_path) -> None:
     out = tmp_path / "killed"
     code = KILL_AT.replace(
         "td._loss = _loss",
-        "import engram_rs.offline as off\n"
+        "from engram_rs.precompute import job as off\n"
         "def _fin(*a, **k):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
         "off._finalize = _fin",
     ).format(at=0)

@@ -23,7 +23,7 @@ from engram_rs.offline import hash_block, precompute  # noqa: E402
 from engram_rs.ray import HashBatches  # noqa: E402
 
 # The module (engram_rs.offline may also name the function in the package's namespace).
-precompute_module = importlib.import_module("engram_rs.offline")
+precompute_module = importlib.import_module("engram_rs.precompute.local_engine")
 
 # Ray's own modules warn about things of theirs (deprecations, resource hints) on some versions.
 pytestmark = pytest.mark.filterwarnings(

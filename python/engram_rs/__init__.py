@@ -5,7 +5,7 @@ from .compress import CompressedTokenizer, normalize
 from .config import PRESETS, EngramConfig
 from .hashing import HashState, NgramHasher, layer_multipliers, pack_sequences
 from .loader import HashCollate, HashedTokens, torch_collate
-from .offline import PrecomputedIndices, precompute, verify
+from .precompute import PrecomputedIndices, precompute, verify
 from .table import HostTable, Prefetch
 
 __all__ = [

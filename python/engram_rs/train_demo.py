@@ -12,21 +12,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..compress import CompressedTokenizer
-from ..config import EngramConfig
-from ..offline import PrecomputedIndices, precompute
-from ..table import HostTable
-from .checkpoint import load_checkpoint, save_checkpoint
-from .modules import Engram
-from .optim import SparseAdam
+from .compress import CompressedTokenizer
+from .config import EngramConfig
+from .hashing import NgramHasher
+from .precompute import PrecomputedIndices, precompute
+from .progress import progress_bar
+from .table import HostTable
+from .torch import Engram, SparseAdam
+from .torch.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["TinyLM", "check_sizes", "demo_config", "train_demo"]
 
@@ -219,8 +218,6 @@ def train_demo(
     n = len(data) - max(1, len(data) // 10)
     unigram = _unigram_loss(dense[:n, 1:], dense[n:, 1:], len(vocab_ids))
 
-    from ..hashing import NgramHasher
-
     rows = NgramHasher.from_tokenizer(cfg, comp).table_rows[LAYER]
     if clean:
         # An earlier run's checkpoint first (a kill of this run before its own first one must
@@ -266,7 +263,7 @@ def train_demo(
         with torch.no_grad():
             return _loss(model, held_tokens, held_ids).item()
 
-    bar = _bar(steps, start, progress)
+    bar = progress_bar(steps, "step", progress, "engram-rs train-demo", initial=start)
     for step in range(start, steps):
         pick = np.arange(step * batch, (step + 1) * batch) % n
         tokens = torch.from_numpy(dense[pick])
@@ -304,13 +301,3 @@ def train_demo(
         f"{unigram:.3f} (before training: {math.log(len(vocab_ids)):.3f} for uniform guesses)"
     )
     return losses
-
-
-def _bar(steps: int, start: int, enabled: bool | None) -> Any:
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=steps, initial=start, unit="step", desc="engram-rs train-demo")

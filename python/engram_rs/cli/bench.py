@@ -1,0 +1,244 @@
+"""``engram-rs bench hash|gather|compress|precompute|train``: the benchmarks of
+:mod:`engram_rs.bench`, each printing its table and the machine it ran on."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..bench import (
+    GATHER_DTYPES,
+    bench_compress,
+    bench_gather,
+    bench_hash_tokens,
+    bench_hashing,
+    bench_precompute,
+    bench_train,
+    environment,
+    format_table,
+    gather_table_info,
+)
+from ..config import PRESETS
+from ..samples import deepseek_v4_tokenizer_json
+from .common import positive, sizes
+
+__all__ = ["configure"]
+
+
+def configure(name: str, bench: argparse.ArgumentParser) -> None:
+    """The sub-commands of ``bench`` and their arguments."""
+    what = bench.add_subparsers(
+        dest="what", required=True, metavar="{hash,gather,compress,precompute,train}"
+    )
+    hash_ = what.add_parser("hash", help="hashing against the numpy reference")
+    hash_.add_argument(
+        "--preset", action="append", choices=list(PRESETS), help="repeatable (all presets)"
+    )
+    sizes(hash_)
+    hash_.set_defaults(func=_bench_hash)
+    gather = what.add_parser(
+        "gather", help="host-table gathers against torch and numpy, and the copy-loop ceiling"
+    )
+    gather.add_argument(
+        "--dtype", choices=GATHER_DTYPES, default=None, help="table dtype (float32)"
+    )
+    gather.add_argument("--dim", type=int, default=None, help="values per row (64)")
+    gather.add_argument("--rows", type=int, default=None, help="table rows (from --table-gib)")
+    gather.add_argument("--table-gib", type=float, default=4.0, help="table size if no --rows")
+    gather.add_argument("--batch-rows", type=int, default=1 << 20, help="rows per call")
+    gather.add_argument("--mode", choices=["resident", "mmap"], default="resident")
+    gather.add_argument("--threads", type=int, default=0, help="threads (0: all cores)")
+    gather.add_argument("--repeats", type=positive, default=5, help="interleaved rounds")
+    gather.add_argument("--path", default=None, help="a table file to reuse (created if missing)")
+    gather.set_defaults(func=_bench_gather, parser=gather)
+    compress = what.add_parser(
+        "compress", help="tokenizer compression against the Python reference, and hash_tokens"
+    )
+    sizes(compress)
+    compress.set_defaults(func=_bench_compress)
+    bench_pre = what.add_parser(
+        "precompute",
+        help="the precompute end to end against a numpy pipeline, the hashing and I/O ceilings",
+    )
+    bench_pre.add_argument(
+        "--tokens", type=positive, default=20_000_000, help="corpus tokens (%(default)s)"
+    )
+    bench_pre.add_argument(
+        "--repeats", type=positive, default=3, help="interleaved rounds, best kept (3)"
+    )
+    bench_pre.add_argument(
+        "--dir",
+        default=None,
+        help="where the corpus and outputs go, in a temporary directory removed at the end "
+        "(the current directory)",
+    )
+    bench_pre.add_argument(
+        "--seq-len", type=positive, default=4096, help="tokens a sequence (%(default)s)"
+    )
+    bench_pre.set_defaults(func=_bench_precompute)
+    bench_train_ = what.add_parser(
+        "train",
+        help="a training step (gather, backward, fused optimizer) against torch sparse embeddings",
+    )
+    bench_train_.add_argument(
+        "--rows", type=positive, default=10_000_000, help="table rows (%(default)s)"
+    )
+    bench_train_.add_argument("--dim", type=positive, default=64, help="values per row (64)")
+    bench_train_.add_argument(
+        "--lookups",
+        type=positive,
+        default=32 * 1024 * 8,
+        help="ids a step: 32 x 1024 tokens x 8 columns (%(default)s)",
+    )
+    bench_train_.add_argument(
+        "--steps", type=positive, default=5, help="timed steps after the warm-up (5)"
+    )
+    bench_train_.set_defaults(func=_bench_train)
+
+
+def _bench_gather(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    _check_gather_args(parser, args)
+    try:
+        return _run_gather(args)
+    except (ValueError, OSError, KeyError, ImportError) as e:
+        parser.error(str(e))  # a usage error (exit status 2)
+
+
+def _run_gather(args: argparse.Namespace) -> int:
+    print(f"machine: {environment()}")
+    if args.threads:
+        os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+    rows, where = bench_gather(
+        args.rows,
+        args.dim,
+        args.dtype,
+        args.batch_rows,
+        args.mode,
+        args.repeats,
+        args.path,
+        args.table_gib,
+    )
+    print(
+        f"random gathers of {args.batch_rows} rows from {where}; interleaved rounds, best of "
+        f"{args.repeats}; every contender reads the same table memory, out= rows write the "
+        "same preallocated output"
+    )
+    print(format_table(rows))
+    return 0
+
+
+def _bench_hash(args: argparse.Namespace) -> int:
+    print(f"machine: {environment()}")
+    rows = bench_hashing(args.preset or list(PRESETS), args.batch, args.seqlen, args.repeats)
+    print(f"hashing throughput, B={args.batch}, T={args.seqlen}, best of {args.repeats} warm runs")
+    print(format_table(rows))
+    return 0
+
+
+def _bench_compress(args: argparse.Namespace) -> int:
+    print(f"machine: {environment()}")
+    path = deepseek_v4_tokenizer_json()
+    print(f"compression table of the DeepSeek-V4 tokenizer, best of {args.repeats} warm runs")
+    print(format_table(bench_compress(path, args.repeats)))
+    print(f"\nraw ids -> hash ids, B={args.batch}, T={args.seqlen}")
+    print(
+        format_table(
+            bench_hash_tokens(path, batch=args.batch, seqlen=args.seqlen, repeats=args.repeats)
+        )
+    )
+    return 0
+
+
+def _bench_precompute(args: argparse.Namespace) -> int:
+    print(f"machine: {environment()}")
+    r = bench_precompute(args.tokens, args.repeats, args.dir, args.seq_len)
+    gb = r.bytes_written / 1e9
+    print(
+        f"precompute of {r.tokens} uint32 tokens (.bin, sequences of {r.seq_len}), demo preset, "
+        f"both layers, int32 ids: {gb:.2f} GB of output; interleaved rounds, best of "
+        f"{r.repeats}; every contender's files are fsynced; GB/s: the precompute's output "
+        "bytes over each contender's time"
+    )
+    print(format_table(r.rows))
+    print(
+        f"precompute vs the slower ceiling ({r.slower_ceiling}): {r.vs_ceiling:.2f} "
+        f"(goal >= 0.80: {'met' if r.vs_ceiling >= 0.80 else 'NOT met'})"
+    )
+    print(
+        f"precompute vs the numpy pipeline: {r.vs_numpy:.2f}x "
+        f"(goal >= 3x: {'met' if r.vs_numpy >= 3.0 else 'NOT met'})"
+    )
+    if 0 < r.precompute_own_secs < float("inf"):
+        own = r.precompute_own_secs
+        print(
+            f"precompute's own timer (after interpreter start-up and imports), best: {own:.2f} s "
+            f"({r.vs_ceiling * r.precompute_secs / own:.2f} of the slower ceiling)"
+        )
+    print(f"peak RSS of the precompute child: {r.peak_rss / 2**20:.0f} MiB")
+    print(
+        f"bytes written per token: {r.bytes_written / r.tokens:.2f} "
+        f"({r.bytes_written} bytes for {r.tokens} tokens)"
+    )
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    print(f"machine: {environment()}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"one training step (gather, backward, optimizer) of {args.lookups} ids into a "
+        f"{args.rows} x {args.dim} float32 host table ({args.rows * args.dim * 4 / 2**30:.2f} "
+        f"GiB); each contender in its own process, one after the other, on the same values and "
+        f"ids; one warm-up step, then {args.steps} timed steps on new ids (load average "
+        f"{load:.2f} at the start)"
+    )
+    r = bench_train(args.rows, args.dim, args.lookups, args.steps)
+    print(format_table(r.rows))
+    print(
+        f"x torch: best step against the best step of torch with the matching optimizer; min "
+        f"traffic: {r.unique_rows:.0f} distinct rows a step x (row + optimizer state) read and "
+        f"written, plus the {args.lookups} gathered rows read and written, over the best step; "
+        f"gather ceiling (copy_rows_ceiling of the same ids, read + written): "
+        f"{r.ceiling_gbps:.2f} GB/s"
+    )
+    for what, ratio in r.speedup.items():
+        print(f"{what}: {ratio:.1f}x torch (goal >= 5x: {'met' if ratio >= 5.0 else 'NOT met'})")
+    engram = {k: v for k, v in r.extra_rss.items() if k.startswith("engram_rs")}
+    worst = max(engram.values())
+    print(
+        "peak RSS beyond the interpreter, table and state: "
+        + ", ".join(f"{k} {v / 2**20:+.0f} MiB" for k, v in r.extra_rss.items())
+        + f" (goal for engram_rs: no table-sized allocation, the table is "
+        f"{r.table_bytes / 2**20:.0f} MiB: {'met' if worst < r.table_bytes else 'NOT met'})"
+    )
+    return 0
+
+
+def _check_gather_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses bad ``bench gather`` arguments with a usage error (exit status 2); with
+    ``--path``, takes the dtype and dim from the file (refusing a mismatch)."""
+    if args.path is not None and os.path.exists(args.path):
+        try:
+            dtype, _, dim = gather_table_info(args.path)
+        except (ValueError, OSError) as e:
+            parser.error(f"--path {args.path}: {e}")
+        for opt, given, real in (("dtype", args.dtype, dtype), ("dim", args.dim, dim)):
+            if given is not None and given != real:
+                parser.error(
+                    f"--{opt} {given} does not match the table in {args.path} ({opt} {real}): "
+                    f"drop --{opt} or pass --{opt} {real}"
+                )
+        args.dtype, args.dim = dtype, dim
+    args.dtype = args.dtype or "float32"
+    args.dim = 64 if args.dim is None else args.dim
+    for opt in ("dim", "batch_rows", "rows"):
+        value = getattr(args, opt)
+        if value is not None and value < 1:
+            parser.error(f"--{opt.replace('_', '-')} must be >= 1, got {value}")
+    if args.dtype == "float8_e4m3" and args.dim % 32:
+        parser.error(f"float8_e4m3 rows need --dim to be a multiple of 32, got {args.dim}")
+    if not args.table_gib > 0:
+        parser.error(f"--table-gib must be > 0, got {args.table_gib}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
