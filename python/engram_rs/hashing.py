@@ -302,7 +302,9 @@ class NgramHasher:
             f"{self.compressed_vocab_size}, compressed_pad_id={self.pad_id})"
         )
 
-    def _layers(self, layer_ids: Layers) -> list[int]:
+    def check_layers(self, layer_ids: Layers) -> list[int]:
+        """The Engram layers ``layer_ids`` names (None: all of them, an int: that one), or a
+        ValueError naming those that are not layers of this config."""
         if layer_ids is None:
             return list(self.layer_ids)
         if isinstance(layer_ids, int):
@@ -332,7 +334,7 @@ class NgramHasher:
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.int64), np.dtype(np.int32)):
             raise ValueError(f"dtype must be numpy.int64 or numpy.int32, got {dt}")
-        layers = self._layers(layer_ids)
+        layers = self.check_layers(layer_ids)
         int32 = dt == np.int32  # whether the ids fit is checked by the core
         outs = self._core.hash(
             ids, bounds, [self._index[x] for x in layers], int32, bool(flat), history, raw=raw

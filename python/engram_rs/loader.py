@@ -149,7 +149,7 @@ class HashCollate:
         return_tensors: str = "pt",
     ) -> None:
         self.hasher = _check_hasher(hasher)
-        self.layer_ids = hasher._layers(layer_ids)
+        self.layer_ids = hasher.check_layers(layer_ids)
         self.dtype = _check_dtype(dtype)
         self.flat = bool(flat)
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
@@ -258,7 +258,7 @@ class HashedTokens:
             raise TypeError(f"samples must be iterable, got {type(samples).__name__}")
         self.samples = samples
         self.hasher = _check_hasher(hasher)
-        self.layer_ids = hasher._layers(layer_ids)
+        self.layer_ids = hasher.check_layers(layer_ids)
         self.dtype = _check_dtype(dtype)
         self.flat = bool(flat)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _engram_rs, dtypes
+from .progress import progress_bar
 
 __all__ = ["HostTable", "Prefetch"]
 
@@ -150,17 +151,15 @@ def _indices(idx: Any) -> np.ndarray:
 
 
 def _progress_bar(rows: int) -> Callable[[int, int], object]:
-    """tqdm's bar when tqdm is installed (it shows in Jupyter), else a line on stderr."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
+    """The core's progress callback on the library's bar (tqdm), else a line on stderr."""
+    bar = progress_bar(rows, "rows", True, "engram_rs: initialising")
+    if bar is None:
 
         def line(done: int, total: int) -> None:
             end = "\n" if done == total else ""
             print(f"\rengram_rs: initialised {done}/{total} rows", end=end, file=sys.stderr)
 
         return line
-    bar = tqdm(total=rows, unit="rows", desc="engram_rs: initialising")
 
     def update(done: int, total: int) -> None:
         if done > bar.n:  # workers may report out of order
@@ -387,6 +386,44 @@ class HostTable:
     @property
     def writable(self) -> bool:
         return bool(self._core.writable)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._core.closed)
+
+    # -- raw rows: the stored bytes, as checkpoints and benchmarks move them -------------------
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row's stored values (``dim`` x the dtype's size)."""
+        return int(self._core.row_bytes)
+
+    @property
+    def scale_bytes(self) -> int:
+        """UE8M0 scale bytes per row of an FP8 table (``dim // 32``), else 0."""
+        return int(self._core.scale_bytes)
+
+    def read_raw(self, start: int, count: int, scales: bool = False) -> np.ndarray:
+        """The stored bytes of rows ``[start, start + count)`` (uint8 ``[count * row_bytes]``),
+        or with ``scales=True`` their UE8M0 scales (empty unless FP8)."""
+        return cast("np.ndarray", self._core.read_raw(start, count, scales))
+
+    def write_raw(self, idx: Indices, values: np.ndarray, scales: np.ndarray | None = None) -> None:
+        """Overwrites rows ``idx`` with stored bytes: ``values`` uint8 ``[n * row_bytes]`` (and,
+        for FP8, ``scales`` uint8 ``[n * scale_bytes]``), as :meth:`read_raw` gives them."""
+        ids = np.ascontiguousarray(_indices(idx), dtype=np.int64).reshape(-1)
+        self._core.write_rows(ids, np.ascontiguousarray(values), scales)
+
+    def copy_rows_ceiling(self, idx: Indices, out: np.ndarray) -> None:
+        """The gathers' ceiling, for benchmarks: copies the stored bytes of rows ``idx`` (values,
+        then FP8 scales) into the uint8 ``out`` with a plain prefetching loop, no conversion."""
+        self._core.copy_rows_ceiling(_indices(idx), out)
+
+    @property
+    def binding(self) -> Any:
+        """The compiled table (``engram_rs._engram_rs.TableCore``) that the extension's
+        functions (``sparse_step``) take."""
+        return self._core
 
     def __repr__(self) -> str:
         if self._core.closed:

@@ -60,9 +60,7 @@ def _gather_contenders(
                 idx, out_dtype="bfloat16", framework="torch"
             ),
             "torch index_select + dequant (new)": torch_dequant,
-            "copy loop, same rows (ceiling)": lambda: table._core.copy_rows_ceiling(
-                idx, ceiling_out
-            ),
+            "copy loop, same rows (ceiling)": lambda: table.copy_rows_ceiling(idx, ceiling_out),
         }
     out = torch.empty((n, dim), dtype=torch_table.dtype)
     out_np = out.view(torch.uint16).numpy() if dtype == "bfloat16" else out.numpy()
@@ -74,7 +72,7 @@ def _gather_contenders(
         "engram_rs gather (new)": lambda: table.gather(idx, framework=new_framework),
         "torch.index_select (new)": lambda: torch.index_select(torch_table, 0, t_idx),
         "numpy.take (new)": lambda: np.take(numpy_table, idx, axis=0),
-        "copy loop, same rows (ceiling)": lambda: table._core.copy_rows_ceiling(
+        "copy loop, same rows (ceiling)": lambda: table.copy_rows_ceiling(
             idx, out_np.view(np.uint8).reshape(-1)
         ),
     }

@@ -163,10 +163,10 @@ def train_child(spec: dict[str, Any]) -> None:
     if table is not None:
         # The gather ceiling on the same table and ids, into a preallocated output.
         out_bytes = np.empty(lookups * dim * 4, np.uint8)
-        table._core.copy_rows_ceiling(batches[0], out_bytes)
+        table.copy_rows_ceiling(batches[0], out_bytes)
         for b in batches[1:]:
             t0 = time.perf_counter()
-            table._core.copy_rows_ceiling(b, out_bytes)
+            table.copy_rows_ceiling(b, out_bytes)
             ceiling.append(time.perf_counter() - t0)
     # ru_maxrss is in KiB on Linux, in bytes on macOS.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (

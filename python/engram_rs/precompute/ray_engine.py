@@ -136,7 +136,7 @@ class _Hashing:
                 f"tokenizer of the job ({tokenizer_fingerprint}): every node needs the same file"
             )
         self.hasher = NgramHasher.from_tokenizer(cfg, comp)
-        self.layers: list[int] = self.hasher._layers(None if layers is None else list(layers))
+        self.layers: list[int] = self.hasher.check_layers(None if layers is None else list(layers))
         self.dtype: IndexDType = "int32" if index_dtype == "int32" else "int64"
         self.flat = bool(flat)
         self.cols = cfg.cols

@@ -106,13 +106,12 @@ def _table_chunks(table: HostTable) -> Iterator[tuple[int, int]]:
 def _table_entries(key: str, table: HostTable) -> dict[str, _Entry]:
     """The tensors of a host table's stored bytes: ``key`` (values) and, for FP8, its UE8M0
     scales as ``{key}_scale``; streamed chunk by chunk when the file is written."""
-    core = table._core
-    rb, sb = core.row_bytes, core.scale_bytes
+    rb, sb = table.row_bytes, table.scale_bytes
 
     def part(scales: bool) -> Callable[[IO[bytes]], None]:
         def write(f: IO[bytes]) -> None:
             for start, count in _table_chunks(table):
-                f.write(core.read_raw(start, count, scales).data)
+                f.write(table.read_raw(start, count, scales).data)
 
         return write
 
@@ -428,7 +427,7 @@ def _plan_host(r: _Reader, name: str, mod: Any, info: Any, claimed: set[str]) ->
             f"{r.path}: host table {name!r}: its entry in __metadata__['host_tables'] is a "
             f"{_kind(info)}, not an object"
         )
-    if table._core.closed:
+    if table.closed:
         raise ValueError(f"host table {name!r} of the model is closed: reopen it first")
     got = (table.dtype, [table.rows, table.dim])
     want = (info.get("dtype"), [info.get("rows"), info.get("dim")])
@@ -453,7 +452,7 @@ def _plan_host(r: _Reader, name: str, mod: Any, info: Any, claimed: set[str]) ->
     )
     claimed.add(wkey)
     scale = None
-    sb = table._core.scale_bytes
+    sb = table.scale_bytes
     if sb:
         scale = _expect(
             r,
@@ -692,11 +691,11 @@ def _load(
 def _copy_in(r: _Reader, values: _Stored, scales: _Stored | None, table: HostTable) -> None:
     """Writes the checked tensors ``values`` (and FP8 ``scales``) into ``table``, chunk by chunk
     (no table-sized temporary)."""
-    rb, sb = table._core.row_bytes, table._core.scale_bytes
+    rb, sb = table.row_bytes, table.scale_bytes
     for start, count in _table_chunks(table):
         idx = np.arange(start, start + count, dtype=np.int64)
         v = np.frombuffer(r.read(values, start * rb, count * rb), np.uint8)
         s = None
         if scales is not None:
             s = np.frombuffer(r.read(scales, start * sb, count * sb), np.uint8)
-        table._core.write_rows(idx, v, s)
+        table.write_raw(idx, v, s)

@@ -173,7 +173,7 @@ def _release(key: tuple[str, str], entry: _TableState) -> None:
 
 
 def _closed(table: HostTable) -> bool:
-    return bool(table._core.closed)
+    return table.closed
 
 
 class SparseOptimizer(torch.optim.Optimizer):
@@ -491,7 +491,7 @@ class SparseOptimizer(torch.optim.Optimizer):
                 raise OverflowError(f"{type(self).__name__}: more than 2**48 steps")
             try:
                 touched: int = _engram_rs.sparse_step(
-                    table._core,
+                    table.binding,
                     ids,
                     g,
                     self.kind,
@@ -499,7 +499,7 @@ class SparseOptimizer(torch.optim.Optimizer):
                     hp["eps"],
                     hp["beta1"],
                     hp["beta2"],
-                    [s._core for s in entry.tables],
+                    [s.binding for s in entry.tables],
                     step,
                     check_finite=True,
                     grad_scale=inv,
