@@ -93,7 +93,7 @@ def _path(path: PathArg) -> str | bytes:
 
 def _scale_bytes(scales: Any, n: int, dim: int) -> np.ndarray:
     """FP8 scales for ``write_rows`` as uint8 UE8M0 bytes [n, dim // 32], or a clear error."""
-    want = (n, dim // 32)
+    want = (n, dim // dtypes.FP8_BLOCK)
     accepted = (
         "scales of an FP8 table are UE8M0 exponent bytes: a uint8 numpy array or torch tensor, "
         f"or a torch.float8_e8m0fnu tensor, of shape [n, dim // 32] = {want}"
