@@ -8,7 +8,7 @@
   rows, both in this process, interleaved, each on its own copy of the same float32 table
   (the same table memory). Goal: at least 8x.
 
-Run: ``python benches/host_module.py [--rows N] [--reps R]`` (``make bench`` runs it). Prints
+Run: ``python benches/host_module.py [--lookups N] [--reps R]`` (``make bench`` runs it). Prints
 best and median milliseconds and the ratios of the same run.
 """
 
@@ -28,7 +28,6 @@ from engram_rs.torch.modules import EngramEmbedding
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=0, help="table rows (0: the demo layer's)")
     ap.add_argument("--lookups", type=int, default=262_144)
     ap.add_argument("--reps", type=int, default=8)
     args = ap.parse_args(argv)
@@ -39,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     dim = cfg.head_dim
     rows = hasher.table_rows[layer]
     cols = len(hasher.offsets[layer])
-    if args.rows and args.rows != rows:
-        print(f"--rows: the demo layer's table has {rows} rows; using those", file=sys.stderr)
     B = 4
     L = max(1, args.lookups // cols // B)
     n = B * L * cols

@@ -34,14 +34,6 @@ if TYPE_CHECKING:
 
 _Out = TypeVar("_Out", bound="npt.NDArray[Any] | torch.Tensor")
 
-_DTYPES = dtypes.NAMES
-_OUT_DTYPES = dtypes.OUTPUT_NAMES
-
-
-def _holder(name: str) -> np.dtype[Any]:
-    """The numpy dtype holding a table dtype's values (bfloat16 and FP8 as their raw bits)."""
-    return dtypes.DTYPES[name].numpy
-
 
 def _torch() -> Any:
     try:
@@ -53,9 +45,6 @@ def _torch() -> Any:
 
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
-
-
-_dtype_name = dtypes.resolve
 
 
 def _round_to_f32_odd(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
@@ -235,7 +224,7 @@ class HostTable:
         process killed while creating leaves it behind. The returned table is writable and
         holds the file's exclusive lock until it is closed.
         """
-        dt = _dtype_name(dtype, "dtype", _DTYPES)
+        dt = dtypes.resolve(dtype, "dtype", dtypes.NAMES)
         for label, value in (("rows", rows), ("dim", dim), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{label} must be a non-negative int, got {value!r}")
@@ -316,9 +305,11 @@ class HostTable:
                 )
             dt = inferred[arr.dtype]
         else:
-            dt = _dtype_name(dtype, "dtype", _DTYPES)
-        if arr.dtype != _holder(dt):
-            raise ValueError(f"a {dt} table needs a {np.dtype(_holder(dt))} array, got {arr.dtype}")
+            dt = dtypes.resolve(dtype, "dtype", dtypes.NAMES)
+        if arr.dtype != dtypes.DTYPES[dt].numpy:
+            raise ValueError(
+                f"a {dt} table needs a {dtypes.DTYPES[dt].numpy} array, got {arr.dtype}"
+            )
         if scales is not None:
             if not isinstance(scales, np.ndarray) or scales.dtype != np.uint8:
                 raise ValueError("scales must be a uint8 numpy array [rows, dim // 32]")
@@ -340,8 +331,8 @@ class HostTable:
                 f"a table must be a contiguous 2-D tensor, got shape {tuple(tensor.shape)}"
                 f"{'' if tensor.is_contiguous() else ' (not contiguous)'}"
             )
-        dt = _dtype_name(tensor.dtype, "tensor dtype", _DTYPES)
-        holder = getattr(torch, _holder(dt).name)  # the raw bits numpy can hold
+        dt = dtypes.resolve(tensor.dtype, "tensor dtype", dtypes.NAMES)
+        holder = getattr(torch, dtypes.DTYPES[dt].numpy.name)  # the raw bits numpy can hold
         arr = (tensor.view(holder) if holder != tensor.dtype else tensor).numpy()
         sc = None
         if scales is not None:
@@ -453,7 +444,7 @@ class HostTable:
             od = (
                 self._default_out_dtype(fw)
                 if out_dtype is None
-                else _dtype_name(out_dtype, "out_dtype", _OUT_DTYPES)
+                else dtypes.resolve(out_dtype, "out_dtype", dtypes.OUTPUT_NAMES)
             )
             if od == "bfloat16" and fw == "numpy":
                 raise ValueError(
@@ -471,21 +462,24 @@ class HostTable:
             torch = _torch()
             if out.device.type != "cpu":
                 raise ValueError(f"out must be a CPU tensor (pinned or not), got {out.device}")
-            od = _dtype_name(out.dtype, "out dtype", _OUT_DTYPES)
+            od = dtypes.resolve(out.dtype, "out dtype", dtypes.OUTPUT_NAMES)
             if not out.is_contiguous():
                 raise ValueError("out must be C-contiguous: pass a tensor from torch.empty(...)")
             arr = (out.view(torch.uint16) if od == "bfloat16" else out).numpy()
         elif isinstance(out, np.ndarray):
             if out.dtype == np.uint16 and out_dtype is not None:
-                od = _dtype_name(out_dtype, "out_dtype", ("bfloat16",))
+                od = dtypes.resolve(out_dtype, "out_dtype", ("bfloat16",))
             else:
-                od = _dtype_name(out.dtype, "out dtype", ("float32", "float16"))
+                od = dtypes.resolve(out.dtype, "out dtype", ("float32", "float16"))
             if not out.flags.c_contiguous:
                 raise ValueError("out must be C-contiguous: pass numpy.empty(...)")
             arr = out
         else:
             raise TypeError(f"out must be a numpy array or a torch tensor, got {type(out)}")
-        if out_dtype is not None and _dtype_name(out_dtype, "out_dtype", _OUT_DTYPES) != od:
+        if (
+            out_dtype is not None
+            and dtypes.resolve(out_dtype, "out_dtype", dtypes.OUTPUT_NAMES) != od
+        ):
             raise ValueError(f"out_dtype={out_dtype!r} does not match out's dtype {od}")
         if tuple(arr.shape) != shape:
             raise ValueError(f"out has shape {tuple(arr.shape)}, expected {shape}")
@@ -496,7 +490,7 @@ class HostTable:
     def _wrap(self, raw: np.ndarray, od: str, plan: tuple[tuple[int, ...], str]) -> Rows:
         """Views a pooled uint8 result as the output dtype, as numpy or torch (zero-copy)."""
         shape, framework = plan
-        arr = raw.view(_holder(od)).reshape(shape)
+        arr = raw.view(dtypes.DTYPES[od].numpy).reshape(shape)
         if framework == "torch":
             torch = _torch()
             t = torch.from_numpy(arr)
@@ -604,10 +598,10 @@ class HostTable:
         elif vals.dtype == np.float32 and self.dtype != "float32":
             vals = (
                 _engram_rs.cast_f32(np.ascontiguousarray(vals), self.dtype)
-                .view(_holder(self.dtype))
+                .view(dtypes.DTYPES[self.dtype].numpy)
                 .reshape(vals.shape)
             )
-        elif vals.dtype != _holder(self.dtype):
+        elif vals.dtype != dtypes.DTYPES[self.dtype].numpy:
             raise ValueError(
                 f"values for a {self.dtype} table must be floats (float64, float32, float16, "
                 f"bfloat16: rounded to {self.dtype}) or lists of numbers, got {vals.dtype}"

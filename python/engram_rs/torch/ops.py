@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .. import _engram_rs
 from ..table import HostTable, Prefetch
 from .optim import SparseOptimizer
 
@@ -243,14 +244,13 @@ def layer_rows(emb: Any, hash_ids: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         offsets: torch.Tensor = emb.offsets
         return (hash_ids.to(torch.int64) + offsets.to(hash_ids.device)).reshape(-1).cpu()
-    from .. import _engram_rs
-    from .modules import hash_id_error
-
     ids = hash_ids.detach().cpu().contiguous().numpy()
     offsets_list, bounds = emb._layout
     try:
         rows = _engram_rs.head_rows(ids, offsets_list, bounds)
     except _engram_rs.OutOfRangeError as e:
+        from .modules import hash_id_error  # (modules imports this module)
+
         raise hash_id_error(emb.layer_id, e.position, e.value, e.bound) from None
     return torch.from_numpy(rows).reshape(-1)
 

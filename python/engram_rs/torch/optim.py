@@ -55,12 +55,10 @@ def _number(name: str, value: object) -> float:
         raise ValueError(f"{name} must be a finite number, got {value!r}") from None
 
 
-def _positive(name: str, value: object, allow_zero: bool = False) -> float:
+def _positive(name: str, value: object) -> float:
     v = _number(name, value)
-    if not (v >= 0 if allow_zero else v > 0) or not math.isfinite(v):
-        raise ValueError(
-            f"{name} must be a finite number {'>= 0' if allow_zero else 'above 0'}, got {value!r}"
-        )
+    if not v > 0 or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
     return v
 
 
