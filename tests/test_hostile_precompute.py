@@ -371,6 +371,80 @@ def test_the_manifest_checksums_the_inputs_as_hashed(tmp_path, tok) -> None:
     assert not partial.exists()
 
 
+def _arrow_inputs(tmp: Path) -> dict[str, Path]:
+    """A 2-column dataset of ragged token rows, as Parquet (several row groups) and as Arrow
+    IPC files: the file format, the stream format, and a zstd-compressed file."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, VOCAB, rng.integers(0, 60)).tolist() for _ in range(20000)]
+    table = pa.table(
+        {
+            "input_ids": pa.array(rows, pa.list_(pa.int64())),
+            "other": pa.array(rng.integers(0, 9, len(rows))),
+        }
+    )
+    paths = {"parquet": tmp / "d.parquet"}
+    pq.write_table(table, paths["parquet"], row_group_size=2000)
+    for name, new, options in (
+        ("arrow-file", pa.ipc.new_file, None),
+        ("arrow-stream", pa.ipc.new_stream, None),
+        ("arrow-zstd", pa.ipc.new_file, pa.ipc.IpcWriteOptions(compression="zstd")),
+    ):
+        paths[name] = tmp / f"{name}.arrow"
+        with pa.OSFile(str(paths[name]), "wb") as sink:
+            with new(sink, table.schema, options=options) as writer:
+                for batch in table.to_batches(max_chunksize=2000):
+                    writer.write_batch(batch)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow-file", "arrow-stream", "arrow-zstd"])
+def test_parquet_and_arrow_inputs_are_checksummed_as_read(tmp_path, tok, kind) -> None:
+    """Each byte of a Parquet/Arrow input is summed once, and all but its footer while the run
+    reads the row groups (no second pass at the end); a compressed Arrow file, whose batches
+    are not views of the file, is summed whole once the run is past it. The checksum is the
+    file's."""
+    import engram_rs._engram_rs as core
+    from engram_rs.offline import precompute
+    from engram_rs.precompute import job
+
+    path = _arrow_inputs(tmp_path)[kind]
+    size = path.stat().st_size
+    reads: list[tuple[int, int, bool]] = []
+    finished = False
+    real_read, real_finalize = job.InputSums._read, job._finalize
+
+    def read(self, i, upto):
+        if upto > self.done[i]:
+            reads.append((self.done[i], upto, finished))
+        real_read(self, i, upto)
+
+    def finalize(*a, **k):
+        nonlocal finished
+        finished = True
+        return real_finalize(*a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(job.InputSums, "_read", read)
+    mp.setattr(job, "_finalize", finalize)
+    try:
+        precompute(path, tmp_path / "out", tokenizer=tok, chunk_tokens=5000, progress=False)
+    finally:
+        mp.undo()
+    starts, ends = [r[0] for r in reads], [r[1] for r in reads]
+    assert starts == [0, *ends[:-1]] and ends[-1] == size  # every byte once, in order
+    after = sum(b - a for a, b, late in reads if late)
+    if kind == "arrow-zstd":
+        assert after == size
+    else:
+        assert len([r for r in reads if not r[2]]) >= 4  # advanced group by group
+        assert after < 0.02 * size, (after, size)  # the footer only
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["inputs"][0]["checksum"] == core.file_checksum(str(path))
+
+
 # ---- 14, 18: options ---------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 from engram_rs import CompressedTokenizer, EngramConfig, NgramHasher  # noqa: E402
 from engram_rs.bench import deepseek_v4_tokenizer_json  # noqa: E402
 from engram_rs.offline import hash_block, precompute  # noqa: E402
+from engram_rs.precompute.job import InputSums  # noqa: E402
 from engram_rs.ray import HashBatches  # noqa: E402
 
 # The module (engram_rs.offline may also name the function in the package's namespace).
@@ -70,7 +71,13 @@ def _both(inputs: Any, tmp: pathlib.Path, tokenizer: str, **options: Any) -> Non
     options = {"tokenizer": tokenizer, "chunk_tokens": CHUNK, "progress": False, **options}
     tmp.mkdir(exist_ok=True)
     local = precompute(inputs, tmp / "local", engine="local", **options)
-    remote = precompute(inputs, tmp / "ray", engine="ray", **options)
+
+    def driver_read(self: Any, i: int, upto: int) -> None:
+        raise AssertionError(f"the driver read input {i} for its checksum")
+
+    with pytest.MonkeyPatch.context() as mp:  # Ray's tasks sum the inputs as they read them
+        mp.setattr(InputSums, "_read", driver_read)
+        remote = precompute(inputs, tmp / "ray", engine="ray", **options)
     assert remote.num_tokens == local.num_tokens > 0
     names = sorted(p.name for p in (tmp / "local").iterdir())
     assert names == sorted(p.name for p in (tmp / "ray").iterdir())

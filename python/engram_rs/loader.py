@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _engram_rs
 from .hashing import HashIds, IndexDType, Layers, NgramHasher
 
 __all__ = ["HashCollate", "HashedTokens", "torch_collate"]
@@ -99,23 +100,15 @@ def _hash_samples(
     ids = np.concatenate(arrays).astype(np.int64, copy=False) if arrays else np.zeros(0, np.int64)
     try:
         out = hasher.hash_tokens(ids, layer_ids=layers, dtype=dtype, flat=flat, cu_seqlens=cu)
-    except (ValueError, IndexError):  # the core raises IndexError for ids beyond the vocabulary
-        vocab = hasher.vocab_size
-        assert vocab is not None
-        bad = np.flatnonzero((ids < 0) | (ids >= vocab))
-        for i, a in enumerate(arrays):
-            # uint64 ids above 2**63 - 1 wrap to negative int64: look for them in the sample.
-            if a.dtype == np.uint64 and a.size and a.max() >= 2**63:
-                bad = np.append(bad, cu[i] + int(np.argmax(a >= 2**63)))
-        if bad.size:
-            k = int(bad.min())
-            b = int(np.searchsorted(cu, k, side="right")) - 1
-            pos = k - int(cu[b])
-            raise ValueError(
-                f"sample {b}, position {pos}: token id {int(arrays[b][pos])} is outside the "
-                f"tokenizer's vocabulary [0, {vocab}): were these ids made with this tokenizer?"
-            ) from None
-        raise
+    except _engram_rs.OutOfRangeError as e:
+        # The core's position is in the flat ids: map it to its sample. (uint64 ids of 2**63 and
+        # above became negative int64, which the core refuses too: show the sample's value.)
+        b = int(np.searchsorted(cu, e.flat_index, side="right")) - 1
+        pos = e.flat_index - int(cu[b])
+        raise ValueError(
+            f"sample {b}, position {pos}: token id {int(arrays[b][pos])} is outside the "
+            f"tokenizer's vocabulary [0, {e.bound}): were these ids made with this tokenizer?"
+        ) from None
     return ids, cu, out
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .. import _engram_rs
 from ..config import EngramConfig
 from ..hashing import IndexDType, NgramHasher
 
@@ -149,19 +150,16 @@ def hash_block(
         # int64 context first: numpy promotes, so ids of a wider earlier file never wrap.
         ids = np.concatenate([ctx, tokens]) if n_ctx else tokens
         cu, new = segment(ids, n_ctx, start, boundary)
-    vocab = hasher.vocab_size
-    assert vocab is not None
     try:
         out = hasher.hash_tokens(ids, layer_ids=layers, dtype=dtype, flat=flat, cu_seqlens=cu)
-    except (ValueError, IndexError):
-        bad = np.flatnonzero((tokens < 0) | (tokens >= vocab))
-        if bad.size:
-            k = int(bad[0])
-            raise ValueError(
-                f"{block.where(k)}: token id {int(tokens[k])} is outside the tokenizer's "
-                f"vocabulary [0, {vocab}): were these ids made with this tokenizer?"
-            ) from None
-        raise
+    except _engram_rs.OutOfRangeError as e:
+        k = e.flat_index - n_ctx  # the context was hashed (and checked) with the block before
+        if k < 0:  # pragma: no cover - the context's ids passed the check with their block
+            raise
+        raise ValueError(
+            f"{block.where(k)}: token id {int(tokens[k])} is outside the tokenizer's "
+            f"vocabulary [0, {e.bound}): were these ids made with this tokenizer?"
+        ) from None
     if n_ctx:
         out = {layer: a[n_ctx:] for layer, a in out.items()}
     return out, new

@@ -34,8 +34,10 @@ class EngineRun:
 
     ``state``: the checked resume state of an interrupted run (None: from the start).
     ``written(cursor)``: to call once the results of the inputs up to ``cursor`` are written (the
-    job checksums the inputs as they are read); an engine that reads the inputs elsewhere does
-    not call it, and the job sums them whole at the end.
+    job checksums the inputs as they are read). ``summed(i, checksum)``: an engine that reads
+    the inputs elsewhere (in Ray tasks) hands in the checksum of input ``i``
+    (:class:`engram_rs._engram_rs.Checksum` of its bytes) instead; an input neither reports is
+    summed whole at the end.
     """
 
     source: Source
@@ -49,6 +51,7 @@ class EngineRun:
     state: dict[str, Any] | None = None
     commit_seconds: float = 30.0
     written: Callable[[dict[str, int]], None] | None = None
+    summed: Callable[[int, str], None] | None = None
 
     @property
     def layers(self) -> list[int]:

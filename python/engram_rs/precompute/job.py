@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -216,36 +216,60 @@ class JobDir:
 
 
 class InputSums:
-    """The checksums of the inputs, computed as the run reads them: after each block, its
-    file's checksum is advanced to the block's end (the bytes just read, from the page cache;
-    no second pass over the inputs at the end). Parquet/Arrow inputs, whose bytes are not read
-    in order, are summed whole once the run has moved past them."""
+    """The checksums of the inputs, computed as the run reads them, with no second pass over
+    them at the end.
+
+    The local engine calls :meth:`advance` after each block: the file's checksum is advanced to
+    the block's end (the bytes just read, from the page cache). For Parquet and Arrow IPC inputs
+    the end is that of the last row group / record batch the block finished (their bytes lie in
+    file order); the footer is added when the run is past the file. An engine that reads the
+    bytes itself (the Ray engine's tasks) hands in each file's checksum with :meth:`given`.
+    """
 
     def __init__(self, source: Source) -> None:
         self.source = source
         self.sums = [_engram_rs.Checksum() for _ in source.paths]
         self.done = [0] * len(source.paths)
-        self.finished = [False] * len(source.paths)
-        self.unit: list[tuple[int, int] | None] = []  # (first byte, bytes a cursor unit)
-        for p in source.paths:
-            if source.format == "bin":
-                self.unit.append((0, source.token_dtype.itemsize))
-            elif source.format == "npy":
-                arr = source.npy(p)
-                row = arr.dtype.itemsize * (arr.shape[1] if arr.ndim == 2 else 1)
-                self.unit.append((int(getattr(arr, "offset", 0)), row))
-            elif source.format in ("text", "jsonl"):
-                self.unit.append((0, 1))
-            else:
-                self.unit.append(None)
+        self.digests: list[str | None] = [None] * len(source.paths)
+        self.ends: list[Callable[[int], int] | None] = [self._ends(p) for p in source.paths]
+
+    def _ends(self, path: str) -> Callable[[int], int] | None:
+        """The byte after the input read up to the cursor position ``pos`` (None: unknown, the
+        file is summed whole once the run is past it)."""
+        source = self.source
+        if source.format == "bin":
+            item = source.token_dtype.itemsize
+            return lambda pos: item * pos
+        if source.format == "npy":
+            arr = source.npy(path)
+            row = arr.dtype.itemsize * (arr.shape[1] if arr.ndim == 2 else 1)
+            first = int(getattr(arr, "offset", 0))
+            return lambda pos: first + row * pos
+        if source.format in ("text", "jsonl"):
+            return lambda pos: pos
+        found = source.byte_ends(path)
+        if found is None:
+            return None
+        rows, ends = found
+
+        def upto(pos: int) -> int:
+            k = int(np.searchsorted(rows, pos, side="right"))  # groups wholly before pos
+            return int(ends[k - 1]) if k else 0
+
+        return upto
 
     def advance(self, cursor: dict[str, int]) -> None:
+        """The results of the inputs up to ``cursor`` are written (the local engine)."""
         f = int(cursor["file"])
         for i in range(f):
             self.finish(i)
-        unit = self.unit[f]
-        if unit is not None:
-            self._read(f, unit[0] + unit[1] * int(cursor["pos"]))
+        ends = self.ends[f]
+        if ends is not None:
+            self._read(f, ends(int(cursor["pos"])))
+
+    def given(self, i: int, digest: str) -> None:
+        """The checksum of input ``i``, computed by the engine as it read the file."""
+        self.digests[i] = digest
 
     def _read(self, i: int, upto: int) -> None:
         if upto > self.done[i]:
@@ -253,14 +277,14 @@ class InputSums:
             self.done[i] = upto
 
     def finish(self, i: int) -> None:
-        if not self.finished[i]:
+        if self.digests[i] is None:
             self._read(i, os.path.getsize(self.source.paths[i]))
-            self.finished[i] = True
+            self.digests[i] = self.sums[i].hexdigest()
 
     def hexdigests(self) -> list[str]:
         for i in range(len(self.sums)):
             self.finish(i)
-        return [s.hexdigest() for s in self.sums]
+        return [d for d in self.digests if d is not None]
 
 
 def check_inputs_unchanged(job: dict[str, Any]) -> None:
@@ -531,6 +555,7 @@ def precompute(
                 state=state,
                 commit_seconds=commit_seconds,
                 written=sums.advance,
+                summed=sums.given,
             )
             # The local engine through this module's name (see _run_local).
             counts = _run_local(run) if engine == "local" else ENGINES[engine].run(run)

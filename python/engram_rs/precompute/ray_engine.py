@@ -204,24 +204,19 @@ class HashBatches(_Hashing):
     def _hash(self, ids: np.ndarray, cu: npt.NDArray[np.int64]) -> dict[int, np.ndarray]:
         if ids.size == 0:
             return {x: np.zeros((0, self.cols), self.dtype) for x in self.layers}
-        vocab = self.hasher.vocab_size
-        assert vocab is not None
         try:
             return self.hasher.hash_tokens(
                 ids, layer_ids=self.layers, dtype=self.dtype, flat=self.flat, cu_seqlens=cu
             )
-        except (ValueError, IndexError):
-            bad = np.flatnonzero((ids < 0) | (ids >= vocab))
-            if bad.size:
-                k = int(bad[0])
-                r = int(np.searchsorted(cu, k, side="right")) - 1
-                raise _RowError(
-                    f"column {self.column!r}, row {r} of the batch, position {k - int(cu[r])}: "
-                    f"token id {int(ids[k])} is outside the tokenizer's vocabulary [0, {vocab}): "
-                    "were these ids made with this tokenizer?",
-                    r,
-                ) from None
-            raise
+        except _engram_rs.OutOfRangeError as e:
+            k = e.flat_index
+            r = int(np.searchsorted(cu, k, side="right")) - 1
+            raise _RowError(
+                f"column {self.column!r}, row {r} of the batch, position {k - int(cu[r])}: "
+                f"token id {int(ids[k])} is outside the tokenizer's vocabulary [0, {e.bound}): "
+                "were these ids made with this tokenizer?",
+                r,
+            ) from None
 
 
 class _RowError(ValueError):
@@ -306,6 +301,9 @@ def _split_files(
             if path not in plan:
                 raise ValueError(f"Ray read {path!r}, which is not one of the inputs")
             i, first, ctx0 = plan[path]
+            summed = _engram_rs.Checksum()  # the input's checksum, of the bytes as read here
+            summed.update(np.frombuffer(data, dtype=np.uint8))
+            checksum = summed.hexdigest()
             if kind == "stream":
                 pieces = _stream_pieces(path, data, fmt, token_dtype, first, ctx0, chunk, history)
             elif fmt == "arrow":
@@ -313,9 +311,12 @@ def _split_files(
             else:
                 pieces = _jsonl_pieces(path, data, chunk)
             for k, piece in enumerate(pieces):
-                rows.append(dict(piece, file=i, piece=k, last=False))
+                rows.append(dict(piece, file=i, piece=k, last=False, checksum=checksum))
             if not rows or rows[-1]["file"] != i:
-                rows.append({"pos": 0, "line": 0, "text": b"", "units": 0, "file": i, "piece": 0})
+                rows.append(
+                    {"pos": 0, "line": 0, "text": b"", "units": 0, "file": i, "piece": 0}
+                    | {"checksum": checksum}
+                )
             rows[-1]["last"] = True
     except Exception as e:
         return _error(e)
@@ -433,6 +434,7 @@ class _HashPieces(_Hashing):
             "piece": int(batch["piece"][k]),
             "last": bool(batch["last"][k]),
             "units": int(batch["units"][k]),
+            "checksum": str(batch["checksum"][k]),
         }
         start = 0
         ctx = np.zeros(0, np.int64)
@@ -596,6 +598,10 @@ def _run(ray: Any, run: EngineRun) -> Counts:
             batch_size=1,
             batch_format="numpy",
         )
+    # Inputs that Ray's own readers read (Parquet, .npy batches): one task per file sums it on
+    # the cluster beside the run (the driver reads no input); the others are summed by the tasks
+    # that read them whole (_split_files).
+    sums = [_CHECKSUM.remote(p) for p in source.paths] if native else []
     batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
     writer = _Appender(run, hasher.cols)
     try:
@@ -612,7 +618,32 @@ def _run(ray: Any, run: EngineRun) -> Counts:
         raise RuntimeError(
             f"Ray returned the pieces of {writer.next_file} of {len(source.paths)} input files"
         )
+    if run.summed is not None:
+        for i, checksum in enumerate(ray.get(sums)):
+            run.summed(i, checksum)
     return {"tokens": writer.tokens, "sequences": writer.sequences}
+
+
+def _checksum_file(path: str) -> str:
+    """The checksum of the whole input ``path`` (a Ray task)."""
+    summed = _engram_rs.Checksum()
+    summed.update_from_file(path)
+    return summed.hexdigest()
+
+
+class _RemoteChecksum:
+    """``_checksum_file`` as a Ray task that reserves no CPU (it waits on the disk), made on
+    first use (Ray is imported only by the engine)."""
+
+    task: Any = None
+
+    def remote(self, path: str) -> Any:
+        if self.task is None:
+            self.task = _ray().remote(num_cpus=0)(_checksum_file)
+        return self.task.remote(path)
+
+
+_CHECKSUM = _RemoteChecksum()
 
 
 def _plan(source: Source, history: int) -> dict[str, tuple[int, int, list[int]]]:
@@ -669,6 +700,7 @@ class _Appender:
         self.sequences = 0
         self.next_file = 0
         self.next_piece = 0
+        self.summed = run.summed
         self.bar = run.progress_bar()
 
     def close(self) -> None:
@@ -719,6 +751,8 @@ class _Appender:
                 )
             if bool(batch["last"][k]):
                 self.next_file, self.next_piece = i + 1, 0
+                if self.summed is not None:
+                    self.summed(i, str(batch["checksum"][k]))
             else:
                 self.next_piece += 1
             tokens = np.asarray(batch["tokens"][k]).reshape(-1)

@@ -222,6 +222,51 @@ class Source:
             )
         return int(f.metadata.num_rows if self.format == "parquet" else f.num_rows)
 
+    def byte_ends(self, path: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Where the bytes of a Parquet or Arrow IPC input's rows end, for checksumming it as it
+        is read: (the row after each row group / record batch, the byte after it), both
+        non-decreasing; None when the rows' bytes are not known (a compressed Arrow file, whose
+        batches are decompressed into new memory), or for other formats."""
+        if self.format == "parquet":
+            meta = self._arrow_table_rows(path).metadata
+            rows, ends = [], []
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                end = 0
+                for c in range(group.num_columns):
+                    col = group.column(c)
+                    first = col.data_page_offset
+                    if col.has_dictionary_page and col.dictionary_page_offset is not None:
+                        first = min(first, col.dictionary_page_offset)
+                    end = max(end, int(first) + int(col.total_compressed_size))
+                rows.append(int(group.num_rows))
+                ends.append(end)
+        elif self.format == "arrow":
+            pa = _pyarrow()
+            mapped = pa.memory_map(path)
+            base, size = mapped.read_buffer(1).address, mapped.size()
+
+            def start() -> Any:
+                mapped.seek(0)
+                return mapped
+
+            rows, ends = [], []
+            for batch in read_arrow_ipc(start, path).to_batches():
+                end = 0
+                for column in batch.columns:
+                    for buf in column.buffers():
+                        if buf is None or not buf.size:
+                            continue
+                        if not base <= buf.address <= base + size - buf.size:
+                            return None  # not a view of the file (a compressed batch)
+                        end = max(end, buf.address + buf.size - base)
+                rows.append(batch.num_rows)
+                ends.append(end)
+        else:
+            return None
+        after = np.array(ends, dtype=np.int64)
+        return np.cumsum(np.array(rows, dtype=np.int64)), np.maximum.accumulate(after)
+
     def _text_tokenizer(self) -> Any:
         if self._tokenizer is None:
             if self.tokenizer_path is None:
