@@ -169,6 +169,29 @@ def test_ragged_equals_per_sequence(golden: dict, lengths: list[int], name: str,
         np.testing.assert_array_equal(out[layer], expected)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 300), min_size=1, max_size=5),
+    name=st.sampled_from(PRESETS),
+    seed=st.integers(0, 1000),
+    dtype=st.sampled_from([np.int64, np.int32]),
+)
+def test_public_scalar_path_equals_the_fast_path(
+    golden: dict, lengths: list[int], name: str, seed: int, dtype: type
+) -> None:
+    """``scalar=True`` (the reference kernel the benchmarks time) gives the same ids, batched,
+    ragged and from raw ids."""
+    h = make_hasher(golden, name)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, h.compressed_vocab_size, size=sum(lengths))
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    for kw in ({"cu_seqlens": cu}, {}):
+        fast = h.hash(ids, dtype=dtype, flat=True, **kw)
+        slow = h.hash(ids, dtype=dtype, flat=True, scalar=True, **kw)
+        for layer in h.layer_ids:
+            np.testing.assert_array_equal(slow[layer], fast[layer])
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     batch=st.integers(1, 4),

@@ -330,14 +330,16 @@ class NgramHasher:
         history: np.ndarray | None = None,
         shape: tuple[int, ...] | None = None,
         raw: bool = False,
+        scalar: bool = False,
     ) -> HashIds:
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.int64), np.dtype(np.int32)):
             raise ValueError(f"dtype must be numpy.int64 or numpy.int32, got {dt}")
         layers = self.check_layers(layer_ids)
         int32 = dt == np.int32  # whether the ids fit is checked by the core
+        rows = [self._index[x] for x in layers]
         outs = self._core.hash(
-            ids, bounds, [self._index[x] for x in layers], int32, bool(flat), history, raw=raw
+            ids, bounds, rows, int32, bool(flat), history, scalar=bool(scalar), raw=raw
         )
         out_shape = (*(ids.shape if shape is None else shape), self.cols)
         return {layer: out.reshape(out_shape) for layer, out in zip(layers, outs, strict=True)}
@@ -349,6 +351,8 @@ class NgramHasher:
         dtype: IndexDType = np.int64,
         flat: bool = False,
         cu_seqlens: npt.ArrayLike | None = None,
+        *,
+        scalar: bool = False,
     ) -> HashIds:
         """Hash compressed token ids -> ``{layer_id: hash ids}``.
 
@@ -359,8 +363,10 @@ class NgramHasher:
         after them. With ``cu_seqlens`` (``[0, len0, len0 + len1, ..., len(ids)]``), ``ids`` is
         1-D, the concatenation of sequences of any lengths, and the result ``[len(ids), cols]``.
         ``flat=True`` adds ``offsets[layer_id]``: rows of the layer's single flat table.
+        ``scalar=True`` runs the one-thread scalar kernel that the SIMD path is tested against
+        (the same ids, slower: for tests and benchmarks).
         """
-        return self._hash(ids, cu_seqlens, layer_ids, dtype, flat, raw=False)
+        return self._hash(ids, cu_seqlens, layer_ids, dtype, flat, raw=False, scalar=scalar)
 
     def hash_tokens(
         self,
@@ -369,6 +375,8 @@ class NgramHasher:
         dtype: IndexDType = np.int64,
         flat: bool = False,
         cu_seqlens: npt.ArrayLike | None = None,
+        *,
+        scalar: bool = False,
     ) -> HashIds:
         """``hash(comp(raw_ids))`` in one pass, for raw token ids (same shapes and options).
 
@@ -376,7 +384,7 @@ class NgramHasher:
         inside the hashing kernel, no compressed array is made.
         """
         self._require_lookup()
-        return self._hash(raw_ids, cu_seqlens, layer_ids, dtype, flat, raw=True)
+        return self._hash(raw_ids, cu_seqlens, layer_ids, dtype, flat, raw=True, scalar=scalar)
 
     def hash_ragged(
         self,
@@ -404,6 +412,7 @@ class NgramHasher:
         dtype: IndexDType,
         flat: bool,
         raw: bool,
+        scalar: bool = False,
     ) -> HashIds:
         arr = _as_ids(ids)
         if cu_seqlens is None:
@@ -411,7 +420,7 @@ class NgramHasher:
                 raise ValueError(f"ids must be 1-D [T] or 2-D [B, T], got shape {arr.shape}")
             rows, length = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape
             bounds = _row_bounds(rows, length)
-            return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw)
+            return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw, scalar=scalar)
         if arr.ndim != 1:
             raise ValueError(
                 f"with cu_seqlens, ids must be 1-D (the concatenated sequences), got shape "
@@ -430,7 +439,8 @@ class NgramHasher:
                 "cu_seqlens holds the offsets of each sequence in ids"
             )
         # Start, end and order are checked by the core.
-        return self._run(arr, cu.astype(np.int64).tolist(), layer_ids, dtype, flat, raw=raw)
+        bounds = cu.astype(np.int64).tolist()
+        return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw, scalar=scalar)
 
     def new_state(self, batch_size: int) -> HashState:
         """A decode state for ``batch_size`` fresh sequences (pad history)."""

@@ -148,6 +148,7 @@ def fill_table(values: np.ndarray, scales: np.ndarray | None, dtype: str) -> Non
     rows, dim = values.shape
     block = max(1, min(rows, (32 << 20) // values[0].nbytes))
     f32 = rng.standard_normal((block, dim), dtype=np.float32)
+    src: np.ndarray
     if dtype == "float8_e4m3":
         codes, sc = _engram_rs.quantize_fp8(f32)
         src = codes.reshape(block, dim)
