@@ -202,13 +202,15 @@ class SparseOptimizer(torch.optim.Optimizer):
     """
 
     kind: ClassVar[str]
+    #: The hyperparameters of the kind, from the core (``betas``: ``beta1`` and ``beta2``).
+    hyperparameter_names: ClassVar[tuple[str, ...]] = ("lr",)
     #: Names of the float32 state tables and their width (None: the table's dim), from the core.
     state_shapes: ClassVar[tuple[tuple[str, int | None], ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if getattr(cls, "kind", None) in KINDS:
-            cls.state_shapes = KINDS[cls.kind][2]
+            _, cls.hyperparameter_names, cls.state_shapes = KINDS[cls.kind]
 
     def __init__(
         self,
@@ -332,11 +334,12 @@ class SparseOptimizer(torch.optim.Optimizer):
     def hyperparameters(self) -> dict[str, float]:
         """The hyperparameters the next step uses (``betas`` as ``beta1``, ``beta2``)."""
         group = self.param_groups[0]
-        hp = {"lr": float(group["lr"])}
-        if "betas" in group:
-            hp["beta1"], hp["beta2"] = (float(b) for b in group["betas"])
-        if "eps" in group:
-            hp["eps"] = float(group["eps"])
+        hp = {}
+        for name in self.hyperparameter_names:
+            if name == "betas":
+                hp["beta1"], hp["beta2"] = (float(b) for b in group["betas"])
+            else:
+                hp[name] = float(group[name])
         return hp
 
     def state_tables(self, table: HostTable) -> list[HostTable]:
