@@ -11,6 +11,8 @@ from torch import nn
 from ..config import EngramConfig
 from ..hashing import NgramHasher
 from ..table import HostTable
+from . import ops
+from .ops import hash_id_error
 
 if TYPE_CHECKING:
     from .optim import SparseOptimizer
@@ -48,16 +50,6 @@ def _set_layout(module: nn.Module, layout: tuple[list[int], list[int]]) -> None:
 def _check_embed_dim(embed_dim: int) -> None:
     if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
         raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
-
-
-def hash_id_error(layer_id: int, position: tuple[int, ...], value: int, rows: int) -> IndexError:
-    """The error of a hash id outside its head's table (one message, whoever finds it)."""
-    b, t, c = position
-    return IndexError(
-        f"hash id {value} in column {c} at position ({b}, {t}) is outside layer {layer_id}'s "
-        f"table: that column's head has {rows} rows [0, {rows}); hash with the same config "
-        "and layer (and flat=False: the module adds the offsets)"
-    )
 
 
 def _check_hash_ids(
@@ -175,8 +167,6 @@ class EngramEmbedding(nn.Module):
             )
         self._layout = (offsets, head_rows)
         _set_layout(self, self._layout)
-        from . import ops
-
         # The host gather's backward applies `optimizer` to the table; the zero-size anchor
         # makes the gathered rows require grad (it is left out of the state_dict). The module
         # alone holds its binding (weakly registered), so deleting it releases the table.
@@ -199,9 +189,7 @@ class EngramEmbedding(nn.Module):
         _check_hash_ids(hash_ids, self.head_rows, self.layer_id, range_check=False)
         if self._anchor.dtype != torch.float32:
             raise _cast_error(self)
-        from .ops import host_embedding
-
-        rows: torch.Tensor = host_embedding(self, hash_ids)
+        rows: torch.Tensor = ops.host_embedding(self, hash_ids)
         return rows.reshape(*hash_ids.shape[:2], self.cols * self.embed_dim)
 
     def prefetch(self, hash_ids: torch.Tensor) -> Any:
@@ -209,9 +197,7 @@ class EngramEmbedding(nn.Module):
         if self.multi_head_embedding is not None:
             return None
         _check_hash_ids(hash_ids, self.head_rows, self.layer_id, range_check=False)
-        from .ops import host_prefetch
-
-        return host_prefetch(self, hash_ids)
+        return ops.host_prefetch(self, hash_ids)
 
     # A host table is a file held under a lock: a copy cannot share it (an exclusive lock) or
     # own a copy of it, so deepcopy, pickle and torch.save(module) (which all reduce the module

@@ -35,6 +35,7 @@ from .optim import SparseOptimizer
 
 __all__ = [
     "attach_copy",
+    "hash_id_error",
     "host_embedding",
     "host_gather",
     "host_prefetch",
@@ -77,6 +78,16 @@ _COUNTER = itertools.count(1)
 #: The dtypes row ids may have (anything else is refused: a float would be truncated, a bool
 #: read as rows 0 and 1).
 _ROW_DTYPES = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+
+
+def hash_id_error(layer_id: int, position: tuple[int, ...], value: int, rows: int) -> IndexError:
+    """The error of a hash id outside its head's table (one message, whoever finds it)."""
+    b, t, c = position
+    return IndexError(
+        f"hash id {value} in column {c} at position ({b}, {t}) is outside layer {layer_id}'s "
+        f"table: that column's head has {rows} rows [0, {rows}); hash with the same config "
+        "and layer (and flat=False: the module adds the offsets)"
+    )
 
 
 def _check_rows(rows: torch.Tensor) -> None:
@@ -249,8 +260,6 @@ def layer_rows(emb: Any, hash_ids: torch.Tensor) -> torch.Tensor:
     try:
         rows = _engram_rs.head_rows(ids, offsets_list, bounds)
     except _engram_rs.OutOfRangeError as e:
-        from .modules import hash_id_error  # (modules imports this module)
-
         raise hash_id_error(emb.layer_id, e.position, e.value, e.bound) from None
     return torch.from_numpy(rows).reshape(-1)
 
