@@ -25,7 +25,29 @@ Layers: TypeAlias = int | Sequence[int] | None
 #: Hash ids per layer id.
 HashIds: TypeAlias = dict[int, npt.NDArray[np.int64] | npt.NDArray[np.int32]]
 
-__all__ = ["HashState", "NgramHasher", "layer_multipliers", "pack_sequences"]
+__all__ = [
+    "HashState",
+    "NgramHasher",
+    "cu_seqlens_of",
+    "layer_multipliers",
+    "locate",
+    "pack_sequences",
+]
+
+
+def cu_seqlens_of(lengths: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """``cu_seqlens`` of sequences of ``lengths``: ``[0, len0, len0 + len1, ...]`` (int64)."""
+    counts = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    cu = np.zeros(counts.shape[0] + 1, np.int64)
+    np.cumsum(counts, out=cu[1:])
+    return cu
+
+
+def locate(cu_seqlens: npt.NDArray[np.int64], index: int) -> tuple[int, int]:
+    """(sequence, position in it) of token ``index`` of sequences packed by ``cu_seqlens``: the
+    caller's coordinates of a position the core reports in the flat ids."""
+    seq = int(np.searchsorted(cu_seqlens, index, side="right")) - 1
+    return seq, index - int(cu_seqlens[seq])
 
 
 def layer_multipliers(
@@ -53,8 +75,7 @@ def pack_sequences(
     for i, a in enumerate(arrays):
         if a.size and a.dtype.kind not in "iu":
             raise TypeError(f"sequence {i} holds {a.dtype} values, not token ids (integers)")
-    lengths = np.array([a.size for a in arrays], dtype=np.int64)
-    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cu = cu_seqlens_of([a.size for a in arrays])
     ids = np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
     return ids, cu
 

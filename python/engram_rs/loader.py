@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _engram_rs
-from .hashing import HashIds, IndexDType, Layers, NgramHasher
+from .hashing import HashIds, IndexDType, Layers, NgramHasher, cu_seqlens_of, locate
 
 __all__ = ["HashCollate", "HashedTokens", "torch_collate"]
 
@@ -94,17 +94,14 @@ def _hash_samples(
 ) -> tuple[np.ndarray, np.ndarray, HashIds]:
     """Packs the samples and hashes them in one call: ``(ids, cu_seqlens, {layer: [n, cols]})``."""
     arrays = [_sample_ids(s, i) for i, s in enumerate(samples)]
-    lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
-    cu = np.zeros(len(arrays) + 1, np.int64)
-    np.cumsum(lengths, out=cu[1:])
+    cu = cu_seqlens_of([a.shape[0] for a in arrays])
     ids = np.concatenate(arrays).astype(np.int64, copy=False) if arrays else np.zeros(0, np.int64)
     try:
         out = hasher.hash_tokens(ids, layer_ids=layers, dtype=dtype, flat=flat, cu_seqlens=cu)
     except _engram_rs.OutOfRangeError as e:
         # The core's position is in the flat ids: map it to its sample. (uint64 ids of 2**63 and
         # above became negative int64, which the core refuses too: show the sample's value.)
-        b = int(np.searchsorted(cu, e.flat_index, side="right")) - 1
-        pos = e.flat_index - int(cu[b])
+        b, pos = locate(cu, e.flat_index)
         raise ValueError(
             f"sample {b}, position {pos}: token id {int(arrays[b][pos])} is outside the "
             f"tokenizer's vocabulary [0, {e.bound}): were these ids made with this tokenizer?"

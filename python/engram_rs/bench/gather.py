@@ -91,7 +91,7 @@ def _open_gather_tables(
         # One numpy array (on transparent huge pages, as numpy allocates large arrays) that
         # engram_rs and torch both wrap.
         values = np.empty((rows, dim), dtypes.DTYPES[dtype].numpy)
-        scales = np.empty((rows, dim // 32), np.uint8) if fp8 else None
+        scales = np.empty((rows, dim // dtypes.FP8_BLOCK), np.uint8) if fp8 else None
         fill_table(values, scales, dtype)
         return (
             HostTable.from_numpy(values, scales, _spec(dtype)),
@@ -153,7 +153,7 @@ def bench_gather(
     if dtype not in GATHER_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(GATHER_DTYPES)}")
     row_bytes = dim * np.dtype(dtypes.DTYPES[dtype].numpy).itemsize + (
-        dim // 32 if dtype == "float8_e4m3" else 0
+        dim // dtypes.FP8_BLOCK if dtype == "float8_e4m3" else 0
     )
     if rows is None:
         rows = int(table_gib * 2**30) // row_bytes + 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from .. import dtypes
 from ..bench import (
     GATHER_DTYPES,
     bench_compress,
@@ -236,8 +237,10 @@ def _check_gather_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         value = getattr(args, opt)
         if value is not None and value < 1:
             parser.error(f"--{opt.replace('_', '-')} must be >= 1, got {value}")
-    if args.dtype == "float8_e4m3" and args.dim % 32:
-        parser.error(f"float8_e4m3 rows need --dim to be a multiple of 32, got {args.dim}")
+    if args.dtype == "float8_e4m3" and args.dim % dtypes.FP8_BLOCK:
+        parser.error(
+            f"float8_e4m3 rows need --dim to be a multiple of {dtypes.FP8_BLOCK}, got {args.dim}"
+        )
     if not args.table_gib > 0:
         parser.error(f"--table-gib must be > 0, got {args.table_gib}")
     if args.threads < 0:

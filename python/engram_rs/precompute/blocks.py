@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from .. import _engram_rs
 from ..config import EngramConfig
-from ..hashing import IndexDType, NgramHasher
+from ..hashing import IndexDType, NgramHasher, cu_seqlens_of, locate
 
 __all__ = [
     "Block",
@@ -55,9 +55,7 @@ def row_where(path: str, lengths: np.ndarray, first_row: int) -> Callable[[int],
     """``where`` of a block of rows of ``lengths`` tokens, the first row ``first_row``."""
 
     def where(k: int) -> str:
-        ends = np.cumsum(lengths)
-        r = int(np.searchsorted(ends, k, side="right"))
-        col = k - (int(ends[r - 1]) if r else 0)
+        r, col = locate(cu_seqlens_of(lengths), k)
         return f"{path}, row {first_row + r}, position {col}"
 
     return where
@@ -142,7 +140,7 @@ def hash_block(
     tokens = block.tokens
     if block.lengths is not None:
         ids = tokens
-        cu = np.concatenate([[0], np.cumsum(block.lengths)]).astype(np.int64)
+        cu = cu_seqlens_of(block.lengths)
         new = cu[:-1] + start
         n_ctx = 0
     else:

@@ -43,7 +43,7 @@ import numpy.typing as npt
 from .. import _engram_rs
 from ..compress import CompressedTokenizer
 from ..config import EngramConfig
-from ..hashing import IndexDType, NgramHasher
+from ..hashing import IndexDType, NgramHasher, cu_seqlens_of, locate
 from .blocks import Block, Boundary, hash_block, resolve_config, row_where, token_where
 from .engine import Counts, EngineRun
 from .files import output_arrays
@@ -209,11 +209,10 @@ class HashBatches(_Hashing):
                 ids, layer_ids=self.layers, dtype=self.dtype, flat=self.flat, cu_seqlens=cu
             )
         except _engram_rs.OutOfRangeError as e:
-            k = e.flat_index
-            r = int(np.searchsorted(cu, k, side="right")) - 1
+            r, pos = locate(cu, e.flat_index)
             raise _RowError(
-                f"column {self.column!r}, row {r} of the batch, position {k - int(cu[r])}: "
-                f"token id {int(ids[k])} is outside the tokenizer's vocabulary [0, {e.bound}): "
+                f"column {self.column!r}, row {r} of the batch, position {pos}: token id "
+                f"{int(ids[e.flat_index])} is outside the tokenizer's vocabulary [0, {e.bound}): "
                 "were these ids made with this tokenizer?",
                 r,
             ) from None
@@ -257,8 +256,7 @@ def _sequences(
                 r,
             )
         parts.append(a if a.size else np.zeros(0, np.int64))
-    lengths = np.array([a.shape[0] for a in parts], dtype=np.int64)
-    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cu = cu_seqlens_of([a.shape[0] for a in parts])
     ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     return ids, cu, None
 
@@ -737,7 +735,7 @@ class _Appender:
             lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
             tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
         out = {x: _stack(batch[f"layer_{x}"], self.cols) for x in self.layers}
-        starts = self.tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        starts = self.tokens + cu_seqlens_of(lengths)[:-1]
         self._append(out, tokens, starts[:rows], rows)
 
     def pieces(self, batch: dict[str, Any]) -> None:
@@ -766,8 +764,7 @@ class _Appender:
                 starts = np.asarray(batch["starts"][k], dtype=np.int64).reshape(-1)
             else:
                 lengths = np.asarray(batch["lengths"][k], dtype=np.int64).reshape(-1)
-                starts = self.tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]])
-                starts = starts[: lengths.shape[0]].astype(np.int64)
+                starts = self.tokens + cu_seqlens_of(lengths)[:-1]
             self._append(out, tokens, starts, int(batch["units"][k]))
 
 
