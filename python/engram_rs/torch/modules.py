@@ -17,7 +17,7 @@ from .ops import hash_id_error
 if TYPE_CHECKING:
     from .optim import SparseOptimizer
 
-__all__ = ["Engram", "EngramEmbedding", "MultiHeadEmbedding", "ShortConv"]
+__all__ = ["Engram", "EngramEmbedding", "MultiHeadEmbedding", "ShortConv", "check_no_optimizer"]
 
 _ID_DTYPES = (torch.int64, torch.int32)
 
@@ -50,6 +50,16 @@ def _set_layout(module: nn.Module, layout: tuple[list[int], list[int]]) -> None:
 def _check_embed_dim(embed_dim: int) -> None:
     if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
         raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+
+
+def check_no_optimizer(optimizer: SparseOptimizer | None, rows: str) -> None:
+    """Refuses a sparse optimizer for rows that are not in a HostTable (``rows``: what they
+    are instead, for the message)."""
+    if optimizer is not None:
+        raise ValueError(
+            f"optimizer is for rows in a HostTable (pass table=...): without one the rows are "
+            f"{rows}, trained by the model's torch optimizer"
+        )
 
 
 def _check_hash_ids(
@@ -149,11 +159,7 @@ class EngramEmbedding(nn.Module):
         self.optimizer = optimizer
         self.multi_head_embedding: MultiHeadEmbedding | None = None
         if table is None:
-            if optimizer is not None:
-                raise ValueError(
-                    "optimizer is for rows in a HostTable (pass table=...): without one the rows "
-                    "are a parameter, trained by the model's torch optimizer"
-                )
+            check_no_optimizer(optimizer, "a parameter")
             self.multi_head_embedding = MultiHeadEmbedding(hasher, layer_id, embed_dim)
             return
         if not isinstance(table, HostTable):
