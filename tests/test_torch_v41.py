@@ -342,3 +342,14 @@ def test_bad_inputs_get_clear_errors() -> None:
         ValueError, match=r"hidden_size \* \(hc_mult \+ 1\) = 90 must be a multiple of 32"
     ):
         EngramV41(hasher(4), 1, hidden_size=18)
+
+
+def test_the_benchmark_runs_on_a_small_table() -> None:
+    """``engram-rs bench v41`` (in ``make bench``) at a tiny size: its contenders give the same
+    rows and the same layer output bit for bit (it asserts so), and every part is timed."""
+    from engram_rs.bench import bench_v41
+
+    r = bench_v41(table_rows=5000, tokens=16, hidden=32, repeats=1)
+    parts = {row["part"]: row for row in r.rows}
+    assert set(parts) >= {"gather + dequantize", "wkv", "gate", "whole layer"}
+    assert all(parts[p]["engram_rs ms"] > 0 for p in ("gather + dequantize", "whole layer"))

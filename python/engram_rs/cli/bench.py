@@ -15,6 +15,7 @@ from ..bench import (
     bench_hashing,
     bench_precompute,
     bench_train,
+    bench_v41,
     environment,
     format_table,
     gather_table_info,
@@ -29,7 +30,7 @@ __all__ = ["configure"]
 def configure(name: str, bench: argparse.ArgumentParser) -> None:
     """The sub-commands of ``bench`` and their arguments."""
     what = bench.add_subparsers(
-        dest="what", required=True, metavar="{hash,gather,compress,precompute,train}"
+        dest="what", required=True, metavar="{hash,gather,compress,precompute,train,v41}"
     )
     hash_ = what.add_parser("hash", help="hashing against the numpy reference")
     hash_.add_argument(
@@ -95,6 +96,17 @@ def configure(name: str, bench: argparse.ArgumentParser) -> None:
         "--steps", type=positive, default=5, help="timed steps after the warm-up (5)"
     )
     bench_train_.set_defaults(func=_bench_train)
+    v41 = what.add_parser(
+        "v41",
+        help="DeepSeek-V4.1-Flash's Engram layer on the CPU against the same math in plain torch",
+    )
+    v41.add_argument(
+        "--rows", type=positive, default=2_000_000, help="FP8 table rows, about (%(default)s)"
+    )
+    v41.add_argument("--tokens", type=positive, default=1024, help="tokens (%(default)s)")
+    v41.add_argument("--hidden", type=positive, default=256, help="hidden size (%(default)s)")
+    v41.add_argument("--repeats", type=positive, default=7, help="interleaved rounds (7)")
+    v41.set_defaults(func=_bench_v41)
 
 
 def _bench_gather(args: argparse.Namespace) -> int:
@@ -180,6 +192,27 @@ def _bench_precompute(args: argparse.Namespace) -> int:
     print(
         f"bytes written per token: {r.bytes_written / r.tokens:.2f} "
         f"({r.bytes_written} bytes for {r.tokens} tokens)"
+    )
+    return 0
+
+
+def _bench_v41(args: argparse.Namespace) -> int:
+    if args.hidden * 5 % 32:
+        raise SystemExit(f"--hidden {args.hidden}: hidden * (hc_mult + 1) must be a multiple of 32")
+    print(f"machine: {environment()}")
+    r = bench_v41(args.rows, args.tokens, args.hidden, args.repeats)
+    print(
+        f"one EngramV41 forward (no grad) of {r.tokens} tokens x 24 rows from a {r.table_rows}-row "
+        f"FP8 table resident in host memory (264 B a row), hidden {r.hidden}, hc_mult 4, bf16 "
+        "wkv; torch: index_select of the same E4M3 codes and UE8M0 scales, dequantized, then the "
+        "same dense ops; best of interleaved rounds, outputs checked equal bit for bit"
+    )
+    print(format_table(r.rows))
+    gather, layer = r.rows[0]["torch / engram_rs"], r.rows[-1]["torch / engram_rs"]
+    print(
+        f"gather + dequantize: {gather:.1f}x torch (goal >= 10x: "
+        f"{'met' if gather >= 10 else 'NOT met'}); whole layer: {layer:.2f}x torch (goal >= 1x, "
+        f"no slower: {'met' if layer >= 1 else 'NOT met'})"
     )
     return 0
 

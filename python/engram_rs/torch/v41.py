@@ -41,7 +41,13 @@ from ..table import HostTable
 from .modules import EngramEmbedding, MultiHeadEmbedding, check_no_optimizer
 from .optim import SparseOptimizer
 
-__all__ = ["EngramV41", "dequantize_blocks", "quantize_activations", "quantize_blocks"]
+__all__ = [
+    "EngramV41",
+    "dequantize_blocks",
+    "gated_residual",
+    "quantize_activations",
+    "quantize_blocks",
+]
 
 #: The largest finite E4M3 magnitude.
 E4M3_MAX = 448.0
@@ -373,14 +379,28 @@ class EngramV41(nn.Module):
             )
         e = self.embed(hash_ids).to(device=h.device, dtype=self.compute_dtype)
         kv: torch.Tensor = self.wkv(e, self.compute_dtype)
-        key = kv[..., : g * d].reshape(b, length, g, d).float()
-        value = kv[..., g * d :].float()
-        hf = h.float()
-        w = self.q_weight.float() * self.k_weight.float()
-        eps = self.norm_eps
-        rstd = torch.rsqrt(hf.square().mean(-1) + eps) * torch.rsqrt(key.square().mean(-1) + eps)
-        dot = (hf * w * key).sum(-1) * rstd / math.sqrt(d)
-        gate = torch.sigmoid(torch.copysign(torch.sqrt(dot.abs().clamp(min=1e-6)), dot))
-        if token_mask is not None:
-            gate = gate * token_mask.to(gate.device)[..., None]
-        return (hf + gate[..., None] * value[:, :, None, :]).to(h.dtype)
+        return gated_residual(h, kv, self.q_weight, self.k_weight, self.norm_eps, token_mask)
+
+
+def gated_residual(
+    h: torch.Tensor,
+    kv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SPEC 8.2 steps 3-6, after ``kv = wkv(e)`` ``[B, L, (G + 1) * D]``: the keys and the shared
+    value, the gate of each branch (float32, zero where ``token_mask`` is False) and
+    ``h + gate * value`` in ``h``'s dtype."""
+    b, length, g, d = h.shape
+    key = kv[..., : g * d].reshape(b, length, g, d).float()
+    value = kv[..., g * d :].float()
+    hf = h.float()
+    w = q_weight.float() * k_weight.float()
+    rstd = torch.rsqrt(hf.square().mean(-1) + eps) * torch.rsqrt(key.square().mean(-1) + eps)
+    dot = (hf * w * key).sum(-1) * rstd / math.sqrt(d)
+    gate = torch.sigmoid(torch.copysign(torch.sqrt(dot.abs().clamp(min=1e-6)), dot))
+    if token_mask is not None:
+        gate = gate * token_mask.to(gate.device)[..., None]
+    return (hf + gate[..., None] * value[:, :, None, :]).to(h.dtype)

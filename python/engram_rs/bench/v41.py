@@ -1,0 +1,149 @@
+"""``engram-rs bench v41``: DeepSeek-V4.1-Flash's Engram layer on the CPU (FP8 table resident in
+host memory, bf16 wkv) against the same math in plain torch (``index_select`` of the E4M3 codes and
+UE8M0 scales, dequantization, the module's dense ops), interleaved in one process, the layer's
+time split into its parts: gather + dequantize, wkv, gate."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from .common import interleaved_best
+
+__all__ = ["V41Bench", "bench_v41"]
+
+
+@dataclasses.dataclass
+class V41Bench:
+    """What ``bench_v41`` measured: milliseconds per part and contender, and the sizes."""
+
+    rows: list[dict[str, Any]]
+    table_rows: int
+    tokens: int
+    hidden: int
+
+
+def bench_v41(
+    table_rows: int = 2_000_000, tokens: int = 1024, hidden: int = 256, repeats: int = 7
+) -> V41Bench:
+    """Times one Engram layer forward (no grad) of ``tokens`` tokens (24 rows each) over an FP8
+    table of about ``table_rows`` rows, both contenders reading the same bytes from memory."""
+    import torch
+
+    import engram_rs as er
+    from engram_rs.torch.v41 import EngramV41, gated_residual
+
+    base = max(100, table_rows // 24)
+    cfg = er.EngramConfig.preset("deepseek-v4.1-flash").replace(
+        engram_vocab_size=[base] * 3, hidden_size=hidden, layer_ids=[1]
+    )
+    hasher = er.NgramHasher(cfg, 99092, compressed_pad_id=2)
+    g, d, cols, dim = cfg.hc_mult, hidden, cfg.cols, cfg.head_dim
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 99092, (1, tokens))
+    hash_ids = torch.from_numpy(hasher.hash(ids)[1])
+    h = torch.randn(1, tokens, g, d, dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory(prefix="engram-bench-v41-") as tmp:
+        path = os.path.join(tmp, "embed.safetensors")
+        er.HostTable.create(
+            path, hasher.table_rows[1], dim, dtype="float8_e4m3", init="normal", std=0.02
+        )
+        table = er.HostTable.open(path, mode="resident", writable=False)
+        layer = EngramV41(hasher, 1, table=table, optimizer=None, wkv_mode="bf16")
+        layer.requires_grad_(False)
+        # The same bytes as torch tensors: E4M3 codes [rows, dim] and UE8M0 scales [rows, dim/32].
+        n = table.rows
+        codes = torch.from_numpy(table.read_raw(0, n).reshape(n, dim)).view(torch.float8_e4m3fn)
+        scales = torch.from_numpy(table.read_raw(0, n, scales=True).reshape(n, -1))
+        scales = scales.view(torch.float8_e8m0fnu)
+        offsets = torch.tensor(hasher.offsets[1])
+        flat = (hash_ids + offsets).reshape(-1)
+        w = layer.wkv.weight.detach()
+        qw, kw, eps = layer.q_weight.detach(), layer.k_weight.detach(), layer.norm_eps
+        out = torch.empty(flat.shape[0], dim, dtype=torch.bfloat16)
+
+        def ours_rows() -> torch.Tensor:
+            return table.gather(flat, out=out)  # E4M3 -> bf16 in the gather
+
+        def torch_gather() -> tuple[torch.Tensor, torch.Tensor]:
+            return codes.index_select(0, flat), scales.index_select(0, flat)
+
+        def torch_dequant(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            per = s.float().repeat_interleave(dim // s.shape[1], -1)
+            return (c.float() * per).to(torch.bfloat16)
+
+        gathered = torch_gather()
+        e = torch_dequant(*gathered).reshape(1, tokens, cols * dim)
+        kv = torch.nn.functional.linear(e, w)
+
+        def torch_layer() -> torch.Tensor:
+            rows = torch_dequant(*torch_gather()).reshape(1, tokens, cols * dim)
+            return gated_residual(h, torch.nn.functional.linear(rows, w), qw, kw, eps)
+
+        with torch.no_grad():
+            assert torch.equal(ours_rows(), torch_dequant(*gathered)), "gathers differ"
+            assert torch.equal(layer(h, hash_ids), torch_layer()), "layers differ"
+            # The row parts (milliseconds) apart from the matmuls (tens of them), so that a
+            # matmul's effect on the caches and clocks does not land in a gather's time.
+            times = interleaved_best(
+                {
+                    "engram_rs gather+dequant": ours_rows,
+                    "torch gather": torch_gather,
+                    "torch dequant": lambda: torch_dequant(*gathered),
+                },
+                4 * repeats,
+            )
+            times |= interleaved_best(
+                {
+                    "wkv (bf16 linear, both)": lambda: torch.nn.functional.linear(e, w),
+                    "gate (both)": lambda: gated_residual(h, kv, qw, kw, eps),
+                    "engram_rs layer": lambda: layer(h, hash_ids),
+                    "torch layer": torch_layer,
+                },
+                repeats,
+            )
+    ms = {k: v * 1e3 for k, v in times.items()}
+    torch_rows = ms["torch gather"] + ms["torch dequant"]
+    rows = [
+        {
+            "part": "gather + dequantize",
+            "engram_rs ms": ms["engram_rs gather+dequant"],
+            "torch ms": torch_rows,
+            "torch / engram_rs": torch_rows / ms["engram_rs gather+dequant"],
+        },
+        {
+            "part": "  of which torch gather",
+            "engram_rs ms": float("nan"),
+            "torch ms": ms["torch gather"],
+            "torch / engram_rs": float("nan"),
+        },
+        {
+            "part": "  of which torch dequant",
+            "engram_rs ms": float("nan"),
+            "torch ms": ms["torch dequant"],
+            "torch / engram_rs": float("nan"),
+        },
+        {
+            "part": "wkv",
+            "engram_rs ms": ms["wkv (bf16 linear, both)"],
+            "torch ms": ms["wkv (bf16 linear, both)"],
+            "torch / engram_rs": 1.0,
+        },
+        {
+            "part": "gate",
+            "engram_rs ms": ms["gate (both)"],
+            "torch ms": ms["gate (both)"],
+            "torch / engram_rs": 1.0,
+        },
+        {
+            "part": "whole layer",
+            "engram_rs ms": ms["engram_rs layer"],
+            "torch ms": ms["torch layer"],
+            "torch / engram_rs": ms["torch layer"] / ms["engram_rs layer"],
+        },
+    ]
+    return V41Bench(rows, hasher.table_rows[1], tokens, hidden)
