@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -128,6 +129,32 @@ def _frozen(values: list[int]) -> npt.NDArray[np.int64]:
     arr = np.asarray(values, dtype=np.int64)
     arr.flags.writeable = False
     return arr
+
+
+def _check_blocked(blocked: npt.ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
+    """``blocked`` as a bool array of the ids' ``shape``, or a clear error."""
+    mask = np.asarray(blocked)
+    if mask.dtype != np.bool_:
+        raise TypeError(
+            f"blocked must be a bool mask (True at blocked positions), got a {mask.dtype} array"
+        )
+    if mask.shape != tuple(shape):
+        raise ValueError(f"blocked must have the ids' shape {tuple(shape)}, got {mask.shape}")
+    return mask
+
+
+def _blocked_mask(
+    raw_ids: npt.ArrayLike, dead_id: int | None, blocked: npt.ArrayLike | None
+) -> np.ndarray | None:
+    """The blocked positions of raw ids: ``raw_ids == dead_id``, or-ed with ``blocked``."""
+    if dead_id is None:
+        return None if blocked is None else np.asarray(blocked)
+    if isinstance(dead_id, bool) or not isinstance(dead_id, (int, np.integer)) or dead_id < 0:
+        raise ValueError(f"dead_id must be a raw token id (an int >= 0), got {dead_id!r}")
+    mask: np.ndarray = np.asarray(np.asarray(raw_ids) == int(dead_id))
+    if blocked is not None:
+        mask = mask | _check_blocked(blocked, mask.shape)
+    return mask
 
 
 def _row_bounds(rows: int, length: int) -> list[int]:
@@ -373,6 +400,7 @@ class NgramHasher:
         flat: bool = False,
         cu_seqlens: npt.ArrayLike | None = None,
         *,
+        blocked: npt.ArrayLike | None = None,
         scalar: bool = False,
     ) -> HashIds:
         """Hash compressed token ids -> ``{layer_id: hash ids}``.
@@ -384,10 +412,16 @@ class NgramHasher:
         after them. With ``cu_seqlens`` (``[0, len0, len0 + len1, ..., len(ids)]``), ``ids`` is
         1-D, the concatenation of sequences of any lengths, and the result ``[len(ids), cols]``.
         ``flat=True`` adds ``offsets[layer_id]``: rows of the layer's single flat table.
+        ``blocked``: a bool mask of ``ids``' shape marking blocked positions (image tokens, in
+        DeepSeek-V4.1-Flash): walking back from a position, once a lookback meets a blocked
+        position (or leaves the sequence) that shift and every older one read the pad id; a
+        blocked position itself hashes as all pad (SPEC 8.3, the DEAD rule).
         ``scalar=True`` runs the one-thread scalar kernel that the SIMD path is tested against
         (the same ids, slower: for tests and benchmarks).
         """
-        return self._hash(ids, cu_seqlens, layer_ids, dtype, flat, raw=False, scalar=scalar)
+        return self._hash(
+            ids, cu_seqlens, layer_ids, dtype, flat, raw=False, scalar=scalar, blocked=blocked
+        )
 
     def hash_tokens(
         self,
@@ -397,15 +431,21 @@ class NgramHasher:
         flat: bool = False,
         cu_seqlens: npt.ArrayLike | None = None,
         *,
+        dead_id: int | None = None,
+        blocked: npt.ArrayLike | None = None,
         scalar: bool = False,
     ) -> HashIds:
         """``hash(comp(raw_ids))`` in one pass, for raw token ids (same shapes and options).
 
         Needs a hasher built with ``from_tokenizer``; the ids are mapped through its lookup table
-        inside the hashing kernel, no compressed array is made.
+        inside the hashing kernel, no compressed array is made. ``dead_id``: a raw token id that
+        marks blocked positions (``blocked = raw_ids == dead_id``; both may be given).
         """
         self._require_lookup()
-        return self._hash(raw_ids, cu_seqlens, layer_ids, dtype, flat, raw=True, scalar=scalar)
+        mask = _blocked_mask(raw_ids, dead_id, blocked)
+        return self._hash(
+            raw_ids, cu_seqlens, layer_ids, dtype, flat, raw=True, scalar=scalar, blocked=mask
+        )
 
     def hash_ragged(
         self,
@@ -434,6 +474,7 @@ class NgramHasher:
         flat: bool,
         raw: bool,
         scalar: bool = False,
+        blocked: npt.ArrayLike | None = None,
     ) -> HashIds:
         arr = _as_ids(ids)
         if cu_seqlens is None:
@@ -441,6 +482,10 @@ class NgramHasher:
                 raise ValueError(f"ids must be 1-D [T] or 2-D [B, T], got shape {arr.shape}")
             rows, length = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape
             bounds = _row_bounds(rows, length)
+            if blocked is not None:
+                flat_ids, bounds = self._blocked(arr, bounds, blocked, raw)
+                out = self._run(flat_ids, bounds, layer_ids, dtype, flat, raw=raw, scalar=scalar)
+                return {x: a.reshape(*arr.shape, self.cols) for x, a in out.items()}
             return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw, scalar=scalar)
         if arr.ndim != 1:
             raise ValueError(
@@ -461,7 +506,27 @@ class NgramHasher:
             )
         # Start, end and order are checked by the core.
         bounds = cu.astype(np.int64).tolist()
+        if blocked is not None:
+            arr, bounds = self._blocked(arr, bounds, blocked, raw)
         return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw, scalar=scalar)
+
+    def _blocked(
+        self, arr: np.ndarray, bounds: list[int], blocked: npt.ArrayLike, raw: bool
+    ) -> tuple[np.ndarray, list[int]]:
+        """The DEAD rule (SPEC 8.3) as sequence bounds: a blocked position becomes a sequence of
+        one pad token, and the tokens after it start a new sequence (pad history), which is
+        exactly what the rule gives. Returns the flat ids (blocked ones set to the pad) and
+        the bounds."""
+        mask = _check_blocked(blocked, arr.shape)
+        flat_ids = arr.reshape(-1)
+        where = np.flatnonzero(mask.reshape(-1))
+        if not where.size:
+            return flat_ids, bounds
+        flat_ids = flat_ids.copy()
+        flat_ids[where] = self.config.pad_id if raw else self.pad_id
+        cuts = np.concatenate([np.asarray(bounds, dtype=np.int64), where, where + 1])
+        # Order kept; empty sequences of the caller change nothing in a per-token output.
+        return flat_ids, np.unique(cuts).tolist()
 
     def new_state(self, batch_size: int) -> HashState:
         """A decode state for ``batch_size`` fresh sequences (pad history)."""
@@ -476,12 +541,16 @@ class NgramHasher:
         layer_ids: Layers = None,
         dtype: IndexDType = np.int64,
         flat: bool = False,
+        *,
+        blocked: npt.ArrayLike | None = None,
     ) -> HashIds:
         """Hash the next ``k`` tokens of each sequence, ``[B, k]`` (or ``[B]`` for one token).
 
         Equals hashing each whole history at once; ``state`` is advanced past the new ids.
+        ``blocked``: a bool mask of ``new_ids``' shape (the DEAD rule, as ``hash``): after a
+        blocked position the state holds only pad ids.
         """
-        return self._step(new_ids, state, layer_ids, dtype, flat, raw=False)
+        return self._step(new_ids, state, layer_ids, dtype, flat, raw=False, blocked=blocked)
 
     def hash_tokens_step(
         self,
@@ -490,13 +559,18 @@ class NgramHasher:
         layer_ids: Layers = None,
         dtype: IndexDType = np.int64,
         flat: bool = False,
+        *,
+        dead_id: int | None = None,
+        blocked: npt.ArrayLike | None = None,
     ) -> HashIds:
         """``hash_step`` on raw token ids (a hasher from ``from_tokenizer``), mapped in one pass.
 
-        The state keeps compressed ids, so raw and compressed steps may be mixed.
+        The state keeps compressed ids, so raw and compressed steps may be mixed. ``dead_id``,
+        ``blocked``: blocked positions, as ``hash_tokens``.
         """
         self._require_lookup()
-        return self._step(raw_ids, state, layer_ids, dtype, flat, raw=True)
+        mask = _blocked_mask(raw_ids, dead_id, blocked)
+        return self._step(raw_ids, state, layer_ids, dtype, flat, raw=True, blocked=mask)
 
     def _step(
         self,
@@ -506,6 +580,7 @@ class NgramHasher:
         dtype: IndexDType,
         flat: bool,
         raw: bool,
+        blocked: npt.ArrayLike | None = None,
     ) -> HashIds:
         if not isinstance(state, HashState):
             raise TypeError(f"state must come from new_state(), got {type(state).__name__}")
@@ -536,7 +611,42 @@ class NgramHasher:
             )
         rows, k = (arr.shape[0], 1) if arr.ndim == 1 else arr.shape
         bounds = _row_bounds(rows, k)
+        if blocked is not None:
+            mask = _check_blocked(blocked, arr.shape).reshape(rows, k)
+            if mask.any():
+                return self._blocked_step(arr, mask, hist, layer_ids, dtype, flat, raw)
         return self._run(arr, bounds, layer_ids, dtype, flat, history=hist, raw=raw)
+
+    def _blocked_step(
+        self,
+        arr: np.ndarray,
+        mask: np.ndarray,
+        hist: np.ndarray,
+        layer_ids: Layers,
+        dtype: IndexDType,
+        flat: bool,
+        raw: bool,
+    ) -> HashIds:
+        """A decode step with blocked positions: each row cut as ``_blocked`` cuts a sequence;
+        the row's first piece continues its history unless it starts blocked, every other
+        piece starts from pad; the state takes each row's last piece's history."""
+        rows, k = mask.shape
+        flat_ids = arr.reshape(-1).copy()
+        flat_ids[np.flatnonzero(mask.reshape(-1))] = self.config.pad_id if raw else self.pad_id
+        bounds, owners, pasts = [0], [], []
+        pad = np.full(hist.shape[1], self.pad_id, dtype=np.int64)
+        for r in range(rows):
+            where = np.flatnonzero(mask[r])
+            cuts = np.unique(np.concatenate([[0, k], where, where + 1])).tolist()
+            for start, end in itertools.pairwise(cuts):
+                bounds.append(r * k + end)
+                owners.append(r)
+                pasts.append(hist[r] if start == 0 and not mask[r, 0] else pad)
+        past = np.ascontiguousarray(np.stack(pasts), dtype=np.int64)
+        out = self._run(flat_ids, bounds, layer_ids, dtype, flat, history=past, raw=raw)
+        last = {r: i for i, r in enumerate(owners)}  # each row's last piece
+        hist[:] = past[[last[r] for r in range(rows)]]
+        return {x: a.reshape(*arr.shape, self.cols) for x, a in out.items()}
 
 
 def _unpickle_hasher(

@@ -91,13 +91,17 @@ def _hash_samples(
     layers: list[int],
     dtype: np.dtype[Any],
     flat: bool,
+    dead_id: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, HashIds]:
-    """Packs the samples and hashes them in one call: ``(ids, cu_seqlens, {layer: [n, cols]})``."""
+    """Packs the samples and hashes them in one call: ``(ids, cu_seqlens, {layer: [n, cols]})``;
+    ``dead_id`` marks blocked positions (SPEC 8.3)."""
     arrays = [_sample_ids(s, i) for i, s in enumerate(samples)]
     cu = cu_seqlens_of([a.shape[0] for a in arrays])
     ids = np.concatenate(arrays).astype(np.int64, copy=False) if arrays else np.zeros(0, np.int64)
     try:
-        out = hasher.hash_tokens(ids, layer_ids=layers, dtype=dtype, flat=flat, cu_seqlens=cu)
+        out = hasher.hash_tokens(
+            ids, layer_ids=layers, dtype=dtype, flat=flat, cu_seqlens=cu, dead_id=dead_id
+        )
     except _engram_rs.OutOfRangeError as e:
         # The core's position is in the flat ids: map it to its sample. (uint64 ids of 2**63 and
         # above became negative int64, which the core refuses too: show the sample's value.)
@@ -125,8 +129,10 @@ class HashCollate:
 
     All samples are hashed in one kernel call. ``return_tensors="pt"`` gives torch tensors
     (torch is imported on the first call), ``"np"`` numpy arrays. ``hasher`` must come from
-    ``NgramHasher.from_tokenizer``; ``layer_ids`` (default: all), ``dtype`` and ``flat`` are
-    those of ``hash_tokens``. Picklable, so it works with any DataLoader start method.
+    ``NgramHasher.from_tokenizer``; ``layer_ids`` (default: all), ``dtype``, ``flat`` and
+    ``dead_id`` (a raw token id that marks blocked positions, image tokens in
+    DeepSeek-V4.1-Flash) are those of ``hash_tokens``. Picklable, so it works with any
+    DataLoader start method.
     """
 
     def __init__(
@@ -137,11 +143,13 @@ class HashCollate:
         flat: bool = False,
         pad_token_id: int = 0,
         return_tensors: str = "pt",
+        dead_id: int | None = None,
     ) -> None:
         self.hasher = _check_hasher(hasher)
         self.layer_ids = hasher.check_layers(layer_ids)
         self.dtype = _check_dtype(dtype)
         self.flat = bool(flat)
+        self.dead_id = dead_id
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
             raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
         if not -(2**63) <= pad_token_id < 2**63:
@@ -157,7 +165,9 @@ class HashCollate:
 
     def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
         samples = list(samples)
-        ids, cu, out = _hash_samples(self.hasher, samples, self.layer_ids, self.dtype, self.flat)
+        ids, cu, out = _hash_samples(
+            self.hasher, samples, self.layer_ids, self.dtype, self.flat, self.dead_id
+        )
         lengths = np.diff(cu)
         batch = len(samples)
         width = int(lengths.max()) if batch else 0
@@ -189,7 +199,8 @@ class HashCollate:
     def __repr__(self) -> str:
         return (
             f"HashCollate(layer_ids={self.layer_ids}, dtype={self.dtype.name}, flat={self.flat}, "
-            f"pad_token_id={self.pad_token_id}, return_tensors={self.return_tensors!r})"
+            f"pad_token_id={self.pad_token_id}, return_tensors={self.return_tensors!r}, "
+            f"dead_id={self.dead_id})"
         )
 
 
@@ -225,6 +236,7 @@ class HashedTokens:
     imported when the first one is made). In DataLoader workers each worker takes every
     ``num_workers``-th sample (``shard_workers=True``); pass ``shard_workers=False`` when
     ``samples`` already splits itself across workers (e.g. an HF ``IterableDataset``).
+    ``dead_id``: blocked positions, as :class:`HashCollate`.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> HashedTokens:
@@ -243,6 +255,7 @@ class HashedTokens:
         flat: bool = False,
         batch_size: int = 64,
         shard_workers: bool = True,
+        dead_id: int | None = None,
     ) -> None:
         if not isinstance(samples, Iterable):
             raise TypeError(f"samples must be iterable, got {type(samples).__name__}")
@@ -255,6 +268,7 @@ class HashedTokens:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.batch_size = batch_size
         self.shard_workers = bool(shard_workers)
+        self.dead_id = dead_id
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt through HashedTokens(...), so a worker gets its torch flavour too.
@@ -268,6 +282,7 @@ class HashedTokens:
                 self.flat,
                 self.batch_size,
                 self.shard_workers,
+                self.dead_id,
             ),
         )
 
@@ -285,7 +300,9 @@ class HashedTokens:
             batch = list(itertools.islice(it, self.batch_size))
             if not batch:
                 return
-            ids, cu, out = _hash_samples(self.hasher, batch, self.layer_ids, self.dtype, self.flat)
+            ids, cu, out = _hash_samples(
+                self.hasher, batch, self.layer_ids, self.dtype, self.flat, self.dead_id
+            )
             for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
                 yield ids[s:e], {x: a[s:e] for x, a in out.items()}
 
@@ -304,5 +321,6 @@ def _unpickle_hashed_tokens(
     flat: bool,
     batch_size: int,
     shard_workers: bool,
+    dead_id: int | None = None,
 ) -> HashedTokens:
-    return HashedTokens(samples, hasher, layer_ids, dtype, flat, batch_size, shard_workers)
+    return HashedTokens(samples, hasher, layer_ids, dtype, flat, batch_size, shard_workers, dead_id)
