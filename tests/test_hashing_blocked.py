@@ -210,3 +210,31 @@ def test_loaders_take_a_dead_id() -> None:
             np.testing.assert_array_equal(items[b][1][layer], want[layer])
     plain = h.hash_tokens(samples[0])
     assert not np.array_equal(plain[h.layer_ids[0]], items[0][1][h.layer_ids[0]])
+
+
+def test_precompute_takes_a_dead_id_and_verify_rehashes_with_it(tmp_path, capsys) -> None:
+    from engram_rs.bench import deepseek_v4_tokenizer_json
+    from engram_rs.cli import main
+    from engram_rs.offline import PrecomputedIndices, verify
+
+    tok = deepseek_v4_tokenizer_json()
+    comp = er.CompressedTokenizer.from_file(tok)
+    h = er.NgramHasher.from_tokenizer(er.EngramConfig.preset("demo"), comp)
+    rng = np.random.default_rng(6)
+    dead = 128_000
+    stream = rng.integers(0, 100_000, 3000).astype(np.uint32)
+    stream[[0, 100, 101, 102, 999, 1000, 2999]] = dead
+    stream.tofile(tmp_path / "in.bin")
+    args = ["precompute", str(tmp_path / "in.bin"), "--out", str(tmp_path / "out")]
+    args += ["--tokenizer", tok]
+    assert main([*args, "--seq-len", "500", "--dead-id", str(dead), "--chunk-tokens", "64"]) == 0
+    idx = PrecomputedIndices(tmp_path / "out")
+    assert idx.manifest["boundary"]["dead_id"] == dead
+    for i in range(idx.num_sequences):
+        toks, stored = idx.sequence(i)
+        want = h.hash_tokens(toks, dtype=np.int32, dead_id=dead)
+        for layer in h.layer_ids:
+            np.testing.assert_array_equal(stored[layer], want[layer])
+    assert verify(tmp_path / "out", sample=idx.num_sequences)["rehashed_sequences"] == 6
+    assert main([*args, "--seq-len", "500", "--dead-id", "-1", "--overwrite"]) == 1
+    assert "dead_id must be a raw token id (an int >= 0), got -1" in capsys.readouterr().err

@@ -188,6 +188,26 @@ def test_npy_stream_and_arrow(local_ray: None, tokenizer: str, tmp_path: pathlib
     _both(tmp_path / "t.arrow", tmp_path / "arrow", tokenizer)
 
 
+def test_dead_id_on_streams_and_rows(
+    local_ray: None, tokenizer: str, tmp_path: pathlib.Path
+) -> None:
+    """Blocked positions (SPEC 8.3) across chunk edges and files, on a stream and on Parquet
+    rows (Ray's own reader): both engines give the same files and manifests."""
+    rng = np.random.default_rng(8)
+    dead = 7
+    tokens = rng.integers(10, VOCAB, 4000).astype(np.uint32)
+    tokens[[0, CHUNK - 1, CHUNK, 900, 901, 902, 3999]] = dead
+    tokens.tofile(tmp_path / "d.bin")
+    _both(tmp_path / "d.bin", tmp_path / "bin", tokenizer, seq_len=300, dead_id=dead)
+    man = json.loads((tmp_path / "bin" / "local" / "manifest.json").read_text())
+    assert man["boundary"] == {"rule": "seq_len", "seq_len": 300, "dead_id": dead}
+    rows = _ragged(rng, 100)
+    rows[4] = np.array([dead, 11, 12, dead, 13])
+    table = pa.table({"input_ids": pa.array([r.tolist() for r in rows], pa.list_(pa.int64()))})
+    pq.write_table(table, tmp_path / "r.parquet", row_group_size=30)
+    _both(tmp_path / "r.parquet", tmp_path / "pq", tokenizer, dead_id=dead)
+
+
 def test_jsonl(local_ray: None, tokenizer: str, tmp_path: pathlib.Path) -> None:
     lines = [json.dumps({"text": f"record {i}: " + "engram hashing " * (i % 7)}) for i in range(60)]
     lines[10] = "   "  # a blank line is skipped

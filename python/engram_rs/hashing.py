@@ -454,9 +454,11 @@ class NgramHasher:
         layer_ids: Layers = None,
         dtype: IndexDType = np.int64,
         flat: bool = False,
+        *,
+        blocked: npt.ArrayLike | None = None,
     ) -> HashIds:
         """``hash(ids, cu_seqlens=cu_seqlens)``: concatenated sequences of any lengths."""
-        return self._hash(ids, cu_seqlens, layer_ids, dtype, flat, raw=False)
+        return self._hash(ids, cu_seqlens, layer_ids, dtype, flat, raw=False, blocked=blocked)
 
     def _require_lookup(self) -> None:
         if self.vocab_size is None:

@@ -50,6 +50,11 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--seq-len", type=positive, help="flat streams: windows of T tokens")
     rule.add_argument("--eos-id", type=int, help="flat streams: a sequence ends after each ID")
+    p.add_argument(
+        "--dead-id",
+        type=int,
+        help="a raw token id that marks blocked positions (image tokens, SPEC 8.3)",
+    )
     p.add_argument("--layers", help="comma-separated Engram layer ids (all of the config's)")
     p.add_argument("--index-dtype", choices=["int32", "int64"], default="int32")
     p.add_argument("--flat", action="store_true", help="add the layers' offsets (flat table rows)")
@@ -113,6 +118,7 @@ def _precompute(args: argparse.Namespace) -> int:
         text_field=args.text_field,
         seq_len=args.seq_len,
         eos_id=args.eos_id,
+        dead_id=args.dead_id,
         layers=layers,
         index_dtype=args.index_dtype,
         flat=args.flat,

@@ -64,14 +64,31 @@ def row_where(path: str, lengths: np.ndarray, first_row: int) -> Callable[[int],
 @dataclasses.dataclass(frozen=True)
 class Boundary:
     """Where sequences start: each row of a rows input; in a stream, every ``seq_len`` tokens
-    or after each ``eos_id``."""
+    or after each ``eos_id``. ``dead_id``: a raw token id that marks blocked positions (SPEC
+    8.3: image tokens of DeepSeek-V4.1-Flash), whatever the rule."""
 
     rule: str  # "rows", "seq_len" or "eos"
     seq_len: int | None = None
     eos_id: int | None = None
+    dead_id: int | None = None
 
     @classmethod
-    def make(cls, kind: str, seq_len: int | None, eos_id: int | None, what: str) -> Boundary:
+    def make(
+        cls,
+        kind: str,
+        seq_len: int | None,
+        eos_id: int | None,
+        what: str,
+        dead_id: int | None = None,
+    ) -> Boundary:
+        if dead_id is not None and (
+            isinstance(dead_id, bool) or not isinstance(dead_id, int) or dead_id < 0
+        ):
+            raise ValueError(f"dead_id must be a raw token id (an int >= 0), got {dead_id!r}")
+        return dataclasses.replace(cls._rule(kind, seq_len, eos_id, what), dead_id=dead_id)
+
+    @classmethod
+    def _rule(cls, kind: str, seq_len: int | None, eos_id: int | None, what: str) -> Boundary:
         if seq_len is not None and eos_id is not None:
             raise ValueError("pass --seq-len or --eos-id, not both")
         if kind == "rows":
@@ -149,7 +166,14 @@ def hash_block(
         ids = np.concatenate([ctx, tokens]) if n_ctx else tokens
         cu, new = segment(ids, n_ctx, start, boundary)
     try:
-        out = hasher.hash_tokens(ids, layer_ids=layers, dtype=dtype, flat=flat, cu_seqlens=cu)
+        out = hasher.hash_tokens(
+            ids,
+            layer_ids=layers,
+            dtype=dtype,
+            flat=flat,
+            cu_seqlens=cu,
+            dead_id=boundary.dead_id,
+        )
     except _engram_rs.OutOfRangeError as e:
         k = e.flat_index - n_ctx  # the context was hashed (and checked) with the block before
         if k < 0:  # pragma: no cover - the context's ids passed the check with their block

@@ -407,6 +407,7 @@ def precompute(
     text_field: str = "text",
     seq_len: int | None = None,
     eos_id: int | None = None,
+    dead_id: int | None = None,
     layers: Sequence[int] | None = None,
     index_dtype: str = "int32",
     flat: bool = False,
@@ -424,7 +425,9 @@ def precompute(
     the model's ``tokenizer.json`` (raw ids are compressed with it; text is tokenized with it).
     Sequence boundaries: the rows of 2-D ``.npy``, Parquet/Arrow and JSONL inputs; a flat stream
     (``.bin``, 1-D ``.npy``, text) is cut into windows of ``seq_len`` tokens or after each
-    ``eos_id``. ``layers``: a subset of the config's Engram layers. ``flat``: add the layers'
+    ``eos_id``. ``dead_id``: a raw token id that marks blocked positions (image tokens: the
+    DEAD rule of SPEC 8.3, recorded in the manifest's boundary). ``layers``: a subset of the
+    config's Engram layers. ``flat``: add the layers'
     offsets (rows of the one flat table). ``engine="ray"`` runs the hashing on Ray Data.
     Returns the result, opened.
     """
@@ -473,7 +476,7 @@ def precompute(
         text_field=text_field,
         tokenizer=tok_path,
     )
-    boundary = Boundary.make(source.kind, seq_len, eos_id, source.paths[0])
+    boundary = Boundary.make(source.kind, seq_len, eos_id, source.paths[0], dead_id)
     comp = CompressedTokenizer.from_file(tok_path)
     hasher = NgramHasher.from_tokenizer(cfg, comp)
     chosen = list(cfg.layer_ids) if layers is None else [int(x) for x in layers]

@@ -156,8 +156,8 @@ class HashBatches(_Hashing):
 
     ``config``: an :class:`EngramConfig`, its ``to_dict()``, a preset name or a config JSON
     file. ``tokenizer``: the path of the model's ``tokenizer.json`` (readable on every node).
-    ``layers``: a subset of the config's Engram layers (all by default). The hasher is built
-    once per actor::
+    ``layers``: a subset of the config's Engram layers (all by default). ``dead_id``: a raw
+    token id that marks blocked positions (SPEC 8.3). The hasher is built once per actor::
 
         import ray
         from engram_rs.ray import HashBatches
@@ -181,9 +181,11 @@ class HashBatches(_Hashing):
         flat: bool = False,
         column: str = "input_ids",
         tokenizer_fingerprint: str | None = None,
+        dead_id: int | None = None,
     ) -> None:
         super().__init__(config, tokenizer, layers, index_dtype, flat, tokenizer_fingerprint)
         self.column = column
+        self.dead_id = dead_id
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.column not in batch:
@@ -206,7 +208,12 @@ class HashBatches(_Hashing):
             return {x: np.zeros((0, self.cols), self.dtype) for x in self.layers}
         try:
             return self.hasher.hash_tokens(
-                ids, layer_ids=self.layers, dtype=self.dtype, flat=self.flat, cu_seqlens=cu
+                ids,
+                layer_ids=self.layers,
+                dtype=self.dtype,
+                flat=self.flat,
+                cu_seqlens=cu,
+                dead_id=self.dead_id,
             )
         except _engram_rs.OutOfRangeError as e:
             r, pos = locate(cu, e.flat_index)
@@ -559,7 +566,7 @@ def _run(ray: Any, run: EngineRun) -> Counts:
             rows_per_batch = max(1, chunk_tokens // width)
         ds = ds.map_batches(
             _RowBatches,
-            fn_constructor_kwargs=dict(common, column=column),
+            fn_constructor_kwargs=dict(common, column=column, dead_id=run.boundary.dead_id),
             compute=pool,
             batch_size=rows_per_batch,
             batch_format="numpy",

@@ -422,9 +422,13 @@ def verify(
         else []
     )
     dtype: IndexDType = man["index_dtype"]
+    boundary = man.get("boundary")
+    dead_id = boundary.get("dead_id") if isinstance(boundary, dict) else None
     for i in sorted(picks):
         toks, stored = idx.sequence(i)
-        fresh = hasher.hash_tokens(toks, layer_ids=idx.layer_ids, dtype=dtype, flat=man["flat"])
+        fresh = hasher.hash_tokens(
+            toks, layer_ids=idx.layer_ids, dtype=dtype, flat=man["flat"], dead_id=dead_id
+        )
         for layer in idx.layer_ids:
             if not np.array_equal(fresh[layer], stored[layer]):
                 raise ValueError(
