@@ -43,6 +43,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+_MISSING = object()
+
+
+def _hf_dict(config: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    """The parsed HF config: a dict as given, or the JSON of a file or of ``DIR/config.json``."""
+    if isinstance(config, dict):
+        return config
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an HF config object")
+    return data
+
+
 def _check_int(name: str, value: object, minimum: int = 0) -> int:
     """Type and range conversion only (an int in [minimum, 2**64)); the hashing rules themselves
     are the core's (``HashConfig::validate``)."""
@@ -77,6 +99,9 @@ class EngramConfig:
         hidden_size: the model's hidden size (the module).
         hc_mult: hyper-connection branches (the module).
         short_conv: whether the module has the ShortConv.
+        norm_eps: the model's RMS norm epsilon (``rms_norm_eps``; 1e-20 in DeepSeek-V4.1-Flash),
+            None where the module uses torch's default (the demo). Left out of ``to_dict``
+            when None, so configs without it read and compare as before.
     """
 
     engram_vocab_size: tuple[int, ...] = (646400, 646400)
@@ -90,6 +115,7 @@ class EngramConfig:
     hidden_size: int = 1024
     hc_mult: int = 4
     short_conv: bool = True
+    norm_eps: float | None = None
 
     def __post_init__(self) -> None:
         n = _check_int("max_ngram_size", self.max_ngram_size)
@@ -128,6 +154,11 @@ class EngramConfig:
         _check_int("hc_mult", self.hc_mult, 1)
         if not isinstance(self.short_conv, bool):
             raise TypeError(f"short_conv must be a bool, got {self.short_conv!r}")
+        eps = self.norm_eps
+        if eps is not None and (
+            isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1
+        ):
+            raise ValueError(f"norm_eps must be a number in [0, 1) or None, got {eps!r}")
         # Tuples: the config is hashable and cannot be changed through the caller's list.
         object.__setattr__(self, "engram_vocab_size", tuple(sizes))
         object.__setattr__(self, "layer_ids", tuple(layers))
@@ -161,8 +192,80 @@ class EngramConfig:
         return cls(**PRESETS[name])
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """A JSON-ready dict of every field (tuples as lists; ``norm_eps`` only when set)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(self).items()
+            if not (k == "norm_eps" and v is None)
+        }
+
+    @classmethod
+    def from_hf(cls, config: str | os.PathLike[str] | dict[str, Any]) -> EngramConfig:
+        """The Engram config of a Hugging Face model's ``config.json`` (a path, the model's
+        directory or the parsed dict), as DeepSeek-V4.1-Flash writes it (SPEC 8.1): the
+        ``engram_*`` fields of ``text_config``, or of the top level, with the hidden size,
+        ``hc_mult`` and the norm epsilon. ``engram_num_embeddings`` (each layer's table rows),
+        when present, must equal the sum of the primes this config derives: a mismatch names
+        both numbers."""
+        data = _hf_dict(config)
+        fields_at = data.get("text_config") if isinstance(data.get("text_config"), dict) else None
+        if fields_at is None or "engram_layer_ids" not in fields_at:
+            fields_at = data
+        where = "text_config" if fields_at is not data else "the top level"
+
+        def get(*names: str, default: Any = _MISSING) -> Any:
+            for name in names:
+                if name in fields_at:
+                    return fields_at[name]
+            if default is not _MISSING:
+                return default
+            raise ValueError(
+                f"the HF config has no {' / '.join(names)} (looked in {where}): is it an "
+                "Engram model's config.json (DeepSeek-V4.1-Flash)?"
+            )
+
+        n = get("engram_max_ngram_size")
+        base = get("engram_vocab_size")
+        if isinstance(base, int) and not isinstance(base, bool) and isinstance(n, int):
+            base = [base] * max(0, n - 1)  # one base size for every order
+        heads = get("engram_n_heads")
+        head_dim = get("engram_head_dim")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, head_dim)):
+            raise ValueError(
+                f"engram_n_heads and engram_head_dim must be ints, got {heads!r}, {head_dim!r}"
+            )
+        cfg = cls(
+            engram_vocab_size=base,
+            max_ngram_size=n,
+            n_embed_per_ngram=heads * head_dim,
+            n_head_per_ngram=heads,
+            layer_ids=get("engram_layer_ids"),
+            pad_id=get("engram_pad_token_id", "engram_pad_id"),
+            seed=get("engram_seed", default=0),
+            hidden_size=get("hidden_size", "dim"),
+            hc_mult=get("hc_mult", default=1),
+            short_conv=False,
+            norm_eps=get("rms_norm_eps", "norm_eps", default=None),
+        )
+        rows = get("engram_num_embeddings", default=None)
+        if rows is not None:
+            from .hashing import NgramHasher  # hashing imports this module
+
+            derived = NgramHasher(cfg, 1, compressed_pad_id=0).table_rows
+            if not isinstance(rows, list) or len(rows) != len(cfg.layer_ids):
+                raise ValueError(
+                    f"engram_num_embeddings must list one table size per Engram layer "
+                    f"{list(cfg.layer_ids)}, got {rows!r}"
+                )
+            for layer, want in zip(cfg.layer_ids, rows, strict=True):
+                if want != derived[layer]:
+                    raise ValueError(
+                        f"engram_num_embeddings says layer {layer}'s table has {want} rows, but "
+                        f"the primes of this config sum to {derived[layer]}: the config's "
+                        "engram_vocab_size, engram_n_heads or engram_layer_ids do not match "
+                        "its tables"
+                    )
+        return cfg
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngramConfig:

@@ -218,7 +218,7 @@ class EngramV41(nn.Module):
 
     ``hasher``: the model's hasher (its config gives the heads, orders and widths;
     ``hidden_size``, ``hc_mult`` default to the config's). ``norm_eps``: the model's
-    ``rms_norm_eps`` (1e-20 in V4.1). ``wkv``: ``(codes, scales)`` of the checkpoint
+    ``rms_norm_eps`` (default: the config's, else V4.1's 1e-20). ``wkv``: ``(codes, scales)`` of the checkpoint
     (E4M3 ``[hidden * (hc_mult + 1), cols * head_dim]``, UE8M0 per 32x32 block), a float weight of
     that shape, or None (random, as ``nn.Linear`` initializes, then quantized).
     """
@@ -233,7 +233,7 @@ class EngramV41(nn.Module):
         hidden_size: int | None = None,
         hc_mult: int | None = None,
         *,
-        norm_eps: float = 1e-20,
+        norm_eps: float | None = None,
         table: HostTable | None = None,
         optimizer: SparseOptimizer | None = None,
         wkv: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
@@ -253,6 +253,8 @@ class EngramV41(nn.Module):
             raise ValueError(
                 f"compute_dtype must be torch.bfloat16 or torch.float32, got {compute_dtype}"
             )
+        if norm_eps is None:  # the model's (EngramConfig.from_hf), else V4.1's
+            norm_eps = 1e-20 if cfg.norm_eps is None else cfg.norm_eps
         if not (isinstance(norm_eps, (int, float)) and math.isfinite(norm_eps) and norm_eps >= 0):
             raise ValueError(f"norm_eps must be a finite number >= 0, got {norm_eps!r}")
         self.layer_id = layer_id
