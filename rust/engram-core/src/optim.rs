@@ -21,7 +21,7 @@
 use crate::cpu::prefetch_line;
 use crate::dtype::{self, DType};
 use crate::error::{EngramError, Result};
-use crate::table::{ranges_overlap, HostTable};
+use crate::table::{ranges_overlap, HostTable, Lease};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -383,6 +383,47 @@ pub fn sparse_step_checked(
     opts: &StepOptions,
 ) -> Result<StepOutcome> {
     sparse_step_with(table, ids, grads, opt, state, step, opts, false, None)
+}
+
+/// Refuses state tables that are the table they train or each other: the step writes each
+/// once (and would deadlock on a table locked twice).
+pub fn check_state_tables(opt: &Optimizer, table: &Lease, states: &[Lease]) -> Result<()> {
+    for (i, s) in states.iter().enumerate() {
+        if s.same_table(table) {
+            return Err(EngramError::Invalid(format!(
+                "{}: state table {i} is the table it trains: pass separate state tables",
+                opt.name()
+            )));
+        }
+        if let Some(k) = states[..i].iter().position(|o| o.same_table(s)) {
+            return Err(EngramError::Invalid(format!(
+                "{}: state tables {k} and {i} are the same table: pass separate state tables",
+                opt.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// [`sparse_step_checked`] on shared tables: the state tables are checked apart from the table
+/// and each other, and all are write-locked for the step in one fixed order (the tables'
+/// addresses), so that steps over the same tables from other threads cannot deadlock with it.
+pub fn sparse_step_leased(
+    table: &Lease,
+    ids: &[i64],
+    grads: &[f32],
+    opt: &Optimizer,
+    states: &[Lease],
+    step: u64,
+    opts: &StepOptions,
+) -> Result<StepOutcome> {
+    check_state_tables(opt, table, states)?;
+    let all: Vec<&Lease> = std::iter::once(table).chain(states).collect();
+    let mut guards = Lease::write_all(&all);
+    let mut tables = guards.iter_mut().map(|g| &mut **g);
+    let t = tables.next().expect("the table's guard");
+    let mut st: Vec<&mut HostTable> = tables.collect();
+    sparse_step_checked(t, ids, grads, opt, &mut st, step, opts)
 }
 
 /// [`sparse_step_checked`], with `comparison_sort` forcing the fallback sort and `simd` the code

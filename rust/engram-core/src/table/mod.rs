@@ -15,9 +15,11 @@ use crate::error::{EngramError, Result};
 use crate::safetensors::{self, TensorInfo};
 
 mod create;
+pub mod shared;
 pub use create::Init;
 use memmap2::{MmapOptions, MmapRaw};
 use rayon::prelude::*;
+pub use shared::{Lease, SharedTable};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
