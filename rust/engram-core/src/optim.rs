@@ -1051,8 +1051,7 @@ impl Simd {
             if crate::cpu::avx512() {
                 return Simd::Avx512;
             }
-            if !crate::cpu::features().forced_scalar && std::arch::is_x86_feature_detected!("avx2")
-            {
+            if crate::cpu::avx2() {
                 return Simd::Avx2;
             }
         }
@@ -1533,7 +1532,7 @@ mod tests {
         let mut all = vec![Simd::Baseline];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if crate::cpu::avx2() {
                 all.push(Simd::Avx2);
             }
             if crate::cpu::avx512() {

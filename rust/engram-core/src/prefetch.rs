@@ -1,9 +1,9 @@
 //! A background pool for gathers started ahead of use, and the tickets that report them.
 
 use crate::dtype::DType;
+use crate::elem::Backend;
 use crate::error::{EngramError, Result};
 use crate::gather::gather;
-use crate::hashing::Backend;
 use crate::pool::{fork_generation, ProcessPool};
 use crate::table::Lease;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};

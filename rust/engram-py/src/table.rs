@@ -2,8 +2,8 @@
 
 use crate::{pooled_array, to_pyerr};
 use engram_core::dtype::DType;
+use engram_core::elem::{Backend, IdElem};
 use engram_core::gather::gather;
-use engram_core::hashing::{Backend, IdElem};
 use engram_core::prefetch::{gather_ahead, Ticket};
 use engram_core::table::{HostTable, Init, Lease, Mode, SharedTable};
 use engram_core::EngramError;

@@ -23,61 +23,7 @@ const SIMD_MIN_PRIME: u64 = 1 << 14;
 /// Outputs at least this large are written with streaming (non-temporal) stores.
 const STREAM_MIN_BYTES: usize = 8 << 20;
 
-/// Which implementation runs the per-head reduction; `Auto` picks the fastest the CPU supports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Auto,
-    Scalar,
-}
-
-/// An integer id element the kernels accept (numpy's signed and unsigned integer dtypes).
-pub trait IdElem: Copy + Send + Sync {
-    /// The value as `u64` bits: sign-extended for signed types, so negatives land above any vocab.
-    fn bits(self) -> u64;
-    /// The exact value, for error messages.
-    fn wide(self) -> i128;
-}
-
-macro_rules! id_elem {
-    (signed: $($t:ty),*; unsigned: $($u:ty),*) => {
-        $(impl IdElem for $t {
-            #[inline(always)]
-            fn bits(self) -> u64 { self as i64 as u64 }
-            fn wide(self) -> i128 { self as i128 }
-        })*
-        $(impl IdElem for $u {
-            #[inline(always)]
-            fn bits(self) -> u64 { self as u64 }
-            fn wide(self) -> i128 { self as i128 }
-        })*
-    };
-}
-id_elem!(signed: i8, i16, i32, i64; unsigned: u8, u16, u32, u64);
-
-/// An output element: `i64` always fits, `i32` when the largest id written does.
-pub trait OutElem: Copy + Send + Sync + Default + 'static {
-    const MAX: u64;
-    const IS_I32: bool;
-    fn from_u64(v: u64) -> Self;
-}
-
-impl OutElem for i64 {
-    const MAX: u64 = i64::MAX as u64;
-    const IS_I32: bool = false;
-    #[inline(always)]
-    fn from_u64(v: u64) -> Self {
-        v as i64
-    }
-}
-
-impl OutElem for i32 {
-    const MAX: u64 = i32::MAX as u64;
-    const IS_I32: bool = true;
-    #[inline(always)]
-    fn from_u64(v: u64) -> Self {
-        v as i32
-    }
-}
+pub use crate::elem::{Backend, IdElem, OutElem};
 
 /// One hashing call: which ids, how they are cut into sequences, and what to produce.
 #[derive(Clone, Copy, Debug)]
