@@ -1,5 +1,6 @@
 //! Bindings of host tables: `TableCore` (open/create/wrap, gather, write) and `PrefetchCore`.
 
+use crate::dtype::dtype;
 use crate::{pooled_array, to_pyerr};
 use engram_core::dtype::DType;
 use engram_core::elem::{Backend, IdElem};
@@ -20,10 +21,6 @@ use std::path::PathBuf;
 /// them back once no operation can read that memory, and `TableCore` drops them with the GIL
 /// held: the last reference to a Python object never goes on a worker thread.
 type Owners = Vec<Py<PyAny>>;
-
-fn dtype(name: &str) -> PyResult<DType> {
-    DType::parse(name).map_err(|e| to_pyerr(e, &[]))
-}
 
 /// A C-contiguous numpy array's data pointer and byte length.
 fn raw_bytes(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(*mut u8, usize, bool)> {
@@ -147,7 +144,7 @@ impl TableCore {
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let path = fs_path(path)?;
-        let dt = self::dtype(dtype)?;
+        let dt = crate::dtype::dtype(dtype)?;
         let init = Init::parse(init, std, seed).map_err(|e| to_pyerr(e, &[]))?;
         // `progress(done, rows)` is called from the worker threads (attaching to Python) at each
         // percent and at the end; an exception it raises stops the creation and is re-raised.
@@ -182,7 +179,7 @@ impl TableCore {
         dim: usize,
         dtype: &str,
     ) -> PyResult<Self> {
-        let dt = self::dtype(dtype)?;
+        let dt = crate::dtype::dtype(dtype)?;
         let (need_values, need_scales) =
             engram_core::table::table_bytes(dt, rows, dim).map_err(|e| to_pyerr(e, &[]))?;
         let (vptr, vlen, vw) = raw_bytes(values, "values")?;
@@ -536,80 +533,4 @@ impl PrefetchCore {
         crate::detached(py, || ticket.wait()).map_err(|e| to_pyerr(e, &self.shape))?;
         Ok(self.out.clone_ref(py))
     }
-}
-
-/// The table dtypes, the registry every Python dtype rule is built from: per dtype `(name,
-/// safetensors name, numpy holder, torch name, bytes per value, whether gathers can output it,
-/// spellings, FP8 block)`.
-#[pyfunction]
-#[allow(clippy::type_complexity)]
-pub fn dtypes() -> Vec<(
-    &'static str,
-    &'static str,
-    &'static str,
-    &'static str,
-    usize,
-    bool,
-    Vec<&'static str>,
-    usize,
-)> {
-    DType::ALL
-        .into_iter()
-        .map(|d| {
-            (
-                d.name(),
-                d.safetensors_name(),
-                d.numpy_name(),
-                d.torch_name(),
-                d.size(),
-                d.is_output(),
-                d.spellings().to_vec(),
-                if d == DType::F8E4M3 {
-                    engram_core::dtype::FP8_BLOCK
-                } else {
-                    0
-                },
-            )
-        })
-        .collect()
-}
-
-/// Rounds float32 values to `dtype` ("float16"/"bfloat16", nearest even) as raw bytes.
-#[pyfunction]
-pub fn cast_f32<'py>(
-    py: Python<'py>,
-    values: numpy::PyReadonlyArrayDyn<'py, f32>,
-    dtype: &str,
-) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
-    let dt = self::dtype(dtype)?;
-    if !dt.is_output() {
-        return Err(PyValueError::new_err("use quantize_fp8 for FP8 tables"));
-    }
-    let src = values.as_slice()?;
-    let mut out = vec![0u8; src.len() * dt.size()];
-    py.detach(|| engram_core::dtype::f32_to_row(dt, src, &mut out));
-    Ok(numpy::PyArray1::from_vec(py, out))
-}
-
-/// Quantizes float32 rows [n, dim] to E4M3 codes and UE8M0 block scales (DeepSeek's scheme:
-/// per block of 32, the smallest power of two that fits the block in E4M3's range).
-#[pyfunction]
-#[allow(clippy::type_complexity)]
-pub fn quantize_fp8<'py>(
-    py: Python<'py>,
-    values: numpy::PyReadonlyArray2<'py, f32>,
-) -> PyResult<(
-    Bound<'py, numpy::PyArray1<u8>>,
-    Bound<'py, numpy::PyArray1<u8>>,
-)> {
-    let dim = values.shape()[1];
-    let src = values.as_slice()?;
-    let mut codes = vec![0u8; src.len()];
-    let mut scales = vec![0u8; src.len() / engram_core::dtype::FP8_BLOCK];
-    py.detach(|| engram_core::dtype::quantize_rows(src, dim, &mut codes, &mut scales))
-        .map_err(|e| to_pyerr(e, &[]))?;
-    Ok((
-        numpy::PyArray1::from_vec(py, codes),
-        numpy::PyArray1::from_vec(py, scales),
-    ))
 }
