@@ -12,6 +12,8 @@ pub struct Features {
     /// AVX-512 F, DQ, BW and VL: every AVX-512 kernel of the crate (hashing reduction, gathers,
     /// bf16/f16 widening, FP8 dequantization) needs no more than these.
     pub avx512: bool,
+    /// AVX2 (the optimizer's row engine on CPUs without AVX-512).
+    pub avx2: bool,
     /// Whether `ENGRAM_RS_FORCE_SCALAR` turned the SIMD paths off.
     pub forced_scalar: bool,
 }
@@ -26,8 +28,13 @@ fn detect() -> Features {
         && std::arch::is_x86_feature_detected!("avx512vl");
     #[cfg(not(target_arch = "x86_64"))]
     let avx512 = false;
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
     Features {
         avx512: avx512 && !forced_scalar,
+        avx2: avx2 && !forced_scalar,
         forced_scalar,
     }
 }
@@ -64,13 +71,18 @@ pub fn features() -> Features {
     const KNOWN: u8 = 1;
     const AVX512: u8 = 2;
     const FORCED_SCALAR: u8 = 4;
+    const AVX2: u8 = 8;
     static FEATURES: RaceByte = RaceByte::new();
     let bits = FEATURES.get_or_init(|| {
         let f = detect();
-        KNOWN | if f.avx512 { AVX512 } else { 0 } | if f.forced_scalar { FORCED_SCALAR } else { 0 }
+        KNOWN
+            | if f.avx512 { AVX512 } else { 0 }
+            | if f.avx2 { AVX2 } else { 0 }
+            | if f.forced_scalar { FORCED_SCALAR } else { 0 }
     });
     Features {
         avx512: bits & AVX512 != 0,
+        avx2: bits & AVX2 != 0,
         forced_scalar: bits & FORCED_SCALAR != 0,
     }
 }
@@ -79,6 +91,12 @@ pub fn features() -> Features {
 #[inline]
 pub fn avx512() -> bool {
     features().avx512
+}
+
+/// Whether the AVX2 kernels run (the CPU has them and they are not forced off).
+#[inline]
+pub fn avx2() -> bool {
+    features().avx2
 }
 
 /// Asks for the cache line at `p` (any address: a prefetch never faults).

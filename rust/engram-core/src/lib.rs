@@ -13,6 +13,7 @@
 //! - [`checksum`]: XXH3-128 of precomputed index files and their inputs.
 //! - [`pool`]: the kernels' thread pools, rebuilt in a forked child.
 //! - [`cpu`]: the one CPU-feature detection (and `ENGRAM_RS_FORCE_SCALAR`).
+//! - [`elem`]: the id and output element types and the kernels' [`Backend`] choice.
 
 pub mod buffer;
 pub mod checksum;
@@ -20,6 +21,7 @@ pub mod checksum;
 pub mod compress;
 pub mod cpu;
 pub mod dtype;
+pub mod elem;
 pub mod error;
 pub mod gather;
 pub mod hashing;
@@ -31,5 +33,6 @@ pub mod primes;
 pub mod safetensors;
 pub mod table;
 
+pub use elem::{Backend, IdElem, OutElem};
 pub use error::{EngramError, Result};
-pub use hashing::{Backend, HashConfig, IdElem, LayerSpec, NgramHasher, OutElem};
+pub use hashing::{HashConfig, LayerSpec, NgramHasher};

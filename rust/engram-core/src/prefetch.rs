@@ -1,7 +1,11 @@
 //! A background pool for gathers started ahead of use, and the tickets that report them.
 
+use crate::dtype::DType;
+use crate::elem::Backend;
 use crate::error::{EngramError, Result};
+use crate::gather::gather;
 use crate::pool::{fork_generation, ProcessPool};
+use crate::table::Lease;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 
 /// The library's own pool: prefetches never queue behind the caller's rayon work (rebuilt in a
@@ -84,6 +88,28 @@ pub fn spawn(job: impl FnOnce() -> Result<()> + Send + 'static) -> Result<Ticket
         state.ready.notify_all();
     });
     Ok(ticket)
+}
+
+/// Starts a gather of rows `idx` of the leased table into `out` (`len` bytes of `out_dtype`
+/// values) on the prefetch pool; the lease keeps the table open until the job ends.
+///
+/// # Safety
+/// `out` must stay valid for writes of `len` bytes, and be neither read nor written by anyone
+/// else, until the job has ended (`Ticket::wait` returned or `Ticket::done` is true); it must
+/// not overlap the table or `idx` (see `gather::check_separate`).
+pub unsafe fn gather_ahead(
+    lease: Lease,
+    idx: Vec<i64>,
+    out: *mut u8,
+    len: usize,
+    out_dtype: DType,
+) -> Result<Ticket> {
+    let addr = out as usize;
+    spawn(move || {
+        // SAFETY: the caller keeps `out` valid and unshared until the job ends.
+        let out = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+        gather(&lease.read(), &idx, out, out_dtype, Backend::Auto)
+    })
 }
 
 #[cfg(test)]

@@ -1,13 +1,15 @@
 //! Binding of the fused sparse optimizers (`engram_core::optim`): `sparse_step`.
 
-use crate::table::{Shared, TableCore};
+use crate::table::TableCore;
 use crate::to_pyerr;
 use engram_core::optim::{self, Optimizer, OptimizerKind, StepOptions, StepOutcome};
-use engram_core::table::HostTable;
-use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use engram_core::table::shared::apart_from;
+use engram_core::table::Lease;
+use numpy::ndarray::Dimension;
+use numpy::{Element, PyReadonlyArray, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyFloatingPointError, PyValueError};
 use pyo3::prelude::*;
-use std::sync::{Arc, RwLockWriteGuard};
+use std::borrow::Cow;
 
 /// The optimizer `kind` with these hyperparameters, checked by the core (a ValueError in its
 /// words).
@@ -53,18 +55,22 @@ pub(crate) fn optimizer_kinds() -> Vec<(
         .collect()
 }
 
-/// A copy of `src`, or a MemoryError.
-fn copy<T: Copy>(src: &[T]) -> PyResult<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(src.len()).map_err(|_| {
-        pyo3::exceptions::PyMemoryError::new_err(format!(
-            "cannot allocate {} bytes for a copy of the step's ids or gradients: take fewer \
-             lookups per step",
-            std::mem::size_of_val(src)
-        ))
-    })?;
-    v.extend_from_slice(src);
-    Ok(v)
+/// The elements of `arr`: in place, or a copy when it is not C-contiguous or shares memory
+/// with one of `tables` (which the step writes).
+fn in_place_or_copied<'a, T: Element + Copy, D: Dimension>(
+    arr: &'a PyReadonlyArray<'_, T, D>,
+    tables: &[&Lease],
+) -> PyResult<Cow<'a, [T]>> {
+    match arr.as_slice() {
+        Ok(s) => apart_from(
+            s,
+            tables,
+            "a copy of the step's ids or gradients",
+            "take fewer lookups per step",
+        )
+        .map_err(|e| to_pyerr(e, &[])),
+        Err(_) => Ok(Cow::Owned(arr.as_array().iter().copied().collect())),
+    }
 }
 
 /// One fused step of a sparse row-wise optimizer on the rows `ids` of `table`, in place, with
@@ -120,27 +126,14 @@ pub(crate) fn sparse_step(
         max_grad_norm,
     };
     let opt = optimizer(kind, lr, eps, beta1, beta2)?;
-    let shared = table.get().shared()?;
+    let lease = table.get().lease()?;
     let states = state
         .iter()
-        .map(|s| s.get().shared())
+        .map(|s| s.get().lease())
         .collect::<PyResult<Vec<_>>>()?;
-    for (i, s) in states.iter().enumerate() {
-        if Arc::ptr_eq(s, &shared) {
-            return Err(PyValueError::new_err(format!(
-                "{}: state table {i} is the table it trains: pass separate state tables",
-                opt.name()
-            )));
-        }
-        if let Some(k) = states[..i].iter().position(|o| Arc::ptr_eq(o, s)) {
-            return Err(PyValueError::new_err(format!(
-                "{}: state tables {k} and {i} are the same table: pass separate state tables",
-                opt.name()
-            )));
-        }
-    }
+    optim::check_state_tables(&opt, &lease, &states).map_err(|e| to_pyerr(e, &[]))?;
     let n = ids.len();
-    let dim = shared.table.read().unwrap_or_else(|e| e.into_inner()).dim;
+    let dim = lease.read().dim;
     if grads.shape() != [n, dim] {
         return Err(PyValueError::new_err(format!(
             "{}: grads must be float32 [{n}, {dim}] (one row of the table's dim per id), got {:?}",
@@ -149,48 +142,12 @@ pub(crate) fn sparse_step(
         )));
     }
     // Read in place (see the docs above), except arrays that are not C-contiguous and arrays
-    // that share memory with a table the step writes: those are copied first.
-    let overlaps = |ptr: *const u8, len: usize| {
-        std::iter::once(&shared).chain(&states).any(|s| {
-            s.table
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .overlaps(ptr, len)
-        })
-    };
-    let ids_copy: Option<Vec<i64>> = match ids.as_slice() {
-        Ok(s) if !overlaps(s.as_ptr().cast(), std::mem::size_of_val(s)) => None,
-        Ok(s) => Some(copy(s)?),
-        Err(_) => Some(ids.as_array().iter().copied().collect()),
-    };
-    let grads_copy: Option<Vec<f32>> = match grads.as_slice() {
-        Ok(s) if !overlaps(s.as_ptr().cast(), std::mem::size_of_val(s)) => None,
-        Ok(s) => Some(copy(s)?),
-        Err(_) => Some(grads.as_array().iter().copied().collect()),
-    };
-    let ids: &[i64] = match &ids_copy {
-        Some(v) => v,
-        None => ids.as_slice()?,
-    };
-    let grads: &[f32] = match &grads_copy {
-        Some(v) => v,
-        None => grads.as_slice()?,
-    };
+    // that share memory with a table the step writes: those are copied first (by the core).
+    let all: Vec<&Lease> = std::iter::once(&lease).chain(&states).collect();
+    let ids = in_place_or_copied(&ids, &all)?;
+    let grads = in_place_or_copied(&grads, &all)?;
     crate::detached(py, || {
-        // Write locks in the order of the tables' addresses, so that steps over the same tables
-        // in another order (another thread) cannot deadlock with this one.
-        let all: Vec<&Arc<Shared>> = std::iter::once(&shared).chain(&states).collect();
-        let mut order: Vec<usize> = (0..all.len()).collect();
-        order.sort_by_key(|&i| Arc::as_ptr(all[i]) as usize);
-        let mut guards: Vec<Option<RwLockWriteGuard<'_, HostTable>>> =
-            all.iter().map(|_| None).collect();
-        for i in order {
-            guards[i] = Some(all[i].table.write().unwrap_or_else(|e| e.into_inner()));
-        }
-        let mut tables = guards.iter_mut().flatten().map(|g| &mut **g);
-        let t = tables.next().expect("the table's guard");
-        let mut st: Vec<&mut HostTable> = tables.collect();
-        optim::sparse_step_checked(t, ids, grads, &opt, &mut st, step, &opts)
+        optim::sparse_step_leased(&lease, &ids, &grads, &opt, &states, step, &opts)
     })
     .map_err(|e| to_pyerr(e, &[n]))
     .and_then(|outcome| match outcome {

@@ -1,39 +1,26 @@
 //! Bindings of host tables: `TableCore` (open/create/wrap, gather, write) and `PrefetchCore`.
 
+use crate::dtype::dtype;
 use crate::{pooled_array, to_pyerr};
 use engram_core::dtype::DType;
+use engram_core::elem::{Backend, IdElem};
 use engram_core::gather::gather;
-use engram_core::hashing::{Backend, IdElem};
-use engram_core::prefetch::{spawn, Ticket};
-use engram_core::table::{HostTable, Init, Mode};
+use engram_core::prefetch::{gather_ahead, Ticket};
+use engram_core::table::{HostTable, Init, Lease, Mode, SharedTable};
 use engram_core::EngramError;
 use numpy::{
     PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
-/// A table and the Python objects whose memory it uses (kept alive while any job runs).
-pub(crate) struct Shared {
-    pub(crate) table: RwLock<HostTable>,
-    _owners: Vec<Py<PyAny>>,
-}
-
-impl Shared {
-    /// The table for reading; a lock poisoned by a panic elsewhere is read through.
-    fn read(&self) -> RwLockReadGuard<'_, HostTable> {
-        self.table.read().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-fn dtype(name: &str) -> PyResult<DType> {
-    DType::parse(name).map_err(|e| to_pyerr(e, &[]))
-}
+/// The Python objects whose memory a `from_buffers` table uses. `SharedTable::close` hands
+/// them back once no operation can read that memory, and `TableCore` drops them with the GIL
+/// held: the last reference to a Python object never goes on a worker thread.
+type Owners = Vec<Py<PyAny>>;
 
 /// A C-contiguous numpy array's data pointer and byte length.
 fn raw_bytes(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(*mut u8, usize, bool)> {
@@ -49,23 +36,6 @@ fn raw_bytes(arr: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(*mut u8, 
         ((*raw).fields.data as *mut u8, (*raw).fields.flags)
     };
     Ok((ptr, nbytes, flags & numpy::npyffi::NPY_ARRAY_WRITEABLE != 0))
-}
-
-/// A copy of `len` bytes at `ptr`, or a MemoryError.
-///
-/// # Safety
-/// `ptr` must be valid for reads of `len` bytes.
-unsafe fn copy_bytes(ptr: *const u8, len: usize) -> PyResult<Vec<u8>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| {
-        pyo3::exceptions::PyMemoryError::new_err(format!(
-            "cannot allocate {len} bytes for a copy of rows that overlap the table: write fewer \
-             rows at a time"
-        ))
-    })?;
-    // SAFETY: the caller guarantees `len` readable bytes at `ptr`.
-    v.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) });
-    Ok(v)
 }
 
 /// Indices as a slice of i32 or i64, or a TypeError.
@@ -87,58 +57,30 @@ macro_rules! with_indices {
     }};
 }
 
-/// A table shared by the Python object and every operation in flight. The class is frozen
-/// (no PyO3 borrow flag), so `close` from one thread never fails on an operation running in
-/// another: it takes the table out and waits for the operations' clones to go.
+/// A table shared by the Python object and every operation in flight (the core's
+/// `SharedTable`: each operation holds a lease; `close` waits for them). The class is frozen (no
+/// PyO3 borrow flag), so `close` from one thread never fails on an operation running in
+/// another.
 #[pyclass(module = "engram_rs._engram_rs", frozen)]
 pub struct TableCore {
-    shared: Mutex<Option<Arc<Shared>>>,
-    /// The fork generation in which the table was last known free of operations started in
-    /// another process (see `shared`).
-    generation: AtomicU64,
+    shared: SharedTable<Owners>,
 }
 
-/// Why a table cannot be used in a child forked while an operation ran on it.
-const FORKED_BUSY: &str = "this HostTable was in use by another thread (a gather, prefetch, \
-    write_rows, flush or optimizer step) when the process forked: that thread does not exist in \
-    this child, so the table's lock and memory are never released here; open the table again in \
-    the child (HostTable.open(path); writable only once the parent has closed it), or fork only \
-    while no table call runs";
-
 impl TableCore {
-    /// The open table (a clone each operation holds until it ends), or a closed-table error.
-    ///
-    /// In a forked child, the first call checks that no operation of the parent was running at
-    /// the fork: such an operation holds a clone (and maybe the table's lock) that never goes
-    /// away in the child, so every call raises a RuntimeError instead of blocking. (The
-    /// `shared` mutex itself is only taken with the GIL held, never by a thread at a fork.)
-    pub(crate) fn shared(&self) -> PyResult<Arc<Shared>> {
-        let guard = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        let shared = guard
-            .as_ref()
-            .ok_or_else(|| PyValueError::new_err("this HostTable is closed"))?;
-        let now = engram_core::pool::fork_generation();
-        if self.generation.load(Ordering::Relaxed) != now {
-            if Arc::strong_count(shared) > 1 {
-                return Err(PyRuntimeError::new_err(FORKED_BUSY));
-            }
-            self.generation.store(now, Ordering::Relaxed);
-        }
-        Ok(shared.clone())
+    /// A lease on the open table (held by one operation until it ends), or the core's
+    /// closed-table (ValueError) or forked-busy (RuntimeError) error.
+    pub(crate) fn lease(&self) -> PyResult<Lease> {
+        self.shared.lease().map_err(|e| to_pyerr(e, &[]))
     }
 
-    fn wrap(table: HostTable, owners: Vec<Py<PyAny>>) -> Self {
+    fn wrap(table: HostTable, owners: Owners) -> Self {
         Self {
-            shared: Mutex::new(Some(Arc::new(Shared {
-                table: RwLock::new(table),
-                _owners: owners,
-            }))),
-            generation: AtomicU64::new(engram_core::pool::fork_generation()),
+            shared: SharedTable::new(table, owners),
         }
     }
 
     fn with_table<R>(&self, f: impl FnOnce(&HostTable) -> R) -> PyResult<R> {
-        Ok(f(&self.shared()?.read()))
+        Ok(f(&self.lease()?.read()))
     }
 }
 
@@ -154,25 +96,15 @@ fn fs_path(path: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
 
 /// Refuses an `out` (`len` bytes at `ptr`) that overlaps the table or the indices; called while
 /// attached, before any slice of `out` is made.
-fn check_out<I: IdElem>(shared: &Shared, ptr: *mut u8, len: usize, idx: &[I]) -> PyResult<()> {
+fn check_out<I: IdElem>(lease: &Lease, ptr: *mut u8, len: usize, idx: &[I]) -> PyResult<()> {
     engram_core::gather::check_separate(
-        &shared.read(),
+        &lease.read(),
         ptr,
         len,
         idx.as_ptr() as *const u8,
         std::mem::size_of_val(idx),
     )
     .map_err(|e| to_pyerr(e, &[]))
-}
-
-fn gather_into<I: IdElem>(
-    shared: &Shared,
-    idx: &[I],
-    out: &mut [u8],
-    out_dtype: DType,
-    backend: Backend,
-) -> Result<(), EngramError> {
-    gather(&shared.read(), idx, out, out_dtype, backend)
 }
 
 #[pymethods]
@@ -212,7 +144,7 @@ impl TableCore {
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let path = fs_path(path)?;
-        let dt = self::dtype(dtype)?;
+        let dt = crate::dtype::dtype(dtype)?;
         let init = Init::parse(init, std, seed).map_err(|e| to_pyerr(e, &[]))?;
         // `progress(done, rows)` is called from the worker threads (attaching to Python) at each
         // percent and at the end; an exception it raises stops the creation and is re-raised.
@@ -247,7 +179,7 @@ impl TableCore {
         dim: usize,
         dtype: &str,
     ) -> PyResult<Self> {
-        let dt = self::dtype(dtype)?;
+        let dt = crate::dtype::dtype(dtype)?;
         let (need_values, need_scales) =
             engram_core::table::table_bytes(dt, rows, dim).map_err(|e| to_pyerr(e, &[]))?;
         let (vptr, vlen, vw) = raw_bytes(values, "values")?;
@@ -328,10 +260,7 @@ impl TableCore {
 
     #[getter]
     fn closed(&self) -> bool {
-        self.shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
+        self.shared.is_closed()
     }
 
     /// Gathers rows `idx` (int32/int64, C-contiguous, any shape) into `out`, a C-contiguous
@@ -345,7 +274,7 @@ impl TableCore {
         out_dtype: &str,
         scalar: bool,
     ) -> PyResult<()> {
-        let shared = self.shared()?.clone();
+        let lease = self.lease()?;
         let od = dtype(out_dtype)?;
         let (ptr, len, writable) = raw_bytes(out, "out")?;
         if !writable {
@@ -358,12 +287,12 @@ impl TableCore {
             Backend::Auto
         };
         with_indices!(idx, |slice| {
-            check_out(&shared, ptr, len, slice)?;
+            check_out(&lease, ptr, len, slice)?;
             // SAFETY: `out` is a live, writable, C-contiguous array of `len` bytes, borrowed for
             // this call (callers must not use it from another thread meanwhile), that overlaps
             // neither the table nor the indices (checked above).
             let out = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            crate::detached(py, || gather_into(&shared, slice, out, od, backend))
+            crate::detached(py, || gather(&lease.read(), slice, out, od, backend))
                 .map_err(|e| to_pyerr(e, &shape))
         })
     }
@@ -376,18 +305,18 @@ impl TableCore {
         idx: &Bound<'_, PyAny>,
         out: &Bound<'_, PyUntypedArray>,
     ) -> PyResult<()> {
-        let shared = self.shared()?.clone();
+        let lease = self.lease()?;
         let (ptr, len, writable) = raw_bytes(out, "out")?;
         if !writable {
             return Err(PyValueError::new_err("out is read-only"));
         }
         let shape = idx.cast::<PyUntypedArray>()?.shape().to_vec();
         with_indices!(idx, |slice| {
-            check_out(&shared, ptr, len, slice)?;
+            check_out(&lease, ptr, len, slice)?;
             // SAFETY: as in `gather`.
             let out = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
             crate::detached(py, || {
-                engram_core::gather::copy_rows_ceiling(&shared.read(), slice, out)
+                engram_core::gather::copy_rows_ceiling(&lease.read(), slice, out)
             })
             .map_err(|e| to_pyerr(e, &shape))
         })
@@ -396,13 +325,13 @@ impl TableCore {
     /// Bytes of one row's values.
     #[getter]
     fn row_bytes(&self) -> PyResult<usize> {
-        Ok(self.shared()?.read().row_bytes())
+        self.with_table(|t| t.row_bytes())
     }
 
     /// UE8M0 scale bytes per row (FP8 tables), else 0.
     #[getter]
     fn scale_bytes(&self) -> PyResult<usize> {
-        Ok(self.shared()?.read().scale_bytes())
+        self.with_table(|t| t.scale_bytes())
     }
 
     /// A copy of the stored bytes of rows `start..start + count`, as a flat uint8 array: their
@@ -415,9 +344,9 @@ impl TableCore {
         count: usize,
         scales: bool,
     ) -> PyResult<Bound<'py, PyArray1<u8>>> {
-        let shared = self.shared()?;
+        let lease = self.lease()?;
         let bytes = crate::detached(py, || {
-            let t = shared.read();
+            let t = lease.read();
             let (v, s) = t.raw_rows(start, count)?;
             Ok(if scales { s.to_vec() } else { v.to_vec() })
         })
@@ -428,10 +357,10 @@ impl TableCore {
     /// Reads the rows a gather of `idx` would read, writing nothing (the benchmark's random-read
     /// ceiling); returns a fold of the bytes read.
     fn read_rows(&self, py: Python<'_>, idx: &Bound<'_, PyAny>) -> PyResult<u64> {
-        let shared = self.shared()?.clone();
+        let lease = self.lease()?;
         let shape = idx.cast::<PyUntypedArray>()?.shape().to_vec();
         with_indices!(idx, |slice| {
-            crate::detached(py, || engram_core::gather::read_rows(&shared.read(), slice))
+            crate::detached(py, || engram_core::gather::read_rows(&lease.read(), slice))
                 .map_err(|e| to_pyerr(e, &shape))
         })
     }
@@ -461,7 +390,7 @@ impl TableCore {
         out_dtype: &str,
         out: Option<&Bound<'_, PyUntypedArray>>,
     ) -> PyResult<PrefetchCore> {
-        let shared = self.shared()?.clone();
+        let lease = self.lease()?;
         let od = dtype(out_dtype)?;
         let idx_arr = idx.cast::<PyUntypedArray>()?;
         let shape = idx_arr.shape().to_vec();
@@ -478,7 +407,7 @@ impl TableCore {
         // The indices are copied: the caller may reuse its array as soon as this returns.
         let indices: Vec<i64> = with_indices!(idx, |slice| {
             if let Some((_, ptr, len)) = &out {
-                check_out(&shared, *ptr, *len, slice)?;
+                check_out(&lease, *ptr, *len, slice)?;
             }
             Ok(slice.iter().map(|v| v.wide() as i64).collect())
         })?;
@@ -494,18 +423,15 @@ impl TableCore {
                 (out, ptr, len)
             }
         };
-        let addr = ptr as usize;
         // The job holds no Python object: one released on its thread, without the GIL, would
         // go through PyO3's deferred-decref queue, whose mutex a fork can leave locked. The
         // output stays alive because the `PrefetchCore` owns it and, when dropped early, waits
         // for the job first.
-        let ticket = spawn(move || {
-            // SAFETY: the PrefetchCore keeps the output array alive until the job ends (its
-            // Drop waits); callers must not touch it before `wait()`.
-            let out = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
-            gather_into(&shared, &indices, out, od, Backend::Auto)
-        })
-        .map_err(|e| to_pyerr(e, &[]))?;
+        // SAFETY: the PrefetchCore keeps the output array alive until the job ends (its Drop
+        // waits); callers must not touch it before `wait()`; it overlaps neither the table nor
+        // the indices (checked above, or a fresh array).
+        let ticket =
+            unsafe { gather_ahead(lease, indices, ptr, len, od) }.map_err(|e| to_pyerr(e, &[]))?;
         Ok(PrefetchCore {
             ticket,
             out: out.into_any().unbind(),
@@ -523,7 +449,7 @@ impl TableCore {
         values: &Bound<'_, PyUntypedArray>,
         scales: Option<&Bound<'_, PyUntypedArray>>,
     ) -> PyResult<()> {
-        let shared = self.shared()?.clone();
+        let lease = self.lease()?;
         let shape = idx.shape().to_vec();
         let idx = idx.try_readonly()?;
         let idx = idx.as_slice()?;
@@ -535,46 +461,21 @@ impl TableCore {
             }
             None => (std::ptr::NonNull::<u8>::dangling().as_ptr() as *const u8, 0),
         };
+        // Addresses, to cross into the detached closure.
+        let (va, sa) = (vp as usize, sp as usize);
         // Sources that share memory with the table (a view of the array a from_numpy table
-        // wraps) are copied first: the table writes that memory while reading the sources.
-        let owned: Option<(Vec<u8>, Vec<u8>)> = {
-            let t = shared.read();
-            if t.overlaps(vp, vl) || t.overlaps(sp, sl) {
-                // SAFETY: both arrays are live and C-contiguous with the given byte lengths;
-                // nothing writes the table while `t` (a read guard) is held.
-                unsafe { Some((copy_bytes(vp, vl)?, copy_bytes(sp, sl)?)) }
-            } else {
-                None
-            }
-        };
-        // When the arrays overlap the table, the slices point at the copies instead.
-        let (values, scales) = match &owned {
-            Some((v, s)) => (v.as_slice(), s.as_slice()),
-            // SAFETY: both arrays are live and C-contiguous with the given byte lengths.
-            None => unsafe {
-                (
-                    std::slice::from_raw_parts(vp, vl),
-                    std::slice::from_raw_parts(sp, sl),
-                )
-            },
-        };
+        // wraps) are copied by the core first: the table writes that memory while reading them.
         crate::detached(py, || {
-            let mut t = shared.table.write().unwrap_or_else(|e| e.into_inner());
-            t.write_rows(idx, values, scales)
+            // SAFETY: both arrays are live and C-contiguous with the given byte lengths,
+            // borrowed for this call.
+            unsafe { lease.write_rows_from(idx, (va as *const u8, vl), (sa as *const u8, sl)) }
         })
         .map_err(|e| to_pyerr(e, &shape))
     }
 
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
-        let shared = self.shared()?.clone();
-        crate::detached(py, || {
-            shared
-                .table
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .flush()
-        })
-        .map_err(|e| to_pyerr(e, &[]))
+        let lease = self.lease()?;
+        crate::detached(py, || lease.read().flush()).map_err(|e| to_pyerr(e, &[]))
     }
 
     /// Releases the table; waits (without the GIL) for every operation still running on it:
@@ -585,27 +486,11 @@ impl TableCore {
 }
 
 impl TableCore {
-    /// Lets go of the table: waits (without the GIL) for the operations in flight, so that the
-    /// last reference, and the Python objects whose memory the table uses, always go on a thread
-    /// that holds the GIL.
+    /// Lets go of the table: waits (without the GIL) for the operations in flight, then drops
+    /// the Python objects whose memory the table used here, with the GIL held.
     fn release(&self, py: Python<'_>) {
-        let taken = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(shared) = taken {
-            let forked =
-                self.generation.load(Ordering::Relaxed) != engram_core::pool::fork_generation();
-            if forked && Arc::strong_count(&shared) > 1 {
-                // Forked while operations ran: their clones never go in this child. The memory
-                // stays (the parent's threads may still use theirs); this child lets go of it.
-                std::mem::forget(shared);
-                return;
-            }
-            py.detach(|| {
-                // Each running operation holds a clone; the memory goes when the last one ends.
-                while Arc::strong_count(&shared) > 1 {
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                }
-            });
-        }
+        let owners = py.detach(|| self.shared.close());
+        drop(owners);
     }
 }
 
@@ -648,93 +533,4 @@ impl PrefetchCore {
         crate::detached(py, || ticket.wait()).map_err(|e| to_pyerr(e, &self.shape))?;
         Ok(self.out.clone_ref(py))
     }
-}
-
-/// The table dtypes, the registry every Python dtype rule is built from: per dtype `(name,
-/// safetensors name, numpy holder, torch name, bytes per value, whether gathers can output it,
-/// spellings, FP8 block)`.
-#[pyfunction]
-#[allow(clippy::type_complexity)]
-pub fn dtypes() -> Vec<(
-    &'static str,
-    &'static str,
-    &'static str,
-    &'static str,
-    usize,
-    bool,
-    Vec<&'static str>,
-    usize,
-)> {
-    DType::ALL
-        .into_iter()
-        .map(|d| {
-            (
-                d.name(),
-                d.safetensors_name(),
-                d.numpy_name(),
-                d.torch_name(),
-                d.size(),
-                d.is_output(),
-                d.spellings().to_vec(),
-                if d == DType::F8E4M3 {
-                    engram_core::dtype::FP8_BLOCK
-                } else {
-                    0
-                },
-            )
-        })
-        .collect()
-}
-
-/// Rounds float32 values to `dtype` ("float16"/"bfloat16", nearest even) as raw bytes.
-#[pyfunction]
-pub fn cast_f32<'py>(
-    py: Python<'py>,
-    values: numpy::PyReadonlyArrayDyn<'py, f32>,
-    dtype: &str,
-) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
-    let dt = self::dtype(dtype)?;
-    if !dt.is_output() {
-        return Err(PyValueError::new_err("use quantize_fp8 for FP8 tables"));
-    }
-    let src = values.as_slice()?;
-    let mut out = vec![0u8; src.len() * dt.size()];
-    py.detach(|| engram_core::dtype::f32_to_row(dt, src, &mut out));
-    Ok(numpy::PyArray1::from_vec(py, out))
-}
-
-/// Quantizes float32 rows [n, dim] to E4M3 codes and UE8M0 block scales (DeepSeek's scheme:
-/// per block of 32, the smallest power of two that fits the block in E4M3's range).
-#[pyfunction]
-#[allow(clippy::type_complexity)]
-pub fn quantize_fp8<'py>(
-    py: Python<'py>,
-    values: numpy::PyReadonlyArray2<'py, f32>,
-) -> PyResult<(
-    Bound<'py, numpy::PyArray1<u8>>,
-    Bound<'py, numpy::PyArray1<u8>>,
-)> {
-    let dim = values.shape()[1];
-    if !dim.is_multiple_of(engram_core::dtype::FP8_BLOCK) {
-        return Err(PyValueError::new_err(format!(
-            "FP8 rows need dim to be a multiple of 32, got {dim}"
-        )));
-    }
-    let src = values.as_slice()?;
-    let mut codes = vec![0u8; src.len()];
-    let mut scales = vec![0u8; src.len() / engram_core::dtype::FP8_BLOCK];
-    py.detach(|| {
-        let per_row = dim / engram_core::dtype::FP8_BLOCK;
-        for ((v, c), s) in src
-            .chunks(dim.max(1))
-            .zip(codes.chunks_mut(dim.max(1)))
-            .zip(scales.chunks_mut(per_row.max(1)))
-        {
-            engram_core::dtype::quantize_row(v, c, s);
-        }
-    });
-    Ok((
-        numpy::PyArray1::from_vec(py, codes),
-        numpy::PyArray1::from_vec(py, scales),
-    ))
 }

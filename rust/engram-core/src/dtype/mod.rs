@@ -312,6 +312,35 @@ pub fn f32_to_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// Quantizes rows of `dim` f32 values (`src`, row after row) into E4M3 `codes` (one per value)
+/// and UE8M0 `scales` (one per block of 32); `dim` must be a multiple of the block.
+pub fn quantize_rows(src: &[f32], dim: usize, codes: &mut [u8], scales: &mut [u8]) -> Result<()> {
+    if !dim.is_multiple_of(FP8_BLOCK) {
+        return Err(EngramError::Invalid(format!(
+            "FP8 rows need dim to be a multiple of 32, got {dim}"
+        )));
+    }
+    if codes.len() != src.len() || scales.len() != src.len() / FP8_BLOCK {
+        return Err(EngramError::Invalid(format!(
+            "quantize_rows: {} values need {} code bytes and {} scale bytes, got {} and {}",
+            src.len(),
+            src.len(),
+            src.len() / FP8_BLOCK,
+            codes.len(),
+            scales.len()
+        )));
+    }
+    let per_row = dim / FP8_BLOCK;
+    for ((v, c), s) in src
+        .chunks(dim.max(1))
+        .zip(codes.chunks_mut(dim.max(1)))
+        .zip(scales.chunks_mut(per_row.max(1)))
+    {
+        quantize_row(v, c, s);
+    }
+    Ok(())
+}
+
 /// Quantizes f32 values to E4M3 bytes with one UE8M0 scale per block of 32.
 pub fn quantize_row(src: &[f32], dst: &mut [u8], scales: &mut [u8]) {
     for ((vals, out), s) in src
