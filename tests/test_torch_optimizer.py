@@ -164,3 +164,15 @@ def test_state_stays_callable_after_a_reload() -> None:
     opt.load_state_dict(opt.state_dict())
     (acc,) = opt.state(t)
     assert acc is opt.state_tables(t)[0] and acc.gather(np.array([4]))[0, 0] > 0
+
+
+def test_every_kind_of_the_cores_registry_is_a_class_of_that_name() -> None:
+    """The core names each kind's class (its messages start with it): the Python classes agree,
+    and take their hyperparameters and state layout from the same registry."""
+    import engram_rs.torch as et
+    from engram_rs.torch.optim import KINDS
+
+    for kind, (name, hyper, state) in KINDS.items():
+        cls = getattr(et, name)
+        assert cls.kind == kind
+        assert cls.hyperparameter_names == hyper and cls.state_shapes == state

@@ -208,7 +208,7 @@ pub fn set_threads(threads: usize) -> Result<usize> {
         return Err(EngramError::Invalid(format!(
             "threads = {threads}: the kernels' thread pool already runs with {now} threads in this \
              process; set the thread count before the first hashing or gather call, or start \
-             Python with RAYON_NUM_THREADS={threads}"
+             the process with RAYON_NUM_THREADS={threads}"
         )));
     }
     Ok(now)

@@ -54,8 +54,8 @@ impl Ticket {
                 Some(outcome) => outcome,
                 None => Err(EngramError::Threads(
                     "this prefetch was still running when the process forked: it runs in the \
-                     parent process, so its rows never arrive in this child; call gather() (or \
-                     prefetch() again) here"
+                     parent process, so its rows never arrive in this child; gather the \
+                     rows (or prefetch them again) here"
                         .into(),
                 )),
             };

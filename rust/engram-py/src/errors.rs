@@ -65,8 +65,41 @@ fn out_of_range(
     err
 }
 
+/// The core's neutral advice in Python's words: (the core's phrase, what a Python user types).
+/// The core's messages name no Python API; the binding says how to do it from Python.
+const IN_PYTHON: &[(&str, &str)] = &[
+    ("open it writable", "open it with writable=True"),
+    ("use int64 output", "use int64 output (dtype=numpy.int64)"),
+    ("start the process with RAYON", "start Python with RAYON"),
+    (
+        "gather the rows (or prefetch them again) here",
+        "call gather() (or prefetch() again) here",
+    ),
+    (
+        "its scales: name its UE8M0 ",
+        "its scales: pass scales=<name of its UE8M0 ",
+    ),
+    (" scales tensor (candidates", " tensor> (candidates"),
+    (
+        "holds several tables: name one of",
+        "holds several tables: pass name= one of",
+    ),
+    (
+        "open the table again in the child (writable",
+        "open the table again in the child (HostTable.open(path); writable",
+    ),
+];
+
+/// `message` with the core's advice said as a Python user does it ([`IN_PYTHON`]).
+pub(crate) fn in_python(message: String) -> String {
+    IN_PYTHON
+        .iter()
+        .fold(message, |m, (core, python)| m.replacen(core, python, 1))
+}
+
 /// Maps a core error to the Python exception users expect; `shape` unravels flat id positions.
 pub(crate) fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
+    let text = || in_python(err.to_string());
     match &err {
         EngramError::IdOutOfRange {
             value,
@@ -123,20 +156,18 @@ pub(crate) fn to_pyerr(err: EngramError, shape: &[usize]) -> PyErr {
             shape,
             Some(*column),
         ),
-        EngramError::FileNotFound { .. } => PyFileNotFoundError::new_err(err.to_string()),
+        EngramError::FileNotFound { .. } => PyFileNotFoundError::new_err(text()),
         EngramError::Io { kind, .. } if *kind == std::io::ErrorKind::NotFound => {
-            PyFileNotFoundError::new_err(err.to_string())
+            PyFileNotFoundError::new_err(text())
         }
         EngramError::Io { kind, .. } if *kind == std::io::ErrorKind::PermissionDenied => {
-            PyPermissionError::new_err(err.to_string())
+            PyPermissionError::new_err(text())
         }
-        EngramError::Io { .. } => PyOSError::new_err(err.to_string()),
-        EngramError::ReadOnly(msg) => PyPermissionError::new_err(msg.clone()),
-        EngramError::OutOfMemory { .. } => PyMemoryError::new_err(err.to_string()),
-        EngramError::Internal(_) | EngramError::Threads(_) => {
-            PyRuntimeError::new_err(err.to_string())
-        }
-        _ => PyValueError::new_err(err.to_string()),
+        EngramError::Io { .. } => PyOSError::new_err(text()),
+        EngramError::ReadOnly(_) => PyPermissionError::new_err(text()),
+        EngramError::OutOfMemory { .. } => PyMemoryError::new_err(text()),
+        EngramError::Internal(_) | EngramError::Threads(_) => PyRuntimeError::new_err(text()),
+        _ => PyValueError::new_err(text()),
     }
 }
 /// Carries a Python exception raised by a callback (a progress report, a signal check) out of

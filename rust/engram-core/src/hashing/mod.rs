@@ -171,8 +171,7 @@ impl NgramHasher {
             let max = self.max_value(layer, flat);
             if max > O::MAX {
                 return Err(EngramError::Invalid(format!(
-                    "layer {} has ids up to {max}, which do not fit int32{}: use int64 output \
-                     (dtype=numpy.int64)",
+                    "layer {} has ids up to {max}, which do not fit int32{}: use int64 output",
                     self.layer_ids[layer],
                     if flat { " with flat=True" } else { "" },
                 )));

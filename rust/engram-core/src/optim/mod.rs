@@ -290,7 +290,7 @@ const MAX_AHEAD: usize = 16;
 fn check_tables(table: &HostTable, opt: &Optimizer, state: &[&mut HostTable]) -> Result<()> {
     if !table.writable() {
         return Err(EngramError::ReadOnly(format!(
-            "{}: this {} table was opened read-only: open it with writable=True (and a writable \
+            "{}: this {} table was opened read-only: open it writable (and a writable \
              file or array) to train it",
             opt.name(),
             table.mode.name()
@@ -337,7 +337,7 @@ fn check_tables(table: &HostTable, opt: &Optimizer, state: &[&mut HostTable]) ->
         }
         if !s.writable() {
             return Err(EngramError::ReadOnly(format!(
-                "{}: state table {i} was opened read-only: open it with writable=True to train \
+                "{}: state table {i} was opened read-only: open it writable to train \
                  with it",
                 opt.name()
             )));

@@ -390,7 +390,7 @@ fn errors_change_nothing() {
         let err = sparse_step(&mut ro, &[1, 2, 3], &grads, &OPTS[0], &mut [], 1).unwrap_err();
         match &err {
             EngramError::ReadOnly(msg) => assert!(
-                msg.contains("opened read-only") && msg.contains("writable=True"),
+                msg.contains("opened read-only") && msg.contains("open it writable"),
                 "{msg}"
             ),
             other => panic!("{other:?}"),

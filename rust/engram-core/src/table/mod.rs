@@ -228,7 +228,7 @@ impl HostTable {
     pub fn write_rows(&mut self, idx: &[i64], values: &[u8], scales: &[u8]) -> Result<()> {
         if !self.writable {
             return Err(EngramError::ReadOnly(format!(
-                "this {} table is read-only: open it with writable=True (and a writable file or \
+                "this {} table is read-only: open it writable (and a writable file or \
                  array) to write rows",
                 self.mode.name()
             )));

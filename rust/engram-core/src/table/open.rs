@@ -67,7 +67,7 @@ impl HostTable {
                 let n = &values.name;
                 return Err(EngramError::Invalid(format!(
                     "tensor {n:?} is FP8 and no single tensor {n}_scale or {n}_scale_inv holds \
-                     its scales: pass scales=<name of its UE8M0 [{rows}, {}] tensor> \
+                     its scales: name its UE8M0 [{rows}, {}] scales tensor \
                      (candidates: {hint:?})",
                     dim / FP8_BLOCK
                 )));
@@ -268,7 +268,7 @@ fn pick_values<'a>(
                 }
                 _ => {
                     return Err(EngramError::Invalid(format!(
-                        "{} holds several tables: pass name= one of {:?}",
+                        "{} holds several tables: name one of {:?}",
                         path.display(),
                         candidates.iter().map(|t| &t.name).collect::<Vec<_>>()
                     )))

@@ -26,7 +26,7 @@ use std::sync::{
 pub const FORKED_BUSY: &str = "this HostTable was in use by another thread (a gather, prefetch, \
     write_rows, flush or optimizer step) when the process forked: that thread does not exist in \
     this child, so the table's lock and memory are never released here; open the table again in \
-    the child (HostTable.open(path); writable only once the parent has closed it), or fork only \
+    the child (writable only once the parent has closed it), or fork only \
     while no table call runs";
 
 /// The message of an operation on a closed table.
