@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 mod compress;
 mod optim;
 mod precompute;
+mod safetensors;
 mod table;
 
 /// Formats flat position `index` as a tuple over `shape` ("(1, 5)", "(7,)").
@@ -586,5 +587,6 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     compress::register(m)?;
     optim::register(m)?;
     precompute::register(m)?;
+    safetensors::register(m)?;
     Ok(())
 }
