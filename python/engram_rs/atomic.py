@@ -20,7 +20,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], 
     ``path`` is untouched; only a killed process can leave one behind, named
     ``.<name>.<random>.tmp`` next to ``path``.
     """
-    out = AtomicFile(os.fspath(path))
+    out = AtomicFile(os.fsdecode(path))
     try:
         with os.fdopen(os.dup(out.fileno()), "wb") as f:
             write(f)

@@ -152,7 +152,7 @@ def save_checkpoint(
 ) -> None:
     """Writes ``model`` (dense state_dict, every host table with its optimizer's state and step
     count), ``optimizer`` (a dense torch optimizer, or None) and ``extra`` (JSON) to ``path``."""
-    _refuse_own_files(os.fspath(path), model)
+    _refuse_own_files(os.fsdecode(path), model)
     entries: dict[str, _Entry] = {}
     for k, v in _dense_state(model).items():
         entries[f"model.{k}"] = _tensor_entry(v)
@@ -180,7 +180,7 @@ def save_checkpoint(
         "extra": json.dumps(extra),
     }
     out = SafetensorsWriter(
-        os.fspath(path), [(k, e.dtype, e.shape) for k, e in entries.items()], meta, "checkpoint"
+        os.fsdecode(path), [(k, e.dtype, e.shape) for k, e in entries.items()], meta, "checkpoint"
     )
     try:
         for i, e in enumerate(entries.values()):
@@ -482,7 +482,7 @@ def load_checkpoint(
     while the tables are copied (the file cut short by another process, say) can stop a load
     midway; it says which table is partly overwritten.
     """
-    r = _Reader(os.fspath(path))
+    r = _Reader(os.fsdecode(path))
     try:
         return _load(r, model, optimizer, config, tokenizer_fingerprint)
     finally:
