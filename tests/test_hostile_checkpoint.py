@@ -325,8 +325,7 @@ LABELS = {
         """
         edit(lambda h: h["host...weight"].update(dtype="BF16"))
         """,
-        r"tensor 'host\.\.\.weight' is BF16 \[64, 32\], host table '\.' \(float32\) needs F32 "
-        r"\[64, 32\]",
+        r"tensor 'host\.\.\.weight' is BF16 \[64, 32\] \(4096 bytes\), its data_offsets span 8192",
     ),
     "f32_table_bf16_label_wide": (
         "float32",

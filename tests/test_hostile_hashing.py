@@ -11,6 +11,7 @@ import os
 import pathlib
 
 import engram_rs as er
+import engram_rs.atomic
 import numpy as np
 import pytest
 from isolated import expect_error, run_isolated
@@ -187,10 +188,19 @@ def test_config_files(tmp_path: pathlib.Path) -> None:
 def test_to_json_leaves_no_temporary_file_on_failure(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full_disk(fd: int) -> None:
-        raise OSError(28, "No space left on device")
+    real = engram_rs.atomic.AtomicFile
 
-    monkeypatch.setattr(os, "fsync", full_disk)
+    class FullAtSync:
+        """The core's atomic file whose sync (in the core, out of os.fsync's reach) fails."""
+
+        def __init__(self, path: str) -> None:
+            self.out = real(path)
+            self.fileno, self.discard = self.out.fileno, self.out.discard
+
+        def commit(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engram_rs.atomic, "AtomicFile", FullAtSync)
     with pytest.raises(OSError, match="No space left on device"):
         er.EngramConfig.preset("demo").to_json(tmp_path / "c.json")
     assert os.listdir(tmp_path) == []

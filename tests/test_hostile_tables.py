@@ -62,7 +62,7 @@ def test_offsets_near_2_pow_64_are_refused(tmp_path, mode: str) -> None:
         print(t.gather([0, 1, 2, 3]))
         """,
         "ValueError",
-        r"tensor \"w\": data ends at byte \d+ but the file has 464 \(truncated\?\)",
+        r"tensor 'w' \(bytes \d+\.\.\d+\) ends beyond the file \(200 bytes of data\)",
     )
 
 
@@ -75,7 +75,7 @@ def test_scales_that_overlap_the_values_are_refused(tmp_path) -> None:
     path.write_bytes(_file(header, bytes(256)))
     with pytest.raises(
         ValueError,
-        match=r'tensors "w" \(bytes \d+\.\.\d+\) and "w_scale" \(bytes \d+\.\.\d+\) overlap',
+        match=r"tensor 'w_scale' \(bytes 200\.\.208\) overlaps tensor 'w' \(bytes 0\.\.256\)",
     ):
         er.HostTable.open(path, scales="w_scale")
 
@@ -143,7 +143,7 @@ def test_create_past_a_file_size_limit_is_an_os_error_and_leaves_nothing(tmp_pat
         """,
         "OSError",
         r"/t\.safetensors: cannot reserve 25600\d\d\d bytes of disk for the table \(File too "
-        r"large .*\(while writing the temporary file .*/t\.safetensors\.tmp-\d+-\d+-[0-9a-f]+\)",
+        r"large .*\(while writing the temporary file .*/\.t\.safetensors\.[0-9a-f]{12}\.tmp\)",
     )
     assert os.listdir(tmp_path) == []
 
@@ -392,7 +392,7 @@ def test_a_truncated_file_is_refused_at_open(tmp_path) -> None:
                 print("REFUSED", mode, e)
         """
     )
-    assert out.stdout.count("(truncated?)") == 2, out
+    assert out.stdout.count("the file is truncated or damaged") == 2, out
 
 
 def test_create_reports_progress_through_python(tmp_path) -> None:

@@ -340,7 +340,7 @@ def test_bad_files(tmp_path) -> None:
         er.HostTable.open(tmp_path / "missing.safetensors")
     (tmp_path / "trunc.safetensors").write_bytes(data[:-100])
     with pytest.raises(
-        ValueError, match=r"data ends at byte \d+ but the file has \d+ \(truncated\?\)"
+        ValueError, match=r"tensor 'weight' \(bytes \d+\.\.\d+\) ends beyond the file \(\d+ bytes"
     ):
         er.HostTable.open(tmp_path / "trunc.safetensors")
     (tmp_path / "short.safetensors").write_bytes(data[:5])
@@ -349,17 +349,19 @@ def test_bad_files(tmp_path) -> None:
     claims = bytearray(data)
     claims[:8] = (len(data) + 10).to_bytes(8, "little")
     (tmp_path / "claims.safetensors").write_bytes(bytes(claims))
-    with pytest.raises(ValueError, match=r"header claims \d+ bytes but the file has \d+"):
+    with pytest.raises(ValueError, match=r"header length \d+, the file has \d+ bytes"):
         er.HostTable.open(tmp_path / "claims.safetensors")
     corrupt = bytearray(data)
     corrupt[8:20] = b"{{{{{{{{{{{{"
     (tmp_path / "corrupt.safetensors").write_bytes(bytes(corrupt))
-    with pytest.raises(ValueError, match="header is not valid JSON"):
+    with pytest.raises(ValueError, match=r"not a safetensors file \(header: "):
         er.HostTable.open(tmp_path / "corrupt.safetensors")
     wrong = data.replace(b'"data_offsets":[0,12800]', b'"data_offsets":[0,12000]')
     assert wrong != data
     (tmp_path / "wrong.safetensors").write_bytes(wrong)
-    with pytest.raises(ValueError, match=r"data_offsets \[0, 12000\] do not hold 12800 bytes"):
+    with pytest.raises(
+        ValueError, match=r"is F32 \[100, 32\] \(12800 bytes\), its data_offsets span 12000"
+    ):
         er.HostTable.open(tmp_path / "wrong.safetensors")
     with pytest.raises(ValueError, match='unknown mode "fast"'):
         er.HostTable.open(good, mode="fast")

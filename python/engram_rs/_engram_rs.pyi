@@ -19,11 +19,14 @@ _Rows: TypeAlias = (
 )
 
 __all__ = [
+    "AtomicFile",
     "Checksum",
     "HasherCore",
     "OutOfRangeError",
     "PooledBuffer",
     "PrefetchCore",
+    "SafetensorsFile",
+    "SafetensorsWriter",
     "TableCore",
     "TokenizerCore",
     "__version__",
@@ -37,6 +40,7 @@ __all__ = [
     "file_checksum",
     "fingerprint_file",
     "fingerprint_json",
+    "fsync_path",
     "head_rows",
     "layer_multipliers",
     "normalize",
@@ -234,3 +238,39 @@ class TokenizerCore:
 def file_checksum(path: str | PathLike[str]) -> str: ...
 def start_writeback(fd: int, offset: int, len: int) -> None: ...
 def set_num_threads(threads: int) -> int: ...
+
+@final
+class SafetensorsFile:
+    def __new__(
+        cls, path: str | PathLike[str], what: str = "safetensors file"
+    ) -> SafetensorsFile: ...
+    @property
+    def tensors(self) -> list[tuple[str, str, list[int], int, int]]: ...
+    @property
+    def metadata(self) -> dict[str, str]: ...
+    def read(self, index: int, offset: int, count: int) -> np.ndarray[Any, Any]: ...
+    def close(self) -> None: ...
+
+@final
+class SafetensorsWriter:
+    def __new__(
+        cls,
+        path: str | PathLike[str],
+        tensors: list[tuple[str, str, list[int]]],
+        metadata: dict[str, str],
+        what: str = "safetensors file",
+    ) -> SafetensorsWriter: ...
+    def write(self, index: int, data: np.ndarray[Any, Any]) -> None: ...
+    def commit(self) -> None: ...
+    def discard(self) -> None: ...
+
+@final
+class AtomicFile:
+    def __new__(cls, path: str | PathLike[str]) -> AtomicFile: ...
+    def fileno(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    def commit(self) -> None: ...
+    def discard(self) -> None: ...
+
+def fsync_path(path: str | PathLike[str]) -> None: ...

@@ -1,13 +1,14 @@
-"""numpy views of tensors in a safetensors file (the baselines' side of the benchmarks)."""
+"""numpy views of tensors in a safetensors file (the baselines' side of the benchmarks), at the
+byte ranges of the core's checked header (``engram_core::safetensors``)."""
 
 from __future__ import annotations
 
-import json
-import struct
+import os
 
 import numpy as np
 
 from . import dtypes
+from ._engram_rs import SafetensorsFile
 
 __all__ = ["tensor_memmap"]
 
@@ -20,17 +21,14 @@ _NUMPY = {
 }
 
 
-def tensor_memmap(path: str, name: str) -> np.memmap:
+def tensor_memmap(path: str | os.PathLike[str], name: str) -> np.memmap:
     """A read-only ``np.memmap`` of one tensor (bfloat16/FP8 as their raw integer bits)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    info = header[name]
-    begin, _ = info["data_offsets"]
-    return np.memmap(
-        path,
-        dtype=_NUMPY[info["dtype"]],
-        mode="r",
-        offset=8 + n + begin,
-        shape=tuple(info["shape"]),
-    )
+    f = SafetensorsFile(os.fspath(path))
+    f.close()  # the header is all that is needed; numpy maps the file by its path
+    found = {t[0]: t for t in f.tensors}
+    if name not in found:
+        raise KeyError(f"{path}: no tensor {name!r} (tensors: {sorted(found)})")
+    _, dtype, shape, start, _ = found[name]
+    if dtype not in _NUMPY:
+        raise ValueError(f"{path}: tensor {name!r} is {dtype}, not one of {', '.join(_NUMPY)}")
+    return np.memmap(path, dtype=_NUMPY[dtype], mode="r", offset=start, shape=tuple(shape))

@@ -220,7 +220,7 @@ class HostTable:
 
         The file's blocks are reserved before it is written, so a full disk raises ``OSError``
         (naming the file and size) instead of crashing. The temporary file,
-        ``<path>.tmp-<pid>-<n>-<hex>`` in the same directory, is removed on every error; only a
+        ``.<name>.<random>.tmp`` in the same directory, is removed on every error; only a
         process killed while creating leaves it behind. The returned table is writable and
         holds the file's exclusive lock until it is closed.
         """

@@ -1,6 +1,8 @@
 """Checkpoints of a model with host tables: the dense parameters, the host tables, their fused
 optimizers' state and step counts, and a dense torch optimizer's state, in one safetensors file
-(no pickle), written atomically (a temporary file renamed into place).
+(no pickle). The file is read and written only through the core's safetensors reader and atomic
+writer (``engram_core::safetensors``); this module decides what goes in and checks it against the
+model.
 
 Loading refuses a checkpoint of another Engram config or tokenizer, naming the mismatch, and
 restores everything in place, so that resuming gives exactly the steps of an uninterrupted run.
@@ -8,20 +10,19 @@ restores everything in place, so that resuming gives exactly the steps of an uni
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import reprlib
-import stat
-import struct
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from .. import dtypes
-from ..atomic import write_atomically
+from .._engram_rs import SafetensorsFile, SafetensorsWriter
 from ..config import EngramConfig
 from ..table import HostTable
 from .optim import SparseOptimizer
@@ -43,10 +44,6 @@ _TORCH_OF = {
     "BOOL": torch.bool,
 }
 _ST_OF_TORCH = {v: k for k, v in _TORCH_OF.items()}
-#: Bytes per element of each dtype a checkpoint may hold.
-_ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in _TORCH_OF.items()}
-#: The largest header read (a crafted length is refused before it is allocated).
-_MAX_HEADER = 100 << 20
 
 
 def host_tables(model: torch.nn.Module) -> dict[str, Any]:
@@ -79,13 +76,15 @@ def _flatten_optimizer(opt: torch.optim.Optimizer | None) -> tuple[dict[str, tor
     return tensors, {"param_groups": sd["param_groups"], "plain": plain}
 
 
+#: Where an entry puts its bytes, piece by piece, in order (``SafetensorsWriter.write``).
+_Put = Callable[[np.ndarray], None]
+
+
 class _Entry:
     """One tensor of the file: its header entry and how to write its bytes."""
 
-    def __init__(
-        self, dtype: str, shape: list[int], nbytes: int, write: Callable[[IO[bytes]], object]
-    ):
-        self.dtype, self.shape, self.nbytes, self.write = dtype, shape, nbytes, write
+    def __init__(self, dtype: str, shape: list[int], write: Callable[[_Put], None]):
+        self.dtype, self.shape, self.write = dtype, shape, write
 
 
 def _tensor_entry(t: torch.Tensor) -> _Entry:
@@ -94,7 +93,7 @@ def _tensor_entry(t: torch.Tensor) -> _Entry:
     raw = (
         t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
     )
-    return _Entry(_ST_OF_TORCH[t.dtype], list(t.shape), raw.nbytes, lambda f: f.write(raw.data))
+    return _Entry(_ST_OF_TORCH[t.dtype], list(t.shape), lambda put: put(raw))
 
 
 def _table_chunks(table: HostTable) -> Iterator[tuple[int, int]]:
@@ -106,19 +105,19 @@ def _table_chunks(table: HostTable) -> Iterator[tuple[int, int]]:
 def _table_entries(key: str, table: HostTable) -> dict[str, _Entry]:
     """The tensors of a host table's stored bytes: ``key`` (values) and, for FP8, its UE8M0
     scales as ``{key}_scale``; streamed chunk by chunk when the file is written."""
-    rb, sb = table.row_bytes, table.scale_bytes
+    sb = table.scale_bytes
 
-    def part(scales: bool) -> Callable[[IO[bytes]], None]:
-        def write(f: IO[bytes]) -> None:
+    def part(scales: bool) -> Callable[[_Put], None]:
+        def write(put: _Put) -> None:
             for start, count in _table_chunks(table):
-                f.write(table.read_raw(start, count, scales).data)
+                put(table.read_raw(start, count, scales).reshape(-1))
 
         return write
 
     shape = [table.rows, table.dim]
-    out = {key: _Entry(dtypes.DTYPES[table.dtype].safetensors, shape, table.rows * rb, part(False))}
+    out = {key: _Entry(dtypes.DTYPES[table.dtype].safetensors, shape, part(False))}
     if sb:
-        out[f"{key}_scale"] = _Entry("U8", [table.rows, sb], table.rows * sb, part(True))
+        out[f"{key}_scale"] = _Entry("U8", [table.rows, sb], part(True))
     return out
 
 
@@ -153,7 +152,7 @@ def save_checkpoint(
 ) -> None:
     """Writes ``model`` (dense state_dict, every host table with its optimizer's state and step
     count), ``optimizer`` (a dense torch optimizer, or None) and ``extra`` (JSON) to ``path``."""
-    _refuse_own_files(os.fspath(path), model)
+    _refuse_own_files(os.fsdecode(path), model)
     entries: dict[str, _Entry] = {}
     for k, v in _dense_state(model).items():
         entries[f"model.{k}"] = _tensor_entry(v)
@@ -180,129 +179,44 @@ def save_checkpoint(
         "dense_optimizer": json.dumps(dense_meta),
         "extra": json.dumps(extra),
     }
-    header: dict[str, Any] = {"__metadata__": meta}
-    offset = 0
-    for key, e in entries.items():
-        header[key] = {
-            "dtype": e.dtype,
-            "shape": e.shape,
-            "data_offsets": [offset, offset + e.nbytes],
-        }
-        offset += e.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-
-    def write(f: IO[bytes]) -> None:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for e in entries.values():
-            e.write(f)
-
-    write_atomically(path, write)
+    out = SafetensorsWriter(
+        os.fsdecode(path), [(k, e.dtype, e.shape) for k, e in entries.items()], meta, "checkpoint"
+    )
+    try:
+        for i, e in enumerate(entries.values()):
+            e.write(functools.partial(out.write, i))
+        out.commit()
+    except BaseException:
+        out.discard()
+        raise
 
 
 class _Reader:
-    """A checked reader of the safetensors file a checkpoint is: the whole header is parsed and
-    checked when it is opened (bounds, types, byte ranges inside the file and not overlapping);
-    tensors are then read with ``pread`` (a file cut short later is an error, not a SIGBUS)."""
+    """A checkpoint's file opened through the core's checked reader (every tensor's dtype,
+    shape and byte range checked: inside the file, sized by its shape, not overlapping); tensors
+    are then read from the same descriptor (a file cut short later is an error, not a
+    SIGBUS)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO: no hang
+        self.file = SafetensorsFile(path, "checkpoint")
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"{path}: not a checkpoint (not a regular file)")
-            self.fd, self.size = fd, st.st_size
-            self._parse()
+            self.meta: dict[str, str] = self.file.metadata
+            fmt = self.meta.get("format")
+            if fmt != FORMAT:
+                raise ValueError(f"{path}: not an engram_rs checkpoint (format {_short(fmt)})")
+            self.entries: dict[str, _Stored] = {}
+            for i, (key, dt, shape, begin, end) in enumerate(self.file.tensors):
+                if dt not in _TORCH_OF:
+                    holds = ", ".join(_TORCH_OF)
+                    raise ValueError(f"{path}: tensor {key!r} has dtype {dt!r}, not one of {holds}")
+                self.entries[key] = _Stored(i, key, dt, shape, begin, end)
         except BaseException:
-            os.close(fd)
+            self.file.close()
             raise
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def _bad(self, what: str) -> ValueError:
-        return ValueError(f"{self.path}: not a checkpoint ({what})")
-
-    def _parse(self) -> None:
-        size = self.size
-        if size < 8:
-            raise self._bad(f"{size} bytes, shorter than the 8-byte length of a safetensors header")
-        (n,) = struct.unpack("<Q", self.pread(0, 8, "the header length"))
-        if n > size - 8:
-            raise self._bad(f"header length {n}, the file has {size} bytes")
-        if n > _MAX_HEADER:
-            raise self._bad(f"header length {n}, over the limit of {_MAX_HEADER} bytes")
-        header = _loads(self.pread(8, n, "the header"), "the header", self._bad)
-        if not isinstance(header, dict):
-            raise self._bad(f"the header is a JSON {_kind(header)}, not an object")
-        self.base = 8 + n
-        meta = header.get("__metadata__", {})
-        if not isinstance(meta, dict):
-            raise self._bad(f"__metadata__ is a {_kind(meta)}, not an object")
-        for k, v in meta.items():
-            if not isinstance(v, str):
-                raise self._bad(f"__metadata__[{k!r}] is a {_kind(v)}, not a string")
-        self.meta: dict[str, str] = meta
-        if meta.get("format") != FORMAT:
-            raise ValueError(
-                f"{self.path}: not an engram_rs checkpoint (format {_short(meta.get('format'))})"
-            )
-        self.entries: dict[str, _Stored] = {}
-        for key, e in header.items():
-            if key != "__metadata__":
-                self.entries[key] = self._entry(key, e)
-        spans = sorted(
-            (e for e in self.entries.values() if e.end > e.begin), key=lambda e: (e.begin, -e.end)
-        )
-        last: _Stored | None = None
-        for e in spans:
-            if last is not None and e.begin < last.end:
-                raise ValueError(
-                    f"{self.path}: tensor {e.key!r} (bytes {e.begin}..{e.end}) overlaps tensor "
-                    f"{last.key!r} (bytes {last.begin}..{last.end}): the file is damaged"
-                )
-            if last is None or e.end > last.end:
-                last = e
-
-    def _entry(self, key: str, e: Any) -> _Stored:
-        p = f"{self.path}: tensor {key!r}"
-        if not isinstance(e, dict):
-            raise ValueError(f"{p}: its header entry is a {_kind(e)}, not an object")
-        dt = e.get("dtype")
-        if not isinstance(dt, str) or dt not in _ITEMSIZE:
-            raise ValueError(f"{p} has dtype {_short(dt)}, not one of {', '.join(_ITEMSIZE)}")
-        shape = e.get("shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise ValueError(f"{p}: shape must be a list of non-negative ints, got {_short(shape)}")
-        offs = e.get("data_offsets")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
-            raise ValueError(f"{p}: data_offsets must be two ints [begin, end], got {_short(offs)}")
-        a, b = offs
-        if a < 0 or b < a:
-            raise ValueError(f"{p} (bytes {a}..{b}) ends before it begins: the file is damaged")
-        if self.base + b > self.size:
-            raise ValueError(
-                f"{p} (bytes {a}..{b}) ends beyond the file ({self.size - self.base} bytes of "
-                "data): the file is truncated or damaged"
-            )
-        return _Stored(key, dt, list(shape), a, b)
-
-    def pread(self, offset: int, n: int, what: str) -> bytearray:
-        buf = bytearray(n)
-        view, done = memoryview(buf), 0
-        while done < n:
-            got = os.preadv(self.fd, [view[done:]], offset + done)
-            if got == 0:
-                raise ValueError(
-                    f"{self.path}: {what} ends beyond the file: it was cut short while it was "
-                    "read (another process writing it?)"
-                )
-            done += got
-        return buf
+        self.file.close()
 
     def json(self, key: str) -> Any:
         return _loads(
@@ -317,35 +231,30 @@ class _Reader:
             raise ValueError(f"{self.path}: the checkpoint has no tensor {key!r} ({what})")
         return e
 
-    def check_size(self, e: _Stored) -> None:
-        want = math.prod(e.shape) * _ITEMSIZE[e.dtype]
-        if want != e.end - e.begin:
-            raise ValueError(
-                f"{self.path}: tensor {e.key!r} is {e.dtype} {e.shape} ({want} bytes), its "
-                f"data_offsets span {e.end - e.begin}: the file is damaged"
-            )
-
-    def read(self, e: _Stored, start: int = 0, n: int | None = None) -> bytearray:
+    def read(self, e: _Stored, start: int = 0, n: int | None = None) -> np.ndarray:
         n = e.end - e.begin - start if n is None else n
-        return self.pread(self.base + e.begin + start, n, f"tensor {e.key!r}")
+        return self.file.read(e.index, start, n)
 
     def tensor(self, e: _Stored) -> torch.Tensor:
         raw = self.read(e)
-        if e.dtype == "BOOL" and raw and max(raw) > 1:
+        if e.dtype == "BOOL" and raw.size and int(raw.max()) > 1:
             raise ValueError(
                 f"{self.path}: tensor {e.key!r} is BOOL and holds bytes other than 0 and 1: the "
                 "file is damaged"
             )
-        if not raw:
+        if not raw.size:
             return torch.empty(e.shape, dtype=_TORCH_OF[e.dtype])
-        return torch.frombuffer(raw, dtype=torch.uint8).view(_TORCH_OF[e.dtype]).reshape(e.shape)
+        return torch.from_numpy(raw).view(_TORCH_OF[e.dtype]).reshape(e.shape)
 
 
 class _Stored:
-    """One tensor's checked header entry: byte range relative to the data start."""
+    """One tensor's checked header entry: its index in the file and its bytes' range."""
 
-    def __init__(self, key: str, dtype: str, shape: list[int], begin: int, end: int) -> None:
-        self.key, self.dtype, self.shape, self.begin, self.end = key, dtype, shape, begin, end
+    def __init__(
+        self, index: int, key: str, dtype: str, shape: list[int], begin: int, end: int
+    ) -> None:
+        self.index, self.key, self.dtype, self.shape = index, key, dtype, shape
+        self.begin, self.end = begin, end
 
 
 def _finite(v: Any) -> bool:
@@ -415,7 +324,6 @@ def _expect(r: _Reader, key: str, dtype: str, shape: list[int], what: str, needs
         raise ValueError(
             f"{r.path}: tensor {key!r} is {e.dtype} {e.shape}, {needs} needs {dtype} {shape}"
         )
-    r.check_size(e)
     return e
 
 
@@ -549,7 +457,6 @@ def _plan_dense_optimizer(
             parts = k.split(".", 2)
             if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) not in ids:
                 raise ValueError(f"{p}: tensor {k!r} names no parameter of the saved groups")
-            r.check_size(e)
             state.setdefault(int(parts[1]), {})[parts[2]] = r.tensor(e)
             claimed.add(k)
     return {"state": state, "param_groups": groups}
@@ -575,7 +482,7 @@ def load_checkpoint(
     while the tables are copied (the file cut short by another process, say) can stop a load
     midway; it says which table is partly overwritten.
     """
-    r = _Reader(os.fspath(path))
+    r = _Reader(os.fsdecode(path))
     try:
         return _load(r, model, optimizer, config, tokenizer_fingerprint)
     finally:
@@ -625,8 +532,6 @@ def _load(
                 f"{r.path}: tensor {k!r} is not part of an engram_rs checkpoint (a damaged or "
                 "crafted file)"
             )
-    for e in dense_entries.values():
-        r.check_size(e)
     mine_sd = model.state_dict()
     lacks = sorted(set(mine_sd) - set(dense_entries))
     if lacks:
@@ -694,8 +599,8 @@ def _copy_in(r: _Reader, values: _Stored, scales: _Stored | None, table: HostTab
     rb, sb = table.row_bytes, table.scale_bytes
     for start, count in _table_chunks(table):
         idx = np.arange(start, start + count, dtype=np.int64)
-        v = np.frombuffer(r.read(values, start * rb, count * rb), np.uint8)
+        v = r.read(values, start * rb, count * rb)
         s = None
         if scales is not None:
-            s = np.frombuffer(r.read(scales, start * sb, count * sb), np.uint8)
+            s = r.read(scales, start * sb, count * sb)
         table.write_raw(idx, v, s)

@@ -10,11 +10,13 @@
 //!   tables, their gathers and their file format.
 //! - [`optim`]: fused sparse row-wise optimizers (SGD, row-wise Adagrad, SparseAdam) that update
 //!   the touched rows of a host table in place.
+//! - [`atomic`]: the one atomic file write (temporary name, fsync, rename, directory fsync).
 //! - [`checksum`]: XXH3-128 of precomputed index files and their inputs.
 //! - [`pool`]: the kernels' thread pools, rebuilt in a forked child.
 //! - [`cpu`]: the one CPU-feature detection (and `ENGRAM_RS_FORCE_SCALAR`).
 //! - [`elem`]: the id and output element types and the kernels' [`Backend`] choice.
 
+pub mod atomic;
 pub mod buffer;
 pub mod checksum;
 #[cfg(feature = "compress")]

@@ -10,6 +10,7 @@ mod errors;
 mod hashing;
 mod optim;
 mod precompute;
+mod safetensors;
 mod table;
 
 pub(crate) use convert::{detached, pooled_array};
@@ -40,5 +41,6 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     compress::register(m)?;
     optim::register(m)?;
     precompute::register(m)?;
+    safetensors::register(m)?;
     Ok(())
 }

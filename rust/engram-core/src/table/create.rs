@@ -1,15 +1,15 @@
 //! Creating a table file: the initial values (reproducible whatever the thread count), the
-//! atomic write through a uniquely named temporary file, and what is left on failure (nothing).
+//! atomic write (`crate::atomic`), and what is left on failure (nothing).
 
 use super::{lock, table_bytes, HostTable, Mode};
+use crate::atomic::AtomicFile;
 use crate::dtype::{self, DType, FP8_BLOCK};
 use crate::error::{EngramError, Result};
 use crate::safetensors;
 use memmap2::MmapOptions;
 use rayon::prelude::*;
 use serde_json::Map;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How a new table's values are initialised.
@@ -78,9 +78,9 @@ fn init_row(init: Init, row: usize, vals: &mut [f32]) {
 
 impl HostTable {
     /// Creates a table file atomically and opens it (writable, mmap). The file is written as
-    /// `<path>.tmp-<pid>-<n>-<hex>` in the same directory (blocks reserved first, so a full
-    /// disk is an error, not a SIGBUS), synced, and renamed over `path`; the temporary file is
-    /// removed on every error, and is left behind only if the process is killed meanwhile.
+    /// the temporary file of `path` ([`AtomicFile`]: blocks reserved first, so a full disk is
+    /// an error, not a SIGBUS), synced, and renamed over `path`; the temporary file is removed
+    /// on every error, and is left behind only if the process is killed meanwhile.
     /// `progress` is called now and then, from the worker threads, with the rows initialised so
     /// far; an error from it stops the creation (nothing is left behind) and is returned.
     pub fn create(
@@ -106,47 +106,22 @@ impl HostTable {
         let (header, offsets) = safetensors::build_header(&tensors, &meta)?;
         let (row_bytes, scale_bytes) = (dim * dtype.size(), sbytes / rows.max(1));
         let data_len = vbytes + sbytes;
-        let tmp = TempFile::new(path)?;
-        let file = match safetensors::create_reserved(&tmp.path, &header, data_len) {
-            Ok(f) => f,
-            Err(EngramError::Io { kind, .. }) if kind == std::io::ErrorKind::AlreadyExists => {
-                let message = format!(
-                    "the temporary file {} already exists: try again",
-                    tmp.path.display()
-                );
-                tmp.renamed(); // not ours: leave it alone
-                return Err(EngramError::Io {
-                    path: path.display().to_string(),
-                    kind,
-                    message,
-                });
-            }
-            // Name the table the caller asked for (a full disk, say), and the temporary file.
-            Err(EngramError::Io { kind, message, .. }) => {
-                return Err(EngramError::Io {
-                    path: path.display().to_string(),
-                    kind,
-                    message: format!(
-                        "{message} (while writing the temporary file {})",
-                        tmp.path.display()
-                    ),
-                })
-            }
-            Err(e) => return Err(e),
-        };
+        let tmp = AtomicFile::create(path)?;
+        safetensors::start_file(&tmp, &header, data_len, "table")?;
+        let file = tmp.file();
         // Nobody else knows the temporary name, so this cannot conflict; the lock carries over
         // to the table, which keeps this descriptor.
-        lock(&file, &tmp.path, true)?;
+        lock(file, tmp.path(), true)?;
         if data_len > 0 {
             // The map is private to this function and dropped before the rename; every page
             // of it has its blocks reserved, so writes cannot fault on a full disk.
             let map = MmapOptions::new()
-                .map_raw(&file)
-                .map_err(|e| EngramError::io(&tmp.path, e))?;
+                .map_raw(file)
+                .map_err(|e| EngramError::io(tmp.path(), e))?;
             if map.len() < header.len() + data_len {
                 return Err(EngramError::Internal(format!(
                     "{} maps {} bytes, {} expected",
-                    tmp.path.display(),
+                    tmp.path().display(),
                     map.len(),
                     header.len() + data_len
                 )));
@@ -193,12 +168,9 @@ impl HostTable {
             if let Some(e) = stopped.into_inner().unwrap_or_else(|e| e.into_inner()) {
                 return Err(e);
             }
-            map.flush().map_err(|e| EngramError::io(&tmp.path, e))?;
+            map.flush().map_err(|e| EngramError::io(tmp.path(), e))?;
         }
-        file.sync_all().map_err(|e| EngramError::io(&tmp.path, e))?;
-        std::fs::rename(&tmp.path, path).map_err(|e| EngramError::io(path, e))?;
-        tmp.renamed();
-        sync_parent(path);
+        let file = tmp.commit()?;
         let scales = (dtype == DType::F8E4M3).then_some(scale_name.as_str());
         Self::open_file(file, path, Some(name), scales, Mode::Mmap, true)
     }
@@ -214,71 +186,4 @@ fn check_tensor_name(name: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// A temporary file beside the target, removed when dropped unless it was renamed.
-struct TempFile {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl TempFile {
-    /// A name no other thread or process uses: `<name>.tmp-<pid>-<counter>-<time and address
-    /// bits>`; fails if the directory does not exist.
-    fn new(path: &Path) -> Result<Self> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        if !dir.is_dir() {
-            return Err(EngramError::Io {
-                path: path.display().to_string(),
-                kind: std::io::ErrorKind::NotFound,
-                message: format!(
-                    "the directory '{}' does not exist: create it first (os.makedirs)",
-                    dir.display()
-                ),
-            });
-        }
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let bits = nanos ^ ((&n as *const u64 as u64).rotate_left(32));
-        let mut name = path
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        name.push(format!(
-            ".tmp-{}-{n}-{:08x}",
-            std::process::id(),
-            bits as u32
-        ));
-        Ok(Self {
-            path: path.with_file_name(name),
-            keep: false,
-        })
-    }
-
-    fn renamed(mut self) {
-        self.keep = true;
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-fn sync_parent(path: &Path) {
-    // Persist the rename itself; a failure here leaves a complete file, so it is not an error.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
 }

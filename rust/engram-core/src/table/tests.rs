@@ -75,7 +75,7 @@ fn create_open_round_trips_per_dtype_and_mode() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
     std::fs::remove_dir_all(&d).unwrap();
 }
 
