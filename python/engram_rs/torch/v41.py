@@ -218,9 +218,10 @@ class EngramV41(nn.Module):
 
     ``hasher``: the model's hasher (its config gives the heads, orders and widths;
     ``hidden_size``, ``hc_mult`` default to the config's). ``norm_eps``: the model's
-    ``rms_norm_eps`` (default: the config's, else V4.1's 1e-20). ``wkv``: ``(codes, scales)`` of the checkpoint
-    (E4M3 ``[hidden * (hc_mult + 1), cols * head_dim]``, UE8M0 per 32x32 block), a float weight of
-    that shape, or None (random, as ``nn.Linear`` initializes, then quantized).
+    ``rms_norm_eps`` (default: the config's, else V4.1's 1e-20). ``wkv``: ``(codes, scales)``
+    of the checkpoint (E4M3 ``[hidden * (hc_mult + 1), cols * head_dim]``, UE8M0 per 32x32
+    block), a float weight of that shape, or None (random, as ``nn.Linear`` initializes, then
+    quantized).
     """
 
     q_weight: nn.Parameter

@@ -47,10 +47,10 @@ impl HostTable {
         let (rows, dim) = (values.shape[0], values.shape[1]);
         let (vbytes, sbytes) = table_bytes(dtype, rows, dim)?;
         // An FP8 table's scales are found by name when not given: `{name}_scale` (what `create`
-        // writes) or `{name}_scale_inv` (DeepSeek's checkpoints), if exactly one exists.
-        let found: Vec<String> = ["_scale", "_scale_inv"]
-            .iter()
-            .map(|suffix| format!("{}{suffix}", values.name))
+        // writes), `{name}_scale_inv` (DeepSeek-V3's checkpoints) or, for `X.weight`, `X.scale`
+        // (DeepSeek-V4.1-Flash's), if exactly one exists.
+        let found: Vec<String> = scale_names(&values.name)
+            .into_iter()
             .filter(|n| tensors.iter().any(|t| &t.name == n))
             .collect();
         let scales = match (dtype, scales, found.as_slice()) {
@@ -66,9 +66,10 @@ impl HostTable {
                     .collect();
                 let n = &values.name;
                 return Err(EngramError::Invalid(format!(
-                    "tensor {n:?} is FP8 and no single tensor {n}_scale or {n}_scale_inv holds \
+                    "tensor {n:?} is FP8 and no single tensor {} holds \
                      its scales: name its UE8M0 [{rows}, {}] scales tensor \
                      (candidates: {hint:?})",
+                    scale_names(n).join(" or "),
                     dim / FP8_BLOCK
                 )));
             }
@@ -283,4 +284,14 @@ fn pick_values<'a>(
         )));
     }
     Ok(t)
+}
+
+/// The names an FP8 table `name`'s scales go by, in the order tried: `{name}_scale`,
+/// `{name}_scale_inv`, and `X.scale` for a `name` of `X.weight`.
+fn scale_names(name: &str) -> Vec<String> {
+    let mut names = vec![format!("{name}_scale"), format!("{name}_scale_inv")];
+    if let Some(stem) = name.strip_suffix(".weight") {
+        names.push(format!("{stem}.scale"));
+    }
+    names
 }

@@ -1,0 +1,291 @@
+"""DeepSeek-V4.1-Flash checkpoints (SPEC 8.1): open a checkpoint directory's Engram layers, and
+write trained ones back in the checkpoint's own layout.
+
+:func:`open_checkpoint` reads ``config.json`` (:meth:`~engram_rs.EngramConfig.from_hf`), the
+tokenizer (``tokenizer.json`` beside it, or a given one) and ``model.safetensors.index.json``
+(or one ``model.safetensors``), and builds the hasher and one :class:`~.v41.EngramV41` per Engram
+layer. Each layer's table opens zero-copy as a :class:`~engram_rs.HostTable` over its tensor
+inside its shard (``layers.L.engram.embed.weight`` with ``.scale``; the shard holds other
+tensors, nothing is copied); the dense tensors (``wkv.weight``, ``wkv.scale``, ``q_weight``,
+``k_weight``) load into the module. Every tensor is checked (present, its dtype, its shape)
+before a module is made, and a shard the index names outside the directory is refused.
+
+:func:`save_checkpoint` writes the layers' tensors back under the same names, dtypes and shapes
+(``wkv`` re-quantized from a trained bf16 weight; the table's FP8 rows and scales as stored),
+one shard per layer plus ``model.safetensors.index.json``, each file written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .. import _engram_rs
+from ..atomic import write_atomically
+from ..compress import CompressedTokenizer
+from ..config import EngramConfig
+from ..hashing import NgramHasher
+from ..table import HostTable
+from .optim import SparseOptimizer
+from .v41 import EngramV41
+
+__all__ = ["INDEX", "V41Checkpoint", "open_checkpoint", "save_checkpoint"]
+
+#: The index of a sharded checkpoint.
+INDEX = "model.safetensors.index.json"
+#: Rows of a table copied per write when saving.
+_CHUNK_ROWS = 1 << 16
+#: safetensors dtype -> torch dtype of the dense tensors.
+_TORCH = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "BF16": torch.bfloat16}
+_SAFETENSORS = {v: k for k, v in _TORCH.items()}
+
+
+@dataclasses.dataclass
+class V41Checkpoint:
+    """An opened checkpoint: its config, tokenizer, hasher and Engram layers by layer id."""
+
+    path: str
+    config: EngramConfig
+    tokenizer: CompressedTokenizer
+    hasher: NgramHasher
+    layers: dict[int, EngramV41]
+    tokenizer_path: str
+
+
+def _prefix(layer: int) -> str:
+    return f"layers.{layer}.engram."
+
+
+def _shards(root: str) -> dict[str, str]:
+    """Tensor name -> the path of its shard, inside ``root`` (links resolved)."""
+    index = os.path.join(root, INDEX)
+    if not os.path.exists(index):
+        single = os.path.join(root, "model.safetensors")
+        if not os.path.isfile(single):
+            raise FileNotFoundError(
+                f"{root} holds neither {INDEX} nor model.safetensors: is it a checkpoint directory?"
+            )
+        f = _engram_rs.SafetensorsFile(single, "checkpoint shard")
+        f.close()
+        return {t[0]: single for t in f.tensors}
+    try:
+        with open(index, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index} is not a JSON index: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map object (tensor name -> shard file)")
+    real_root = os.path.realpath(root)
+    out = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ValueError(f"{index}: tensor {name!r} names the shard {shard!r}")
+        path = os.path.realpath(os.path.join(real_root, shard))
+        if os.path.isabs(shard) or os.path.commonpath([real_root, path]) != real_root:
+            raise ValueError(
+                f"{index}: tensor {name!r} names the shard {shard!r}, outside the checkpoint "
+                f"directory {root}: refused (shards must be files of the directory)"
+            )
+        out[name] = path
+    return out
+
+
+class _Shard:
+    """The tensors of one shard, by name: (dtype, shape, index)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file = _engram_rs.SafetensorsFile(path, "checkpoint shard")
+        self.tensors = {t[0]: (t[1], list(t[2]), i) for i, t in enumerate(self.file.tensors)}
+
+    def expect(self, name: str, dtype: str, shape: list[int], what: str) -> int:
+        found = self.tensors.get(name)
+        if found is None:
+            raise ValueError(f"{self.path}: no tensor {name!r} ({what})")
+        if found[0] != dtype or found[1] != shape:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} ({what}) is {found[0]} {found[1]}, expected "
+                f"{dtype} {shape}"
+            )
+        return found[2]
+
+    def tensor(self, name: str, dtype: str, shape: list[int], what: str) -> torch.Tensor:
+        i = self.expect(name, dtype, shape, what)
+        n = int(np.prod(shape)) * (2 if dtype == "BF16" else 1)
+        raw = self.file.read(i, 0, n)
+        return torch.from_numpy(np.array(raw, dtype=np.uint8)).view(_TORCH[dtype]).reshape(shape)
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | None = None,
+    *,
+    mode: Literal["mmap", "resident"] = "mmap",
+    writable: bool = False,
+    optimizer: SparseOptimizer | None = None,
+    wkv_mode: Literal["fp8", "bf16"] = "bf16",
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> V41Checkpoint:
+    """Opens the Engram layers of the DeepSeek-V4.1-Flash checkpoint directory ``path``.
+
+    ``tokenizer``: the model's ``tokenizer.json`` (default: the one in ``path``). ``mode``,
+    ``writable``: how the tables open (``writable=True`` trains them in the shard files in
+    place: copy the checkpoint first). ``optimizer`` trains the tables in backward;
+    ``wkv_mode``, ``compute_dtype``: as :class:`~.v41.EngramV41`.
+    """
+    root = os.fspath(path)
+    cfg = EngramConfig.from_hf(root)
+    hf = _hf_fields(root)
+    tok = os.fspath(tokenizer) if tokenizer is not None else os.path.join(root, "tokenizer.json")
+    if not os.path.isfile(tok):
+        raise FileNotFoundError(f"no tokenizer {tok}: pass tokenizer= (the model's tokenizer.json)")
+    comp = CompressedTokenizer.from_file(tok)
+    want_c = hf.get("engram_compressed_vocab_size")
+    if want_c is not None and want_c != len(comp):
+        raise ValueError(
+            f"{root}: engram_compressed_vocab_size is {want_c} but {tok} compresses to "
+            f"{len(comp)} ids: the tokenizer is not this model's"
+        )
+    hasher = NgramHasher.from_tokenizer(cfg, comp)
+    shards = _shards(root)
+    g, d, cols, dim = cfg.hc_mult, cfg.hidden_size, cfg.cols, cfg.head_dim
+    opened: dict[str, _Shard] = {}
+
+    def shard_of(name: str) -> _Shard:
+        if name not in shards:
+            raise ValueError(f"{root}: the checkpoint has no tensor {name!r}")
+        p = shards[name]
+        if p not in opened:
+            opened[p] = _Shard(p)
+        return opened[p]
+
+    plans = []
+    for layer in cfg.layer_ids:  # every tensor checked before a module is made
+        pre = _prefix(layer)
+        rows = hasher.table_rows[layer]
+        emb = shard_of(pre + "embed.weight")
+        emb.expect(pre + "embed.weight", "F8_E4M3", [rows, dim], f"layer {layer}'s table")
+        scale_shard = shard_of(pre + "embed.scale")
+        if scale_shard is not emb:
+            raise ValueError(
+                f"{root}: layer {layer}'s table and its scales are in different shards "
+                f"({emb.path}, {scale_shard.path}): a table opens over one file"
+            )
+        emb.expect(pre + "embed.scale", "F8_E8M0", [rows, dim // 32], f"layer {layer}'s scales")
+        wkv_shape = [d * (g + 1), cols * dim]
+        dense = {
+            "wkv.weight": shard_of(pre + "wkv.weight").tensor(
+                pre + "wkv.weight", "F8_E4M3", wkv_shape, "wkv"
+            ),
+            "wkv.scale": shard_of(pre + "wkv.scale").tensor(
+                pre + "wkv.scale", "F8_E8M0", [s // 32 for s in wkv_shape], "wkv's scales"
+            ),
+            "q_weight": shard_of(pre + "q_weight").tensor(pre + "q_weight", "BF16", [g, d], "q"),
+            "k_weight": shard_of(pre + "k_weight").tensor(pre + "k_weight", "BF16", [g, d], "k"),
+        }
+        plans.append((layer, emb.path, dense))
+    for s in opened.values():
+        s.file.close()
+    layers = {}
+    for layer, shard_path, dense in plans:
+        pre = _prefix(layer)
+        table = HostTable.open(
+            shard_path,
+            name=pre + "embed.weight",
+            scales=pre + "embed.scale",
+            mode=mode,
+            writable=writable,
+        )
+        module = EngramV41(
+            hasher,
+            layer,
+            table=table,
+            optimizer=optimizer,
+            wkv=(dense["wkv.weight"], dense["wkv.scale"]),
+            wkv_mode=wkv_mode,
+            compute_dtype=compute_dtype,
+        )
+        with torch.no_grad():
+            module.q_weight.copy_(dense["q_weight"])
+            module.k_weight.copy_(dense["k_weight"])
+        layers[layer] = module
+    return V41Checkpoint(root, cfg, comp, hasher, layers, tok)
+
+
+def _hf_fields(root: str) -> dict[str, Any]:
+    with open(os.path.join(root, "config.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    text = data.get("text_config")
+    return text if isinstance(text, dict) and "engram_layer_ids" in text else data
+
+
+def save_checkpoint(out: str | os.PathLike[str], checkpoint: V41Checkpoint) -> list[str]:
+    """Writes the Engram layers of ``checkpoint`` (modules over FP8 HostTables, trained or not)
+    to the directory ``out`` in the checkpoint's names, dtypes and shapes: one shard
+    ``model-engram-L<id>.safetensors`` per layer, ``model.safetensors.index.json``, and the
+    source's ``config.json`` and tokenizer, so that :func:`open_checkpoint` opens ``out``
+    (and an engine reads its Engram tensors as the original's). Each file is written
+    atomically. Returns the shard paths."""
+    root = os.fspath(out)
+    if os.path.realpath(root) == os.path.realpath(checkpoint.path):
+        raise ValueError(
+            f"{root} is the checkpoint's own directory: save to another one (its tables are "
+            "the shards being read)"
+        )
+    os.makedirs(root, exist_ok=True)
+    layers = checkpoint.layers
+    weight_map: dict[str, str] = {}
+    written = []
+    for layer, module in sorted(layers.items()):
+        table = module.embed.table
+        if table is None or table.dtype != "float8_e4m3":
+            raise ValueError(
+                f"layer {layer}: save_checkpoint writes FP8 host tables (the checkpoint's "
+                f"layout); this one is {'a parameter' if table is None else table.dtype}"
+            )
+        pre = _prefix(layer)
+        dense = module.checkpoint_tensors(pre)
+        rows, dim = table.rows, table.dim
+        entries = [
+            (pre + "embed.weight", "F8_E4M3", [rows, dim]),
+            (pre + "embed.scale", "F8_E8M0", [rows, dim // 32]),
+        ] + [(name, _SAFETENSORS[t.dtype], list(t.shape)) for name, t in sorted(dense.items())]
+        name = f"model-engram-L{layer}.safetensors"
+        path = os.path.join(root, name)
+        writer = _engram_rs.SafetensorsWriter(path, entries, {"format": "pt"}, "checkpoint shard")
+        try:
+            table.flush()
+            for start in range(0, rows, _CHUNK_ROWS):
+                writer.write(0, table.read_raw(start, min(_CHUNK_ROWS, rows - start)))
+            for start in range(0, rows, _CHUNK_ROWS):
+                n = min(_CHUNK_ROWS, rows - start)
+                writer.write(1, table.read_raw(start, n, scales=True))
+            for i, (tname, _, _) in enumerate(entries[2:], start=2):
+                data = dense[tname].contiguous().view(torch.uint8).reshape(-1).numpy()
+                writer.write(i, np.ascontiguousarray(data))
+            writer.commit()
+        except BaseException:
+            writer.discard()
+            raise
+        weight_map.update(dict.fromkeys((e[0] for e in entries), name))
+        written.append(path)
+    index = json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2).encode()
+    write_atomically(os.path.join(root, INDEX), lambda f: f.write(index))
+    for name, src in (
+        ("config.json", os.path.join(checkpoint.path, "config.json")),
+        ("tokenizer.json", checkpoint.tokenizer_path),
+    ):
+        _copy_atomically(src, os.path.join(root, name))
+    return written
+
+
+def _copy_atomically(src: str, dst: str) -> None:
+    with open(src, "rb") as fh:
+        data = fh.read()
+    write_atomically(dst, lambda f: f.write(data))
