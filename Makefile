@@ -22,6 +22,7 @@ develop: $(STAMP)
 ## demo: hash a generated batch with both presets and print the throughput table
 demo: develop
 	$(PY) -m engram_rs demo
+	$(PY) -m engram_rs v41-demo
 
 ## test: lint, then the Rust and Python test suites
 test: develop lint rust-test py-test

@@ -244,3 +244,18 @@ def test_a_tables_scales_are_found_by_the_checkpoints_naming(tmp_path) -> None:
         tensors["layers.1.engram.embed.weight"], tensors["layers.1.engram.embed.scale"]
     )
     np.testing.assert_array_equal(t.gather(np.arange(t.rows)), want.numpy())
+
+
+def test_the_v41_demo_runs_on_its_tiny_checkpoint(tmp_path, capsys) -> None:
+    """``engram-rs v41-demo`` (in ``make demo``): a tiny checkpoint made in the real layout by
+    the package itself (no safetensors package), opened, a prompt with an image span hashed,
+    every layer run; image positions keep their residual only."""
+    from engram_rs.cli import main
+    from engram_rs.torch.v41_checkpoint import write_tiny_checkpoint
+
+    root = write_tiny_checkpoint(tmp_path / "ck", deepseek_v4_tokenizer_json())
+    ck = open_checkpoint(root)
+    assert sorted(ck.layers) == [1, 3] and ck.config.hidden_size == 64
+    assert main(["v41-demo", "--checkpoint", root, "--image-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "5 blocked" in out and out.count("image 0.0000 (gate 0 there") == 2

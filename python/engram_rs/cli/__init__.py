@@ -1,5 +1,5 @@
-"""The ``engram-rs`` command: ``demo``, ``precompute``, ``verify``, ``train-demo`` and ``bench``
-sub-commands."""
+"""The ``engram-rs`` command: ``demo``, ``precompute``, ``verify``, ``train-demo``, ``bench`` and
+``v41-demo`` sub-commands."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train a tiny LM with an Engram layer on a host table (CPU, about a minute)",
     ),
     "bench": ("bench", "throughput against baselines, in the same process"),
+    "v41-demo": (
+        "v41",
+        "DeepSeek-V4.1-Flash's Engram layers on a checkpoint directory (a tiny one by default)",
+    ),
 }
 
 
@@ -32,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="engram-rs", description=__doc__)
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{demo,precompute,verify,train-demo,bench}"
+        dest="command",
+        required=True,
+        metavar="{demo,precompute,verify,train-demo,bench,v41-demo}",
     )
     # The sub-command named first (the command has no options of its own but -h).
     chosen = next((a for a in args_in if not a.startswith("-")), None)

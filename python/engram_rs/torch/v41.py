@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import dtypes
 from ..hashing import NgramHasher
 from ..table import HostTable
 from .modules import EngramEmbedding, MultiHeadEmbedding, check_no_optimizer
@@ -51,8 +52,9 @@ __all__ = [
 
 #: The largest finite E4M3 magnitude.
 E4M3_MAX = 448.0
-#: Values per block of the activations' re-quantization and side of a weight block.
-BLOCK = 32
+#: Values per block of the activations' re-quantization and side of a weight block: the FP8
+#: block of the core's registry (also a table row's values per UE8M0 scale).
+BLOCK = dtypes.FP8_BLOCK
 
 
 def _pow2_scale(amax: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -32,9 +33,15 @@ from ..config import EngramConfig
 from ..hashing import NgramHasher
 from ..table import HostTable
 from .optim import SparseOptimizer
-from .v41 import EngramV41
+from .v41 import BLOCK, EngramV41, quantize_blocks
 
-__all__ = ["INDEX", "V41Checkpoint", "open_checkpoint", "save_checkpoint"]
+__all__ = [
+    "INDEX",
+    "V41Checkpoint",
+    "open_checkpoint",
+    "save_checkpoint",
+    "write_tiny_checkpoint",
+]
 
 #: The index of a sharded checkpoint.
 INDEX = "model.safetensors.index.json"
@@ -177,14 +184,14 @@ def open_checkpoint(
                 f"{root}: layer {layer}'s table and its scales are in different shards "
                 f"({emb.path}, {scale_shard.path}): a table opens over one file"
             )
-        emb.expect(pre + "embed.scale", "F8_E8M0", [rows, dim // 32], f"layer {layer}'s scales")
+        emb.expect(pre + "embed.scale", "F8_E8M0", [rows, dim // BLOCK], f"layer {layer}'s scales")
         wkv_shape = [d * (g + 1), cols * dim]
         dense = {
             "wkv.weight": shard_of(pre + "wkv.weight").tensor(
                 pre + "wkv.weight", "F8_E4M3", wkv_shape, "wkv"
             ),
             "wkv.scale": shard_of(pre + "wkv.scale").tensor(
-                pre + "wkv.scale", "F8_E8M0", [s // 32 for s in wkv_shape], "wkv's scales"
+                pre + "wkv.scale", "F8_E8M0", [s // BLOCK for s in wkv_shape], "wkv's scales"
             ),
             "q_weight": shard_of(pre + "q_weight").tensor(pre + "q_weight", "BF16", [g, d], "q"),
             "k_weight": shard_of(pre + "k_weight").tensor(pre + "k_weight", "BF16", [g, d], "k"),
@@ -254,29 +261,28 @@ def save_checkpoint(out: str | os.PathLike[str], checkpoint: V41Checkpoint) -> l
         rows, dim = table.rows, table.dim
         entries = [
             (pre + "embed.weight", "F8_E4M3", [rows, dim]),
-            (pre + "embed.scale", "F8_E8M0", [rows, dim // 32]),
+            (pre + "embed.scale", "F8_E8M0", [rows, dim // BLOCK]),
         ] + [(name, _SAFETENSORS[t.dtype], list(t.shape)) for name, t in sorted(dense.items())]
         name = f"model-engram-L{layer}.safetensors"
         path = os.path.join(root, name)
-        writer = _engram_rs.SafetensorsWriter(path, entries, {"format": "pt"}, "checkpoint shard")
-        try:
-            table.flush()
-            for start in range(0, rows, _CHUNK_ROWS):
-                writer.write(0, table.read_raw(start, min(_CHUNK_ROWS, rows - start)))
-            for start in range(0, rows, _CHUNK_ROWS):
-                n = min(_CHUNK_ROWS, rows - start)
-                writer.write(1, table.read_raw(start, n, scales=True))
+        table.flush()
+
+        def pieces(
+            table: HostTable = table,
+            entries: list[Any] = entries,
+            dense: dict[str, torch.Tensor] = dense,
+        ) -> Iterator[Any]:
+            for scales in (False, True):  # the rows, then their scales, a chunk at a time
+                for start in range(0, table.rows, _CHUNK_ROWS):
+                    n = min(_CHUNK_ROWS, table.rows - start)
+                    yield int(scales), table.read_raw(start, n, scales=scales)
             for i, (tname, _, _) in enumerate(entries[2:], start=2):
-                data = dense[tname].contiguous().view(torch.uint8).reshape(-1).numpy()
-                writer.write(i, np.ascontiguousarray(data))
-            writer.commit()
-        except BaseException:
-            writer.discard()
-            raise
+                yield i, _tensor_bytes(dense[tname])
+
+        _write_shard(path, entries, pieces())
         weight_map.update(dict.fromkeys((e[0] for e in entries), name))
         written.append(path)
-    index = json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2).encode()
-    write_atomically(os.path.join(root, INDEX), lambda f: f.write(index))
+    _write_index(root, weight_map)
     for name, src in (
         ("config.json", os.path.join(checkpoint.path, "config.json")),
         ("tokenizer.json", checkpoint.tokenizer_path),
@@ -285,7 +291,104 @@ def save_checkpoint(out: str | os.PathLike[str], checkpoint: V41Checkpoint) -> l
     return written
 
 
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as stored (uint8, C order)."""
+    return np.ascontiguousarray(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def _write_shard(path: str, entries: list[Any], pieces: Iterable[tuple[int, np.ndarray]]) -> None:
+    """A shard of ``entries`` (name, dtype, shape) written atomically from ``pieces`` (tensor
+    index, bytes), in order: nothing is left behind by a failure."""
+    writer = _engram_rs.SafetensorsWriter(path, entries, {"format": "pt"}, "checkpoint shard")
+    try:
+        for i, data in pieces:
+            writer.write(i, data)
+        writer.commit()
+    except BaseException:
+        writer.discard()
+        raise
+
+
+def _write_index(root: str, weight_map: dict[str, str]) -> None:
+    index = json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2).encode()
+    write_atomically(os.path.join(root, INDEX), lambda f: f.write(index))
+
+
 def _copy_atomically(src: str, dst: str) -> None:
     with open(src, "rb") as fh:
         data = fh.read()
     write_atomically(dst, lambda f: f.write(data))
+
+
+def write_tiny_checkpoint(
+    out: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str],
+    *,
+    layers: tuple[int, ...] = (1, 3),
+    hidden: int = 64,
+    hc_mult: int = 4,
+    heads: int = 2,
+    head_dim: int = 32,
+    vocab: int = 1009,
+    seed: int = 0,
+) -> str:
+    """A small DeepSeek-V4.1-Flash checkpoint in the real layout, for demos and tests: its
+    ``config.json`` (the engram fields under ``text_config``, ``engram_num_embeddings`` the sums
+    of the primes), ``tokenizer`` copied as ``tokenizer.json``, and shards with the real names
+    and dtypes (F8_E4M3 tables with F8_E8M0 scales per 32, an FP8 ``wkv`` with 32x32 block
+    scales, bf16 ``q_weight``/``k_weight``; each layer's table in its own shard beside another
+    tensor, the dense tensors in a last shard) listed in ``model.safetensors.index.json``.
+    Random values (``seed``). Returns the directory."""
+    root = os.fspath(out)
+    os.makedirs(root, exist_ok=True)
+    comp = CompressedTokenizer.from_file(tokenizer)
+    fields: dict[str, Any] = {
+        "engram_layer_ids": list(layers),
+        "engram_max_ngram_size": 4,
+        "engram_vocab_size": vocab,
+        "engram_n_heads": heads,
+        "engram_head_dim": head_dim,
+        "engram_pad_token_id": 2,
+        "engram_compressed_vocab_size": len(comp),
+        "hidden_size": hidden,
+        "hc_mult": hc_mult,
+        "rms_norm_eps": 1e-20,
+    }
+    cfg = EngramConfig.from_hf(fields)
+    rows = NgramHasher(cfg, len(comp), compressed_pad_id=0).table_rows
+    fields["engram_num_embeddings"] = [rows[x] for x in layers]
+    gen = torch.Generator().manual_seed(seed)
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    last = f"model-{len(layers) + 1:05d}-of-{len(layers) + 1:05d}.safetensors"
+    for i, layer in enumerate(layers):
+        pre = _prefix(layer)
+        codes, scale = quantize_blocks(
+            torch.randn(rows[layer], head_dim, generator=gen) * 0.05, (1, BLOCK)
+        )
+        name = f"model-{i + 1:05d}-of-{len(layers) + 1:05d}.safetensors"
+        shards[name] = {
+            pre + "embed.weight": codes,
+            pre + "embed.scale": scale,
+            f"layers.{layer}.attn_norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        }
+        w = torch.randn(hidden * (hc_mult + 1), cfg.cols * head_dim, generator=gen) * 0.05
+        wkv, wkv_scale = quantize_blocks(w)
+        shards.setdefault(last, {}).update(
+            {
+                pre + "wkv.weight": wkv,
+                pre + "wkv.scale": wkv_scale,
+                pre + "q_weight": torch.randn(hc_mult, hidden, generator=gen).to(torch.bfloat16),
+                pre + "k_weight": torch.randn(hc_mult, hidden, generator=gen).to(torch.bfloat16),
+            }
+        )
+    weight_map = {}
+    for name, tensors in shards.items():
+        entries = [(k, _SAFETENSORS[t.dtype], list(t.shape)) for k, t in tensors.items()]
+        data = ((i, _tensor_bytes(tensors[k])) for i, (k, _, _) in enumerate(entries))
+        _write_shard(os.path.join(root, name), entries, data)
+        weight_map.update(dict.fromkeys(tensors, name))
+    _write_index(root, weight_map)
+    config = json.dumps({"architectures": ["DeepseekV4ForCausalLM"], "text_config": fields})
+    write_atomically(os.path.join(root, "config.json"), lambda f: f.write(config.encode()))
+    _copy_atomically(os.fspath(tokenizer), os.path.join(root, "tokenizer.json"))
+    return root
