@@ -68,7 +68,11 @@ fn out_of_range(
 /// The core's neutral advice in Python's words: (the core's phrase, what a Python user types).
 /// The core's messages name no Python API; the binding says how to do it from Python.
 const IN_PYTHON: &[(&str, &str)] = &[
-    ("open it writable", "open it with writable=True"),
+    (
+        "open it writable (and a writable",
+        "open it with writable=True (and a writable",
+    ),
+    ("open it writable to train", "open it with writable=True to train"),
     ("use int64 output", "use int64 output (dtype=numpy.int64)"),
     ("start the process with RAYON", "start Python with RAYON"),
     (

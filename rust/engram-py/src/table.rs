@@ -146,19 +146,14 @@ impl TableCore {
         let path = fs_path(path)?;
         let dt = crate::dtype::dtype(dtype)?;
         let init = Init::parse(init, std, seed).map_err(|e| to_pyerr(e, &[]))?;
-        // `progress(done, rows)` is called from the worker threads (attaching to Python) at each
-        // percent and at the end; an exception it raises stops the creation and is re-raised.
-        let reported = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        // `progress(done, rows)` is called from the worker threads (attaching to Python) when
+        // the core reports (each percent and the end); an exception it raises stops the
+        // creation and is re-raised.
         let raised = crate::Raised::default();
         let report = |done: usize| -> Result<(), EngramError> {
             let Some(callback) = progress.as_ref() else {
                 return Ok(());
             };
-            let percent = done * 100 / rows.max(1);
-            let last = reported.swap(percent, std::sync::atomic::Ordering::Relaxed);
-            if last == percent && done != rows {
-                return Ok(());
-            }
             Python::attach(|py| callback.call1(py, (done, rows)).map(drop))
                 .map_err(|e| raised.stash(e, "stopped by the progress callback"))
         };

@@ -81,8 +81,9 @@ impl HostTable {
     /// the temporary file of `path` ([`AtomicFile`]: blocks reserved first, so a full disk is
     /// an error, not a SIGBUS), synced, and renamed over `path`; the temporary file is removed
     /// on every error, and is left behind only if the process is killed meanwhile.
-    /// `progress` is called now and then, from the worker threads, with the rows initialised so
-    /// far; an error from it stops the creation (nothing is left behind) and is returned.
+    /// `progress` is called from the worker threads with the rows initialised so far, at each
+    /// new percent and at the end; an error from it stops the creation (nothing is left behind)
+    /// and is returned.
     pub fn create(
         path: &Path,
         rows: usize,
@@ -130,6 +131,7 @@ impl HostTable {
             let scales_at = base + offsets.get(1).copied().unwrap_or(0);
             const ROWS: usize = 4096;
             let done = AtomicU64::new(0);
+            let reported = AtomicU64::new(u64::MAX);
             let stopped: std::sync::Mutex<Option<EngramError>> = std::sync::Mutex::new(None);
             (0..rows.div_ceil(ROWS)).into_par_iter().for_each(|block| {
                 if stopped.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
@@ -158,7 +160,11 @@ impl HostTable {
                     }
                 }
                 let total = done.fetch_add((b - a) as u64, Ordering::Relaxed) as usize + b - a;
-                if let Some(Err(e)) = progress.map(|p| p(total)) {
+                // Reported at each new percent and at the end, not at every block.
+                let percent = (total as u128 * 100 / rows.max(1) as u128) as u64;
+                let last = reported.swap(percent, Ordering::Relaxed);
+                let due = last != percent || total == rows;
+                if let Some(Err(e)) = progress.filter(|_| due).map(|p| p(total)) {
                     stopped
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
