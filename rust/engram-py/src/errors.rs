@@ -72,7 +72,10 @@ const IN_PYTHON: &[(&str, &str)] = &[
         "open it writable (and a writable",
         "open it with writable=True (and a writable",
     ),
-    ("open it writable to train", "open it with writable=True to train"),
+    (
+        "open it writable to train",
+        "open it with writable=True to train",
+    ),
     ("use int64 output", "use int64 output (dtype=numpy.int64)"),
     ("start the process with RAYON", "start Python with RAYON"),
     (
