@@ -12,7 +12,7 @@ from engram_rs.reference import reference_hash
 @pytest.fixture(scope="module", params=list(PRESET_VOCAB))
 def case(request: pytest.FixtureRequest) -> tuple[er.NgramHasher, np.ndarray]:
     cfg = er.EngramConfig.preset(request.param)
-    h = er.NgramHasher(cfg, PRESET_VOCAB[request.param])
+    h = er.NgramHasher(cfg, PRESET_VOCAB[request.param], compressed_pad_id=cfg.pad_id)
     ids = np.random.default_rng(0).integers(0, h.compressed_vocab_size, size=(16, 8192))
     return h, ids
 

@@ -1,7 +1,8 @@
 """``engram-rs bench v41``: DeepSeek-V4.1-Flash's Engram layer on the CPU (FP8 table resident in
 host memory, bf16 wkv) against the same math in plain torch (``index_select`` of the E4M3 codes and
 UE8M0 scales, dequantization, the module's dense ops), interleaved in one process, the layer's
-time split into its parts: gather + dequantize, wkv, gate."""
+time split into its parts: gather + dequantize, wkv, gate. Every contender returns new tensors
+(new against new)."""
 
 from __future__ import annotations
 
@@ -64,10 +65,11 @@ def bench_v41(
         flat = (hash_ids + offsets).reshape(-1)
         w = layer.wkv.weight.detach()
         qw, kw, eps = layer.q_weight.detach(), layer.k_weight.detach(), layer.norm_eps
-        out = torch.empty(flat.shape[0], dim, dtype=torch.bfloat16)
 
         def ours_rows() -> torch.Tensor:
-            return table.gather(flat, out=out)  # E4M3 -> bf16 in the gather
+            # E4M3 -> bf16 in the gather, into a new tensor as torch's contenders make them
+            # (new against new, SPEC 7).
+            return table.gather(flat, out_dtype="bfloat16", framework="torch")
 
         def torch_gather() -> tuple[torch.Tensor, torch.Tensor]:
             return codes.index_select(0, flat), scales.index_select(0, flat)

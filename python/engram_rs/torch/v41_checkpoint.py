@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .. import _engram_rs
+from .. import _engram_rs, dtypes
 from ..atomic import write_atomically
 from ..compress import CompressedTokenizer
 from ..config import EngramConfig
@@ -47,8 +47,11 @@ __all__ = [
 INDEX = "model.safetensors.index.json"
 #: Rows of a table copied per write when saving.
 _CHUNK_ROWS = 1 << 16
-#: safetensors dtype -> torch dtype of the dense tensors.
-_TORCH = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "BF16": torch.bfloat16}
+#: safetensors dtype -> torch dtype of a checkpoint's tensors: the table dtypes of the core's
+#: registry, and the UE8M0 scales.
+_TORCH = {d.safetensors: d.torch() for d in dtypes.DTYPES.values()} | {
+    "F8_E8M0": torch.float8_e8m0fnu
+}
 _SAFETENSORS = {v: k for k, v in _TORCH.items()}
 
 
@@ -124,7 +127,7 @@ class _Shard:
 
     def tensor(self, name: str, dtype: str, shape: list[int], what: str) -> torch.Tensor:
         i = self.expect(name, dtype, shape, what)
-        n = int(np.prod(shape)) * (2 if dtype == "BF16" else 1)
+        n = int(np.prod(shape)) * _TORCH[dtype].itemsize
         raw = self.file.read(i, 0, n)
         return torch.from_numpy(np.array(raw, dtype=np.uint8)).view(_TORCH[dtype]).reshape(shape)
 
