@@ -11,7 +11,7 @@ from typing import Any
 from . import _engram_rs
 from .atomic import write_atomically
 
-__all__ = ["PRESETS", "EngramConfig"]
+__all__ = ["PRESETS", "EngramConfig", "hf_engram_fields", "read_hf_config"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _MISSING = object()
 
 
-def _hf_dict(config: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+def read_hf_config(config: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
     """The parsed HF config: a dict as given, or the JSON of a file or of ``DIR/config.json``."""
     if isinstance(config, dict):
         return config
@@ -63,6 +63,13 @@ def _hf_dict(config: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an HF config object")
     return data
+
+
+def hf_engram_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Where a parsed HF config holds its ``engram_*`` fields: ``text_config`` (the released
+    DeepSeek-V4.1-Flash) when it has them, else the top level."""
+    text = data.get("text_config")
+    return text if isinstance(text, dict) and "engram_layer_ids" in text else data
 
 
 def _check_int(name: str, value: object, minimum: int = 0) -> int:
@@ -207,10 +214,8 @@ class EngramConfig:
         ``hc_mult`` and the norm epsilon. ``engram_num_embeddings`` (each layer's table rows),
         when present, must equal the sum of the primes this config derives: a mismatch names
         both numbers."""
-        data = _hf_dict(config)
-        fields_at = data.get("text_config") if isinstance(data.get("text_config"), dict) else None
-        if fields_at is None or "engram_layer_ids" not in fields_at:
-            fields_at = data
+        data = read_hf_config(config)
+        fields_at = hf_engram_fields(data)
         where = "text_config" if fields_at is not data else "the top level"
 
         def get(*names: str, default: Any = _MISSING) -> Any:

@@ -512,6 +512,11 @@ class NgramHasher:
             arr, bounds = self._blocked(arr, bounds, blocked, raw)
         return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw, scalar=scalar)
 
+    def _pad_value(self, raw: bool) -> int:
+        """What a blocked position reads as: the raw pad id among raw ids (the kernel maps it
+        to the compressed one), else the compressed pad id."""
+        return self.config.pad_id if raw else self.pad_id
+
     def _blocked(
         self, arr: np.ndarray, bounds: list[int], blocked: npt.ArrayLike, raw: bool
     ) -> tuple[np.ndarray, list[int]]:
@@ -525,7 +530,7 @@ class NgramHasher:
         if not where.size:
             return flat_ids, bounds
         flat_ids = flat_ids.copy()
-        flat_ids[where] = self.config.pad_id if raw else self.pad_id
+        flat_ids[where] = self._pad_value(raw)
         cuts = np.concatenate([np.asarray(bounds, dtype=np.int64), where, where + 1])
         # Order kept; empty sequences of the caller change nothing in a per-token output.
         return flat_ids, np.unique(cuts).tolist()
@@ -634,7 +639,7 @@ class NgramHasher:
         piece starts from pad; the state takes each row's last piece's history."""
         rows, k = mask.shape
         flat_ids = arr.reshape(-1).copy()
-        flat_ids[np.flatnonzero(mask.reshape(-1))] = self.config.pad_id if raw else self.pad_id
+        flat_ids[np.flatnonzero(mask.reshape(-1))] = self._pad_value(raw)
         bounds, owners, pasts = [0], [], []
         pad = np.full(hist.shape[1], self.pad_id, dtype=np.int64)
         for r in range(rows):

@@ -29,7 +29,7 @@ import torch
 from .. import _engram_rs, dtypes
 from ..atomic import write_atomically
 from ..compress import CompressedTokenizer
-from ..config import EngramConfig
+from ..config import EngramConfig, hf_engram_fields, read_hf_config
 from ..hashing import NgramHasher
 from ..table import HostTable
 from .optim import SparseOptimizer
@@ -150,8 +150,9 @@ def open_checkpoint(
     ``wkv_mode``, ``compute_dtype``: as :class:`~.v41.EngramV41`.
     """
     root = os.fspath(path)
-    cfg = EngramConfig.from_hf(root)
-    hf = _hf_fields(root)
+    data = read_hf_config(root)  # read once: the config and the fields it is made from
+    cfg = EngramConfig.from_hf(data)
+    hf = hf_engram_fields(data)
     tok = os.fspath(tokenizer) if tokenizer is not None else os.path.join(root, "tokenizer.json")
     if not os.path.isfile(tok):
         raise FileNotFoundError(f"no tokenizer {tok}: pass tokenizer= (the model's tokenizer.json)")
@@ -226,13 +227,6 @@ def open_checkpoint(
             module.k_weight.copy_(dense["k_weight"])
         layers[layer] = module
     return V41Checkpoint(root, cfg, comp, hasher, layers, tok)
-
-
-def _hf_fields(root: str) -> dict[str, Any]:
-    with open(os.path.join(root, "config.json"), encoding="utf-8") as f:
-        data = json.load(f)
-    text = data.get("text_config")
-    return text if isinstance(text, dict) and "engram_layer_ids" in text else data
 
 
 def save_checkpoint(out: str | os.PathLike[str], checkpoint: V41Checkpoint) -> list[str]:
