@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -131,8 +130,11 @@ def _frozen(values: list[int]) -> npt.NDArray[np.int64]:
     return arr
 
 
-def _check_blocked(blocked: npt.ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
-    """``blocked`` as a bool array of the ids' ``shape``, or a clear error."""
+def _check_blocked(blocked: npt.ArrayLike | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``blocked`` as the core's flags (uint8, one per id, C order) of a bool mask of the ids'
+    ``shape``, or a clear error."""
+    if blocked is None:
+        return None
     mask = np.asarray(blocked)
     if mask.dtype != np.bool_:
         raise TypeError(
@@ -140,26 +142,42 @@ def _check_blocked(blocked: npt.ArrayLike, shape: tuple[int, ...]) -> np.ndarray
         )
     if mask.shape != tuple(shape):
         raise ValueError(f"blocked must have the ids' shape {tuple(shape)}, got {mask.shape}")
-    return mask
+    return np.ascontiguousarray(mask).reshape(-1).view(np.uint8)
 
 
-def _blocked_mask(
-    raw_ids: npt.ArrayLike, dead_id: int | None, blocked: npt.ArrayLike | None
-) -> np.ndarray | None:
-    """The blocked positions of raw ids: ``raw_ids == dead_id``, or-ed with ``blocked``."""
+def _check_dead_id(dead_id: int | None) -> int | None:
+    """A raw token id that marks blocked positions, or a clear error."""
     if dead_id is None:
-        return None if blocked is None else np.asarray(blocked)
+        return None
     if isinstance(dead_id, bool) or not isinstance(dead_id, (int, np.integer)) or dead_id < 0:
         raise ValueError(f"dead_id must be a raw token id (an int >= 0), got {dead_id!r}")
-    mask: np.ndarray = np.asarray(np.asarray(raw_ids) == int(dead_id))
-    if blocked is not None:
-        mask = mask | _check_blocked(blocked, mask.shape)
-    return mask
+    return int(dead_id)
 
 
 def _row_bounds(rows: int, length: int) -> list[int]:
     """Sequence bounds of a [rows, length] batch: each row is its own sequence."""
     return list(range(0, rows * length + 1, length)) if length else [0] * (rows + 1)
+
+
+def _packed_bounds(arr: np.ndarray, cu_seqlens: npt.ArrayLike) -> list[int]:
+    """Checks packed ``cu_seqlens`` against ``arr`` and returns them as segment bounds."""
+    if arr.ndim != 1:
+        raise ValueError(
+            f"with cu_seqlens, ids must be 1-D (the concatenated sequences), got shape "
+            f"{arr.shape}: pass ids.reshape(-1), or pack lists with pack_sequences()"
+        )
+    cu = np.asarray(cu_seqlens)
+    if cu.ndim != 1 or cu.dtype.kind not in "iu" or cu.size < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D integer array [0, ..., {arr.size}], got {cu!r}")
+    out_of_range = (cu < 0) | (cu > arr.size)
+    if out_of_range.any():
+        i = int(np.argmax(out_of_range))
+        raise ValueError(
+            f"cu_seqlens[{i}] = {int(cu[i])} is outside [0, len(ids) = {arr.size}]: "
+            "cu_seqlens holds the offsets of each sequence in ids"
+        )
+    # Start, end and order are checked by the core.
+    return [int(b) for b in cu.astype(np.int64)]
 
 
 def _as_ids(ids: Any) -> np.ndarray:
@@ -379,6 +397,8 @@ class NgramHasher:
         shape: tuple[int, ...] | None = None,
         raw: bool = False,
         scalar: bool = False,
+        blocked: np.ndarray | None = None,
+        dead_id: int | None = None,
     ) -> HashIds:
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.int64), np.dtype(np.int32)):
@@ -387,7 +407,16 @@ class NgramHasher:
         int32 = dt == np.int32  # whether the ids fit is checked by the core
         rows = [self._index[x] for x in layers]
         outs = self._core.hash(
-            ids, bounds, rows, int32, bool(flat), history, scalar=bool(scalar), raw=raw
+            ids,
+            bounds,
+            rows,
+            int32,
+            bool(flat),
+            history,
+            scalar=bool(scalar),
+            raw=raw,
+            blocked=blocked,
+            dead_id=dead_id,
         )
         out_shape = (*(ids.shape if shape is None else shape), self.cols)
         return {layer: out.reshape(out_shape) for layer, out in zip(layers, outs, strict=True)}
@@ -442,9 +471,16 @@ class NgramHasher:
         marks blocked positions (``blocked = raw_ids == dead_id``; both may be given).
         """
         self._require_lookup()
-        mask = _blocked_mask(raw_ids, dead_id, blocked)
         return self._hash(
-            raw_ids, cu_seqlens, layer_ids, dtype, flat, raw=True, scalar=scalar, blocked=mask
+            raw_ids,
+            cu_seqlens,
+            layer_ids,
+            dtype,
+            flat,
+            raw=True,
+            scalar=scalar,
+            blocked=blocked,
+            dead_id=_check_dead_id(dead_id),
         )
 
     def hash_ragged(
@@ -477,63 +513,28 @@ class NgramHasher:
         raw: bool,
         scalar: bool = False,
         blocked: npt.ArrayLike | None = None,
+        dead_id: int | None = None,
     ) -> HashIds:
         arr = _as_ids(ids)
+        flags = _check_blocked(blocked, arr.shape)
         if cu_seqlens is None:
             if arr.ndim not in (1, 2):
                 raise ValueError(f"ids must be 1-D [T] or 2-D [B, T], got shape {arr.shape}")
             rows, length = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape
             bounds = _row_bounds(rows, length)
-            if blocked is not None:
-                flat_ids, bounds = self._blocked(arr, bounds, blocked, raw)
-                out = self._run(flat_ids, bounds, layer_ids, dtype, flat, raw=raw, scalar=scalar)
-                return {x: a.reshape(*arr.shape, self.cols) for x, a in out.items()}
-            return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw, scalar=scalar)
-        if arr.ndim != 1:
-            raise ValueError(
-                f"with cu_seqlens, ids must be 1-D (the concatenated sequences), got shape "
-                f"{arr.shape}: pass ids.reshape(-1), or pack lists with pack_sequences()"
-            )
-        cu = np.asarray(cu_seqlens)
-        if cu.ndim != 1 or cu.dtype.kind not in "iu" or cu.size < 1:
-            raise ValueError(
-                f"cu_seqlens must be a 1-D integer array [0, ..., {arr.size}], got {cu!r}"
-            )
-        out_of_range = (cu < 0) | (cu > arr.size)
-        if out_of_range.any():
-            i = int(np.argmax(out_of_range))
-            raise ValueError(
-                f"cu_seqlens[{i}] = {int(cu[i])} is outside [0, len(ids) = {arr.size}]: "
-                "cu_seqlens holds the offsets of each sequence in ids"
-            )
-        # Start, end and order are checked by the core.
-        bounds = cu.astype(np.int64).tolist()
-        if blocked is not None:
-            arr, bounds = self._blocked(arr, bounds, blocked, raw)
-        return self._run(arr, bounds, layer_ids, dtype, flat, raw=raw, scalar=scalar)
-
-    def _pad_value(self, raw: bool) -> int:
-        """What a blocked position reads as: the raw pad id among raw ids (the kernel maps it
-        to the compressed one), else the compressed pad id."""
-        return self.config.pad_id if raw else self.pad_id
-
-    def _blocked(
-        self, arr: np.ndarray, bounds: list[int], blocked: npt.ArrayLike, raw: bool
-    ) -> tuple[np.ndarray, list[int]]:
-        """The DEAD rule (SPEC 8.3) as sequence bounds: a blocked position becomes a sequence of
-        one pad token, and the tokens after it start a new sequence (pad history), which is
-        exactly what the rule gives. Returns the flat ids (blocked ones set to the pad) and
-        the bounds."""
-        mask = _check_blocked(blocked, arr.shape)
-        flat_ids = arr.reshape(-1)
-        where = np.flatnonzero(mask.reshape(-1))
-        if not where.size:
-            return flat_ids, bounds
-        flat_ids = flat_ids.copy()
-        flat_ids[where] = self._pad_value(raw)
-        cuts = np.concatenate([np.asarray(bounds, dtype=np.int64), where, where + 1])
-        # Order kept; empty sequences of the caller change nothing in a per-token output.
-        return flat_ids, np.unique(cuts).tolist()
+        else:
+            bounds = _packed_bounds(arr, cu_seqlens)
+        return self._run(
+            arr,
+            bounds,
+            layer_ids,
+            dtype,
+            flat,
+            raw=raw,
+            scalar=scalar,
+            blocked=flags,
+            dead_id=dead_id,
+        )
 
     def new_state(self, batch_size: int) -> HashState:
         """A decode state for ``batch_size`` fresh sequences (pad history)."""
@@ -576,8 +577,16 @@ class NgramHasher:
         ``blocked``: blocked positions, as ``hash_tokens``.
         """
         self._require_lookup()
-        mask = _blocked_mask(raw_ids, dead_id, blocked)
-        return self._step(raw_ids, state, layer_ids, dtype, flat, raw=True, blocked=mask)
+        return self._step(
+            raw_ids,
+            state,
+            layer_ids,
+            dtype,
+            flat,
+            raw=True,
+            blocked=blocked,
+            dead_id=_check_dead_id(dead_id),
+        )
 
     def _step(
         self,
@@ -588,6 +597,7 @@ class NgramHasher:
         flat: bool,
         raw: bool,
         blocked: npt.ArrayLike | None = None,
+        dead_id: int | None = None,
     ) -> HashIds:
         if not isinstance(state, HashState):
             raise TypeError(f"state must come from new_state(), got {type(state).__name__}")
@@ -617,43 +627,18 @@ class NgramHasher:
                 f"got shape {arr.shape}"
             )
         rows, k = (arr.shape[0], 1) if arr.ndim == 1 else arr.shape
-        bounds = _row_bounds(rows, k)
-        if blocked is not None:
-            mask = _check_blocked(blocked, arr.shape).reshape(rows, k)
-            if mask.any():
-                return self._blocked_step(arr, mask, hist, layer_ids, dtype, flat, raw)
-        return self._run(arr, bounds, layer_ids, dtype, flat, history=hist, raw=raw)
-
-    def _blocked_step(
-        self,
-        arr: np.ndarray,
-        mask: np.ndarray,
-        hist: np.ndarray,
-        layer_ids: Layers,
-        dtype: IndexDType,
-        flat: bool,
-        raw: bool,
-    ) -> HashIds:
-        """A decode step with blocked positions: each row cut as ``_blocked`` cuts a sequence;
-        the row's first piece continues its history unless it starts blocked, every other
-        piece starts from pad; the state takes each row's last piece's history."""
-        rows, k = mask.shape
-        flat_ids = arr.reshape(-1).copy()
-        flat_ids[np.flatnonzero(mask.reshape(-1))] = self._pad_value(raw)
-        bounds, owners, pasts = [0], [], []
-        pad = np.full(hist.shape[1], self.pad_id, dtype=np.int64)
-        for r in range(rows):
-            where = np.flatnonzero(mask[r])
-            cuts = np.unique(np.concatenate([[0, k], where, where + 1])).tolist()
-            for start, end in itertools.pairwise(cuts):
-                bounds.append(r * k + end)
-                owners.append(r)
-                pasts.append(hist[r] if start == 0 and not mask[r, 0] else pad)
-        past = np.ascontiguousarray(np.stack(pasts), dtype=np.int64)
-        out = self._run(flat_ids, bounds, layer_ids, dtype, flat, history=past, raw=raw)
-        last = {r: i for i, r in enumerate(owners)}  # each row's last piece
-        hist[:] = past[[last[r] for r in range(rows)]]
-        return {x: a.reshape(*arr.shape, self.cols) for x, a in out.items()}
+        flags = _check_blocked(blocked, arr.shape)
+        return self._run(
+            arr,
+            _row_bounds(rows, k),
+            layer_ids,
+            dtype,
+            flat,
+            history=hist,
+            raw=raw,
+            blocked=flags,
+            dead_id=dead_id,
+        )
 
 
 def _unpickle_hasher(

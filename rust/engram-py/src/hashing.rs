@@ -7,7 +7,8 @@ use engram_core::hashing::{
     simd_available, Backend, HashConfig, HashRequest, IdElem, NgramHasher, OutElem,
 };
 use numpy::{
-    Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadwriteArray2, PyUntypedArrayMethods,
+    Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArray2,
+    PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -110,6 +111,8 @@ struct CallOptions<'a> {
     layers: &'a [usize],
     flat: bool,
     raw: bool,
+    blocked: Option<&'a [u8]>,
+    dead_id: Option<u64>,
     backend: Backend,
 }
 
@@ -159,6 +162,8 @@ impl HasherCore {
                 layers: opts.layers,
                 flat: opts.flat,
                 raw: opts.raw,
+                blocked: opts.blocked,
+                dead_id: opts.dead_id,
                 backend: opts.backend,
             };
             match state.as_mut() {
@@ -241,8 +246,9 @@ impl HasherCore {
     /// Hashes a C-contiguous integer array cut into segments by `bounds`; returns one
     /// `[ids.size, cols]` array per entry of `layers`. `history` ([segments, N-1] int64) is read
     /// as each segment's past and then advanced past the new ids. `raw` maps the ids through
-    /// the lookup table installed by `set_lookup`.
-    #[pyo3(signature = (ids, bounds, layers, int32=false, flat=false, history=None, scalar=false, raw=false))]
+    /// the lookup table installed by `set_lookup`. `blocked` (uint8, one flag per id, nonzero
+    /// where blocked) and `dead_id` (an id value) mark blocked positions (SPEC 8.3).
+    #[pyo3(signature = (ids, bounds, layers, int32=false, flat=false, history=None, scalar=false, raw=false, blocked=None, dead_id=None))]
     #[allow(clippy::too_many_arguments)]
     fn hash<'py>(
         &self,
@@ -255,7 +261,17 @@ impl HasherCore {
         history: Option<PyReadwriteArray2<'py, i64>>,
         scalar: bool,
         raw: bool,
+        blocked: Option<PyReadonlyArrayDyn<'py, u8>>,
+        dead_id: Option<u64>,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let flags = match blocked.as_ref() {
+            Some(m) => Some(m.as_slice().map_err(|_| {
+                PyValueError::new_err(
+                    "the blocked mask must be C-contiguous: pass numpy.ascontiguousarray(blocked)",
+                )
+            })?),
+            None => None,
+        };
         let shape: Vec<usize> = ids
             .cast::<numpy::PyUntypedArray>()
             .map_err(|_| PyTypeError::new_err("ids must be a numpy array"))?
@@ -267,6 +283,8 @@ impl HasherCore {
             layers: &layers,
             flat,
             raw,
+            blocked: flags,
+            dead_id,
             backend: if scalar {
                 Backend::Scalar
             } else {

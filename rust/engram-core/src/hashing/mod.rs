@@ -40,6 +40,14 @@ pub struct HashRequest<'a, I> {
     pub flat: bool,
     /// `ids` are raw token ids, mapped through the hasher's lookup table on the fly.
     pub raw: bool,
+    /// Blocked positions (SPEC 8.3, the DEAD rule): one flag per id, nonzero where blocked.
+    /// Walking back from a position, once a lookback leaves the sequence or meets a blocked
+    /// position, that shift and every older one read the pad id; a blocked position's own id
+    /// is never read (nor checked).
+    pub blocked: Option<&'a [u8]>,
+    /// A caller id value (raw when `raw` is set) that marks blocked positions, or-ed with
+    /// `blocked`.
+    pub dead_id: Option<u64>,
     pub backend: Backend,
 }
 
@@ -53,8 +61,34 @@ impl<'a, I> HashRequest<'a, I> {
             layers,
             flat: false,
             raw: false,
+            blocked: None,
+            dead_id: None,
             backend: Backend::Auto,
         }
+    }
+
+    /// Whether any position can be blocked (a mask or a dead id is given).
+    fn blocking(&self) -> bool {
+        self.blocked.is_some() || self.dead_id.is_some()
+    }
+}
+
+impl<I: IdElem> HashRequest<'_, I> {
+    /// Whether position `i` is blocked. The mask and the ids are caller memory: a flag or id
+    /// that changes meanwhile changes only which rule applies, never what is read unchecked.
+    #[inline]
+    fn is_blocked(&self, i: usize) -> bool {
+        self.blocked.is_some_and(|m| m[i] != 0)
+            || self.dead_id.is_some_and(|d| self.ids[i].bits() == d)
+    }
+
+    /// The first position in `range` whose blocked flag is `flag` (or `range.end`).
+    fn next_with(&self, range: std::ops::Range<usize>, flag: bool) -> usize {
+        let end = range.end;
+        range
+            .into_iter()
+            .find(|&i| self.is_blocked(i) == flag)
+            .unwrap_or(end)
     }
 }
 
@@ -121,7 +155,9 @@ impl NgramHasher {
             layers,
             flat,
             raw,
+            blocked,
             backend,
+            ..
         } = *req;
         if raw && self.lookup.is_none() {
             return Err(EngramError::Invalid(
@@ -144,6 +180,15 @@ impl NgramHasher {
                 return Err(EngramError::Invalid(format!(
                     "decode state holds id {v}, outside [0, {}): create it with new_state()",
                     self.vocab
+                )));
+            }
+        }
+        if let Some(m) = blocked {
+            if m.len() != ids.len() {
+                return Err(EngramError::Invalid(format!(
+                    "the blocked mask holds {} flags, expected one per id ({})",
+                    m.len(),
+                    ids.len()
                 )));
             }
         }
@@ -202,19 +247,23 @@ impl NgramHasher {
                 per_chunk[c].push(piece);
             }
         }
+        let kernel = Kernel {
+            simd: use_simd,
+            stream,
+        };
         let ok = per_chunk
             .into_par_iter()
             .enumerate()
             .map(|(c, mut chunk_outs)| {
                 let start = c * CHUNK;
                 let end = (start + CHUNK).min(ids.len());
-                self.hash_chunk(req, map, start..end, &mut chunk_outs, use_simd, stream)
+                self.hash_chunk(req, map, start..end, &mut chunk_outs, kernel)
             })
             .all(|ok| ok);
         if ok {
             Ok(())
         } else {
-            Err(self.first_bad_id(ids, map))
+            Err(self.first_bad_id(req, map))
         }
     }
 
@@ -246,9 +295,15 @@ impl NgramHasher {
 
     /// The error for an out-of-range id found while hashing: the first one in `ids`, or, when a
     /// rescan finds none (another thread rewrote the ids meanwhile), an error saying so.
-    fn first_bad_id<I: IdElem>(&self, ids: &[I], map: Option<&[i64]>) -> EngramError {
+    /// Blocked positions are skipped: their ids are never read as ids.
+    fn first_bad_id<I: IdElem>(
+        &self,
+        req: &HashRequest<'_, I>,
+        map: Option<&[i64]>,
+    ) -> EngramError {
+        let ids = req.ids;
         let vocab = map.map_or(self.vocab, |m| m.len() as u64);
-        match ids.iter().position(|v| v.bits() >= vocab) {
+        match (0..ids.len()).find(|&i| ids[i].bits() >= vocab && !req.is_blocked(i)) {
             Some(index) => EngramError::IdOutOfRange {
                 value: ids[index].wide(),
                 index,
@@ -266,33 +321,41 @@ impl NgramHasher {
         map: Option<&[i64]>,
         range: std::ops::Range<usize>,
         outs: &mut [&mut [O]],
-        use_simd: bool,
-        stream: bool,
+        kernel: Kernel,
     ) -> bool {
         let HashRequest {
             ids,
             bounds,
             history,
-            layers,
-            flat,
             ..
         } = *req;
         let hist_len = self.max_ngram - 1;
-        let cols = self.cols();
+        let blocking = req.blocking();
         let mut scratch: Vec<i64> = Vec::with_capacity(CHUNK + hist_len);
         // The last segment whose start is <= range.start (skips empty segments).
         let mut seg = bounds.partition_point(|&b| b <= range.start) - 1;
         let mut pos = range.start;
         let mut valid = true;
-        'pieces: while pos < range.end {
+        while valid && pos < range.end {
             while bounds[seg + 1] <= pos {
                 seg += 1;
             }
             let seg_start = bounds[seg];
             let piece_end = bounds[seg + 1].min(range.end);
+            // The newest blocked position the first window looks back at: it and every older
+            // position read the pad id (the DEAD rule).
+            let last_blocked = if blocking {
+                (seg_start.max(pos.saturating_sub(hist_len))..pos)
+                    .rev()
+                    .find(|&i| req.is_blocked(i))
+            } else {
+                None
+            };
             scratch.clear();
             for back in (1..=hist_len).rev() {
-                let v = if pos >= seg_start + back {
+                let v = if last_blocked.is_some_and(|b| pos <= b + back) {
+                    self.pad
+                } else if pos >= seg_start + back {
                     // Read again (the ids are caller memory another thread may write), so
                     // checked again: an id is never hashed unchecked.
                     self.compressed(ids[pos - back].bits(), map)
@@ -309,56 +372,20 @@ impl NgramHasher {
                 scratch.push(v);
             }
             if !valid {
-                break 'pieces;
-            }
-            let mut bad = false;
-            let new = &ids[pos..piece_end];
-            match map {
-                None => scratch.extend(new.iter().map(|&v| {
-                    let b = v.bits();
-                    bad |= b >= self.vocab;
-                    b as i64
-                })),
-                Some(m) => scratch.extend(new.iter().map(|&v| match m.get(v.bits() as usize) {
-                    Some(&c) => c,
-                    None => {
-                        bad = true;
-                        self.pad
-                    }
-                })),
-            }
-            if bad {
-                // Never hash an out-of-range id: its product could overflow.
-                valid = false;
                 break;
             }
-            let rows = (pos - range.start) * cols..(piece_end - range.start) * cols;
-            for (&layer, out) in layers.iter().zip(outs.iter_mut()) {
-                let plan = &self.layers[layer];
-                let out = &mut out[rows.clone()];
-                if use_simd && plan.simd_ok {
-                    // SAFETY: `use_simd` is only true when `simd_available()` detected AVX-512
-                    // at run time; `plan.simd_ok` holds; `out` holds `cols` values per scratch
-                    // token; `stream` is only set for 64-byte aligned outputs.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        avx512::hash_layer(
-                            plan,
-                            self.max_ngram,
-                            self.n_head,
-                            &scratch,
-                            out,
-                            flat,
-                            stream,
-                        );
-                        continue;
-                    }
-                }
-                hash_layer_scalar(plan, self.max_ngram, self.n_head, &scratch, out, flat);
-            }
+            let piece = pos..piece_end;
+            valid = if blocking {
+                self.hash_blocked_piece(req, map, range.start, piece, &mut scratch, outs, kernel)
+            } else if self.extend_checked(&mut scratch, &ids[piece], map) {
+                self.hash_rows(req, &scratch, pos - range.start, outs, kernel);
+                true
+            } else {
+                false
+            };
             pos = piece_end;
         }
-        if stream {
+        if kernel.stream {
             // SAFETY: SSE2 is baseline on x86_64. Streaming stores are weakly ordered: fence them
             // before rayon reports this chunk done to the thread that returns the output.
             #[cfg(target_arch = "x86_64")]
@@ -368,6 +395,110 @@ impl NgramHasher {
         }
         valid
     }
+
+    /// One piece of a segment with blocked positions, `scratch` holding its history: runs of
+    /// open positions are hashed from the ids, runs of blocked ones from pad ids only, and
+    /// the run after a blocked one starts from a pad history.
+    #[allow(clippy::too_many_arguments)]
+    fn hash_blocked_piece<I: IdElem, O: OutElem>(
+        &self,
+        req: &HashRequest<'_, I>,
+        map: Option<&[i64]>,
+        chunk_start: usize,
+        piece: std::ops::Range<usize>,
+        scratch: &mut Vec<i64>,
+        outs: &mut [&mut [O]],
+        kernel: Kernel,
+    ) -> bool {
+        let hist_len = self.max_ngram - 1;
+        let mut s = piece.start;
+        while s < piece.end {
+            let blocked = req.is_blocked(s);
+            let e = req.next_with(s + 1..piece.end, !blocked);
+            if blocked {
+                scratch.clear();
+                scratch.resize(hist_len + (e - s), self.pad);
+            } else if !self.extend_checked(scratch, &req.ids[s..e], map) {
+                return false;
+            }
+            self.hash_rows(req, scratch, s - chunk_start, outs, kernel);
+            scratch.clear();
+            scratch.resize(hist_len, self.pad);
+            s = e;
+        }
+        true
+    }
+
+    /// Appends the compressed ids of `new` to `scratch`; false (nothing to hash) when one is
+    /// out of range: never hash an out-of-range id, its product could overflow.
+    fn extend_checked<I: IdElem>(
+        &self,
+        scratch: &mut Vec<i64>,
+        new: &[I],
+        map: Option<&[i64]>,
+    ) -> bool {
+        let mut bad = false;
+        match map {
+            None => scratch.extend(new.iter().map(|&v| {
+                let b = v.bits();
+                bad |= b >= self.vocab;
+                b as i64
+            })),
+            Some(m) => scratch.extend(new.iter().map(|&v| match m.get(v.bits() as usize) {
+                Some(&c) => c,
+                None => {
+                    bad = true;
+                    self.pad
+                }
+            })),
+        }
+        !bad
+    }
+
+    /// Hashes every requested layer of `scratch` (`N - 1` history ids, then one id per row)
+    /// into rows `first_row..` of this chunk's outputs.
+    fn hash_rows<I, O: OutElem>(
+        &self,
+        req: &HashRequest<'_, I>,
+        scratch: &[i64],
+        first_row: usize,
+        outs: &mut [&mut [O]],
+        kernel: Kernel,
+    ) {
+        let cols = self.cols();
+        let n_rows = scratch.len() + 1 - self.max_ngram;
+        let rows = first_row * cols..(first_row + n_rows) * cols;
+        for (&layer, out) in req.layers.iter().zip(outs.iter_mut()) {
+            let plan = &self.layers[layer];
+            let out = &mut out[rows.clone()];
+            if kernel.simd && plan.simd_ok {
+                // SAFETY: `kernel.simd` is only true when `simd_available()` detected AVX-512
+                // at run time; `plan.simd_ok` holds; `out` holds `cols` values per scratch
+                // token; `kernel.stream` is only set for 64-byte aligned outputs.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx512::hash_layer(
+                        plan,
+                        self.max_ngram,
+                        self.n_head,
+                        scratch,
+                        out,
+                        req.flat,
+                        kernel.stream,
+                    );
+                    continue;
+                }
+            }
+            hash_layer_scalar(plan, self.max_ngram, self.n_head, scratch, out, req.flat);
+        }
+    }
+}
+
+/// Which kernel a call runs: AVX-512 or scalar, and streaming stores or not.
+#[derive(Clone, Copy, Debug)]
+struct Kernel {
+    simd: bool,
+    stream: bool,
 }
 
 /// The error of an id array that changed while a call read it.

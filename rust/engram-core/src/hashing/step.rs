@@ -18,7 +18,7 @@ impl NgramHasher {
             ..*req
         };
         self.hash_segments(&step, outs)?;
-        let next = self.advanced_history(history, req.ids, req.bounds, req.raw)?;
+        let next = self.advanced_history(history, req)?;
         history.copy_from_slice(&next);
         Ok(())
     }
@@ -34,26 +34,37 @@ impl NgramHasher {
     }
 
     /// The last `N - 1` compressed ids of each segment's full history (`past` row followed by
-    /// the segment's new ids); every id is checked again, since the caller's array may have
-    /// changed since it was hashed.
+    /// the segment's new ids), pad from the newest blocked position back (the DEAD rule: what
+    /// follows sees only pad there); every id is checked again, since the caller's array may
+    /// have changed since it was hashed.
     fn advanced_history<I: IdElem>(
         &self,
         past: &[i64],
-        ids: &[I],
-        bounds: &[usize],
-        raw: bool,
+        req: &HashRequest<'_, I>,
     ) -> Result<Vec<i64>> {
         let hist_len = self.max_ngram - 1;
-        let map = if raw { self.lookup.as_deref() } else { None };
+        let map = if req.raw {
+            self.lookup.as_deref()
+        } else {
+            None
+        };
         let mut next = past.to_vec();
-        for (row, w) in next.chunks_exact_mut(hist_len).zip(bounds.windows(2)) {
-            let new = &ids[w[0]..w[1]];
-            let keep = new.len().min(hist_len);
-            row.rotate_left(keep);
-            for (dst, src) in row[hist_len - keep..]
-                .iter_mut()
-                .zip(&new[new.len() - keep..])
-            {
+        for (row, w) in next.chunks_exact_mut(hist_len).zip(req.bounds.windows(2)) {
+            // Only the last `N - 1` positions matter, and none before a blocked one.
+            let tail = w[0].max(w[1].saturating_sub(hist_len))..w[1];
+            let newest_blocked = if req.blocking() {
+                tail.clone().rev().find(|&i| req.is_blocked(i))
+            } else {
+                None
+            };
+            let start = newest_blocked.map_or(tail.start, |b| b + 1);
+            let keep = w[1] - start;
+            if newest_blocked.is_some() {
+                row.fill(self.pad);
+            } else {
+                row.rotate_left(keep);
+            }
+            for (dst, src) in row[hist_len - keep..].iter_mut().zip(&req.ids[start..w[1]]) {
                 *dst = self.compressed(src.bits(), map).ok_or_else(ids_changed)?;
             }
         }

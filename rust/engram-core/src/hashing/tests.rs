@@ -2,22 +2,10 @@ use super::*;
 use crate::primes::layer_primes;
 use proptest::prelude::*;
 
-/// The SPEC written literally: Python-style floor modulo on i128, no shortcuts.
+/// The SPEC written literally: Python-style floor modulo on i128, no shortcuts (the DEAD rule's
+/// reference with nothing blocked).
 fn reference(spec: &LayerSpec, n: usize, h: usize, pad: i64, row: &[i64]) -> Vec<u64> {
-    let mut out = Vec::new();
-    for t in 0..row.len() {
-        let shift = |k: usize| if t >= k { row[t - k] } else { pad } as i128;
-        for order in 2..=n {
-            let mut mix = shift(0) * spec.multipliers[0] as i128;
-            for k in 1..order {
-                mix ^= shift(k) * spec.multipliers[k] as i128;
-            }
-            for j in 0..h {
-                out.push(mix.rem_euclid(spec.primes[(order - 2) * h + j] as i128) as u64);
-            }
-        }
-    }
-    out
+    reference_blocked(spec, n, h, pad, row, &vec![false; row.len()])
 }
 
 fn specs(sizes: &[u64], n_head: usize, vocab: u64, seed: u64, layers: usize) -> Vec<LayerSpec> {
@@ -400,4 +388,201 @@ fn config_rules_live_in_validate() {
     let mut bad = good.clone();
     bad.layer_ids = vec![2, 2];
     assert!(NgramHasher::from_config(&bad, 1000, 2, &mut || Ok(())).is_err());
+}
+
+/// The DEAD rule (SPEC 8.3) written literally: walking back from `t`, shift `k` reads the pad
+/// once it leaves the row or any of positions `t - k ..= t` is blocked.
+fn reference_blocked(
+    spec: &LayerSpec,
+    n: usize,
+    h: usize,
+    pad: i64,
+    row: &[i64],
+    blocked: &[bool],
+) -> Vec<u64> {
+    let mut out = Vec::new();
+    for t in 0..row.len() {
+        let shift = |k: usize| {
+            if t < k || blocked[t - k..=t].iter().any(|&b| b) {
+                pad as i128
+            } else {
+                row[t - k] as i128
+            }
+        };
+        for order in 2..=n {
+            let mut mix = shift(0) * spec.multipliers[0] as i128;
+            for k in 1..order {
+                mix ^= shift(k) * spec.multipliers[k] as i128;
+            }
+            for j in 0..h {
+                out.push(mix.rem_euclid(spec.primes[(order - 2) * h + j] as i128) as u64);
+            }
+        }
+    }
+    out
+}
+
+/// Hashes `ids` cut by `bounds` with a blocked mask (or a dead id) into one output per layer.
+fn run_blocked(
+    hasher: &NgramHasher,
+    ids: &[i64],
+    bounds: &[usize],
+    blocked: Option<&[u8]>,
+    dead_id: Option<u64>,
+    backend: Backend,
+) -> Result<Vec<Vec<i64>>> {
+    let layers: Vec<usize> = (0..hasher.num_layers()).collect();
+    let mut bufs = vec![vec![0i64; ids.len() * hasher.cols()]; layers.len()];
+    let mut outs: Vec<&mut [i64]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+    let req = HashRequest {
+        blocked,
+        dead_id,
+        backend,
+        ..HashRequest::new(ids, bounds, &layers)
+    };
+    hasher.hash_segments(&req, &mut outs)?;
+    Ok(bufs)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn blocked_positions_follow_the_rule_on_both_paths(
+        n in 2usize..7,
+        h in prop::sample::select(vec![1usize, 8, 16]),
+        lengths in prop::collection::vec(0usize..3000, 1..4),
+        density in prop::sample::select(vec![0.0f64, 0.002, 0.05, 0.5, 1.0]),
+        seed in any::<u64>(),
+    ) {
+        let vocab = 129_280;
+        let specs = specs(&vec![646_400; n - 1], h, vocab, seed, 2);
+        let pad = (seed % vocab) as i64;
+        let hasher = NgramHasher::new(n, h, vocab, pad, specs.clone()).unwrap();
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let total: usize = lengths.iter().sum();
+        let ids: Vec<i64> = (0..total).map(|_| (next() % vocab) as i64).collect();
+        let mut mask: Vec<bool> =
+            (0..total).map(|_| (next() % 1_000_000) as f64 / 1e6 < density).collect();
+        let mut bounds = vec![0];
+        for &l in &lengths {
+            bounds.push(bounds.last().unwrap() + l);
+        }
+        if seed % 3 == 0 {
+            // The first position of each sequence, and both sides of a chunk edge.
+            for &b in &bounds[..lengths.len()] {
+                if b < total {
+                    mask[b] = true;
+                }
+            }
+            for e in [CHUNK - 1, CHUNK, 2 * CHUNK] {
+                if e < total {
+                    mask[e] = true;
+                }
+            }
+        }
+        let flags: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+        let auto = run_blocked(&hasher, &ids, &bounds, Some(&flags), None, Backend::Auto).unwrap();
+        let scalar =
+            run_blocked(&hasher, &ids, &bounds, Some(&flags), None, Backend::Scalar).unwrap();
+        prop_assert_eq!(&auto, &scalar);
+        for (l, spec) in specs.iter().enumerate() {
+            let mut expected = Vec::new();
+            for w in bounds.windows(2) {
+                expected.extend(reference_blocked(spec, n, h, pad, &ids[w[0]..w[1]], &mask[w[0]..w[1]]));
+            }
+            let expected: Vec<i64> = expected.into_iter().map(|v| v as i64).collect();
+            prop_assert_eq!(&auto[l], &expected);
+        }
+        // The same positions marked by a dead id (a value no open position holds).
+        let dead = vocab + 7;
+        let marked: Vec<i64> =
+            ids.iter().zip(&mask).map(|(&v, &b)| if b { dead as i64 } else { v }).collect();
+        let by_id = run_blocked(&hasher, &marked, &bounds, None, Some(dead), Backend::Auto).unwrap();
+        prop_assert_eq!(&by_id, &auto);
+        if !mask.contains(&true) {
+            let plain = run::<i64>(&hasher, &ids, &bounds, false, Backend::Auto).unwrap();
+            prop_assert_eq!(&plain, &auto);
+        }
+    }
+
+    #[test]
+    fn decode_in_pieces_with_blocked_positions_equals_the_whole(
+        n in 2usize..6,
+        length in 1usize..300,
+        cuts in prop::collection::vec(0usize..300, 0..6),
+        blocked_at in prop::collection::vec(0usize..300, 0..8),
+        seed in any::<u64>(),
+    ) {
+        let vocab = 99_092;
+        let specs = specs(&vec![646_400; n - 1], 8, vocab, seed, 1);
+        let hasher = NgramHasher::new(n, 8, vocab, 2, specs).unwrap();
+        let cols = hasher.cols();
+        let ids: Vec<i64> = (0..length as i64).map(|i| (i * 7919 + (seed % 97) as i64) % vocab as i64).collect();
+        let mut flags = vec![0u8; length];
+        for &b in &blocked_at {
+            if b < length {
+                flags[b] = 1;
+            }
+        }
+        let whole = run_blocked(&hasher, &ids, &[0, length], Some(&flags), None, Backend::Auto).unwrap();
+        let mut points: Vec<usize> = cuts.into_iter().filter(|&c| c < length).collect();
+        points.extend([0, length]);
+        points.sort_unstable();
+        points.dedup();
+        let mut history = vec![2i64; n - 1];
+        for w in points.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            let mut out = vec![0i64; (b - a) * cols];
+            let piece_bounds = [0, b - a];
+            let req = HashRequest {
+                blocked: Some(&flags[a..b]),
+                ..HashRequest::new(&ids[a..b], &piece_bounds, &[0])
+            };
+            hasher.hash_step(&req, &mut history, &mut [&mut out[..]]).unwrap();
+            prop_assert_eq!(&out[..], &whole[0][a * cols..b * cols], "piece {}..{}", a, b);
+        }
+    }
+}
+
+#[test]
+fn blocked_ids_are_never_read_and_bad_masks_are_refused() {
+    let hasher = NgramHasher::new(3, 8, 1000, 2, specs(&[646_400; 2], 8, 1000, 5, 1)).unwrap();
+    let mut ids = vec![5i64; 100];
+    ids[10] = -1; // blocked: its id is not an id
+    ids[60] = 1000; // open: out of range
+    let mut flags = vec![0u8; 100];
+    flags[10] = 1;
+    let err = run_blocked(&hasher, &ids, &[0, 100], Some(&flags), None, Backend::Auto).unwrap_err();
+    assert_eq!(
+        err,
+        EngramError::IdOutOfRange {
+            value: 1000,
+            index: 60,
+            vocab: 1000,
+            raw: false,
+        }
+    );
+    flags[60] = 255; // any nonzero flag blocks
+    run_blocked(&hasher, &ids, &[0, 100], Some(&flags), None, Backend::Auto).unwrap();
+    let err = run_blocked(
+        &hasher,
+        &ids,
+        &[0, 100],
+        Some(&flags[..99]),
+        None,
+        Backend::Auto,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("holds 99 flags, expected one per id (100)"),
+        "{err}"
+    );
 }
