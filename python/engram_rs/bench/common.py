@@ -64,18 +64,24 @@ def environment() -> str:
 
 
 def interleaved_best(
-    fns: dict[str, Callable[[], Any]], repeats: int, settle: float = 0.0
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    settle: float = 0.0,
+    before: Callable[[], Any] | None = None,
 ) -> dict[str, float]:
     """Seconds of the fastest run of each function over ``repeats`` rounds that each run every
     function once, in turn (after one untimed warm-up round): all contenders see the same
     machine state, which on a shared machine moves between seconds. ``settle`` seconds of
     sleep follow every call (untimed), so that work a call leaves to the kernel does not land in
-    the next contender's time."""
+    the next contender's time. ``before`` runs (untimed) ahead of every call: for example an
+    eviction of the caches, so that no contender reads rows the one before it left there."""
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
