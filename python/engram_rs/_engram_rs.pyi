@@ -164,6 +164,16 @@ class TableCore:
         writable: bool = False,
     ) -> TableCore: ...
     @staticmethod
+    def open_tiered(
+        path: str | bytes | PathLike[str] | PathLike[bytes],
+        hot: np.ndarray[Any, np.dtype[np.uint64]],
+        name: str | None = None,
+        scales: str | None = None,
+        direct: bool | None = None,
+    ) -> TableCore: ...
+    @property
+    def tier_stats(self) -> dict[str, int | bool] | None: ...
+    @staticmethod
     def create(
         path: str | bytes | PathLike[str] | PathLike[bytes],
         rows: int,

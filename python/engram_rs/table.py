@@ -13,7 +13,7 @@ import numpy.typing as npt
 from . import _engram_rs, dtypes
 from .progress import progress_bar
 
-__all__ = ["HostTable", "Prefetch"]
+__all__ = ["HostTable", "Prefetch", "hot_rows_for"]
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +45,29 @@ def _torch() -> Any:
 
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def hot_rows_for(
+    row_counts: npt.ArrayLike, rows: int, row_bytes: int, hot_bytes: int
+) -> npt.NDArray[np.uint64]:
+    """The static hot set of a tiered table: the most counted rows (ties to the lower row id)
+    whose ``row_bytes`` each (values and scales) fit in ``hot_bytes``, rows never counted
+    excluded, as sorted uint64 row ids. ``row_counts`` holds one count per row."""
+    counts = np.asarray(row_counts)
+    if counts.ndim != 1 or counts.dtype.kind not in "iu" or counts.size != rows:
+        raise ValueError(
+            f"row_counts must be a 1-D integer array of one count per row ({rows} rows), got "
+            f"{counts.dtype} shape {counts.shape}"
+        )
+    k = min(hot_bytes // max(1, row_bytes), int(np.count_nonzero(counts)))
+    if k <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    # The k-th highest count (a linear-time partition, not a sort of every row), every row
+    # above it, then the lowest rows that have it.
+    kth = np.partition(counts, counts.size - k)[counts.size - k]
+    above = np.flatnonzero(counts > kth)
+    ties = np.flatnonzero(counts == kth)[: k - above.size]
+    return np.sort(np.concatenate([above, ties])).astype(np.uint64)
 
 
 def _round_to_f32_odd(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
@@ -279,6 +302,74 @@ class HostTable:
         """
         core = _engram_rs.TableCore.open(_path(path), name, scales, mode, writable)
         return cls(core)
+
+    @classmethod
+    def open_tiered(
+        cls,
+        path: PathArg,
+        *,
+        hot_bytes: int | None = None,
+        row_counts: npt.ArrayLike | None = None,
+        hot_rows: npt.ArrayLike | None = None,
+        name: str | None = None,
+        scales: str | None = None,
+        direct: bool | None = None,
+    ) -> HostTable:
+        """Opens a table larger than memory (mode "tiered", read-only): a hot set of rows is read
+        into memory now (packed in one huge-page buffer, found through a bit-per-row index) and
+        every other row is read from the file by the gathers that need it, each distinct row
+        once a call, many reads in flight, with O_DIRECT where the file system supports it
+        (``direct=None``; ``True`` insists, ``False`` reads through the page cache). Nothing is
+        mapped: a file truncated meanwhile is an ``OSError`` naming the file and the offset,
+        never a crash. The hot set: ``hot_rows`` (row ids), or the rows with the highest
+        ``row_counts`` (one count per row, e.g. from ``engram-rs precompute --row-counts``)
+        that fit in ``hot_bytes`` (rows never counted are never hot). Gathers, prefetches and
+        ``out=`` work as on any table; writes and optimizers are refused (open the file
+        "mmap" or "resident" to train it).
+        """
+        if (hot_rows is None) == (hot_bytes is None):
+            raise ValueError(
+                "open_tiered needs its hot set: hot_rows=[...] (row ids), or hot_bytes=N with "
+                "row_counts= (one count per row: the N bytes of the most looked-up rows)"
+            )
+        if hot_rows is not None:
+            if row_counts is not None:
+                raise ValueError("pass hot_rows or row_counts with hot_bytes, not both")
+            hot = np.asarray(hot_rows)
+            if hot.dtype.kind not in "iu" or hot.ndim != 1:
+                raise ValueError(
+                    f"hot_rows must be a 1-D integer array of row ids, got {hot.dtype} "
+                    f"shape {hot.shape}"
+                )
+            if hot.size and int(hot.min()) < 0:
+                raise ValueError(f"hot_rows holds {int(hot.min())}: row ids are >= 0")
+            hot = np.unique(hot).astype(np.uint64)
+        else:
+            assert hot_bytes is not None
+            if isinstance(hot_bytes, bool) or not isinstance(hot_bytes, (int, np.integer)):
+                raise TypeError(f"hot_bytes must be an int, got {type(hot_bytes).__name__}")
+            if hot_bytes < 0:
+                raise ValueError(f"hot_bytes = {hot_bytes}: a memory budget is >= 0 bytes")
+            if row_counts is None:
+                raise ValueError(
+                    "hot_bytes= chooses the hot rows by their counts: pass row_counts= (one "
+                    "count per row, from engram-rs precompute --row-counts), or hot_rows="
+                )
+            layout = _engram_rs.TableCore.open(_path(path), name, scales, "mmap", False)
+            rows, per_row = int(layout.rows), int(layout.nbytes) // max(1, int(layout.rows))
+            layout.close()
+            hot = hot_rows_for(row_counts, rows, per_row, int(hot_bytes))
+        return cls(_engram_rs.TableCore.open_tiered(_path(path), hot, name, scales, direct))
+
+    @property
+    def tier_stats(self) -> dict[str, int | bool] | None:
+        """A tiered table's counters since it was opened: ``hot_rows``, ``hot_bytes`` and
+        ``index_bytes`` (the memory it holds), ``lookups`` and ``hits`` (ids gathered, and those
+        served from memory), ``misses`` (distinct cold rows read, once per call), ``reads`` and
+        ``read_bytes`` (the reads that fetched them), ``direct`` (O_DIRECT); None for other
+        modes."""
+        stats = self._core.tier_stats
+        return None if stats is None else dict(stats)
 
     @classmethod
     def from_numpy(

@@ -476,6 +476,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         """One step on the rows ``rows`` (flat table rows, int64 ``[n]``) with gradient rows
         ``grads`` (float32 ``[n, dim]``); returns the number of distinct rows updated (0 for a
         skipped step)."""
+        if table.mode == "tiered":
+            raise ValueError(
+                f"{type(self).__name__} trains a table in place, and this table is tiered (most "
+                "rows stay on disk, read-only): open the file with HostTable.open(path, "
+                'mode="mmap" or "resident", writable=True) to train it'
+            )
         if not table.writable:
             raise PermissionError(
                 "backward through a read-only table: open it with HostTable.open(path, "

@@ -85,14 +85,23 @@ struct Entry {
 pub struct ProcessPool {
     slot: AtomicPtr<Entry>,
     name: &'static str,
+    /// Its own thread count (0: the kernels' count).
+    threads: usize,
 }
 
 impl ProcessPool {
     /// A pool whose threads are named `{name}-{i}`, built on first use.
     pub const fn new(name: &'static str) -> Self {
+        Self::with_threads(name, 0)
+    }
+
+    /// A pool of its own `threads` (0: the kernels' count), for work that waits rather than
+    /// computes (reads in flight).
+    pub const fn with_threads(name: &'static str, threads: usize) -> Self {
         Self {
             slot: AtomicPtr::new(std::ptr::null_mut()),
             name,
+            threads,
         }
     }
 
@@ -118,7 +127,10 @@ impl ProcessPool {
                 }
             }
             let name = self.name;
-            let threads = wanted_threads()?;
+            let threads = match self.threads {
+                0 => wanted_threads()?,
+                n => n,
+            };
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(move |i| format!("{name}-{i}"))

@@ -14,7 +14,7 @@ use numpy::{
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 use std::path::PathBuf;
 
 /// The Python objects whose memory a `from_buffers` table uses. `SharedTable::close` hands
@@ -126,6 +126,52 @@ impl TableCore {
         })
         .map_err(|e| to_pyerr(e, &[]))?;
         Ok(Self::wrap(table, Vec::new()))
+    }
+
+    /// Opens a tiered table: rows `hot` (uint64, strictly increasing) resident, the others
+    /// read from the file when gathered (O_DIRECT where `direct` allows it; None: where the file
+    /// system supports it).
+    #[staticmethod]
+    #[pyo3(signature = (path, hot, name=None, scales=None, direct=None))]
+    fn open_tiered(
+        py: Python<'_>,
+        path: &Bound<'_, PyAny>,
+        hot: &Bound<'_, PyArray1<u64>>,
+        name: Option<String>,
+        scales: Option<String>,
+        direct: Option<bool>,
+    ) -> PyResult<Self> {
+        let path = fs_path(path)?;
+        // A copy: the array is not ours, and the open reads it without the GIL.
+        let hot: Vec<u64> = hot.try_readonly()?.as_slice()?.to_vec();
+        let table = crate::detached(py, || {
+            HostTable::open_tiered(&path, name.as_deref(), scales.as_deref(), &hot, direct)
+        })
+        .map_err(|e| to_pyerr(e, &[]))?;
+        Ok(Self::wrap(table, Vec::new()))
+    }
+
+    /// A tiered table's counters as a dict (None for other modes).
+    #[getter]
+    fn tier_stats<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(s) = self.with_table(|t| t.tier_stats())? else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        for (k, v) in [
+            ("hot_rows", s.hot_rows),
+            ("hot_bytes", s.hot_bytes),
+            ("index_bytes", s.index_bytes),
+            ("lookups", s.lookups),
+            ("hits", s.hits),
+            ("misses", s.misses),
+            ("reads", s.reads),
+            ("read_bytes", s.read_bytes),
+        ] {
+            d.set_item(k, v)?;
+        }
+        d.set_item("direct", s.direct)?;
+        Ok(Some(d))
     }
 
     #[staticmethod]

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 /// threads the way [`gather`] does, but writes nothing: how fast this machine reads the rows.
 /// Returns a fold of the bytes read (so the reads cannot be optimized away).
 pub fn read_rows<I: IdElem>(table: &HostTable, idx: &[I]) -> Result<u64> {
+    table.refuse_tiered("the read ceiling")?;
     check_indices(idx, table.rows)?;
     let ahead = rows_ahead(table);
     struct Read<'a> {
@@ -53,6 +54,7 @@ pub fn read_rows<I: IdElem>(table: &HostTable, idx: &[I]) -> Result<u64> {
 /// `copy_from_slice`. No conversion, no separate index pass (each index is checked where it is
 /// used, and the slicing is bounds-checked).
 pub fn copy_rows_ceiling<I: IdElem>(table: &HostTable, idx: &[I], out: &mut [u8]) -> Result<()> {
+    table.refuse_tiered("the copy ceiling")?;
     let (row, sc) = (table.row_bytes(), table.scale_bytes());
     let unit = row + sc;
     if out.len() != idx.len() * unit {

@@ -9,6 +9,10 @@ use rayon::prelude::*;
 
 /// Checks every index against `rows`; the error names the first bad one.
 pub fn check_indices<I: IdElem>(idx: &[I], rows: usize) -> Result<()> {
+    if idx.is_empty() {
+        // Nothing to check, even in a table of no rows.
+        return Ok(());
+    }
     // A max reduction (no early exit) vectorizes; the rare error path then finds the position.
     let top = idx
         .par_chunks(1 << 16)
@@ -116,6 +120,10 @@ pub fn check_separate(
     idx: *const u8,
     idx_len: usize,
 ) -> Result<()> {
+    if let Some(t) = table.tiered() {
+        // A tiered table's memory is its hot rows (cold rows are read into its own buffers).
+        return check_separate(&t.hot, out, out_len, idx, idx_len);
+    }
     // SAFETY: `row_ptr(0)`/`scale_ptr(0)` only offset by 0; the pointers are compared, not read.
     let (values, scales) = unsafe { (table.row_ptr(0), table.scale_ptr(0)) };
     let what = if ranges_overlap(out, out_len, values, table.rows * table.row_bytes()) {

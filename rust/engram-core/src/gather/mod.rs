@@ -45,11 +45,13 @@ fn changed() -> EngramError {
 
 mod ceiling;
 mod check;
+mod split;
 #[cfg(target_arch = "x86_64")]
 mod stream;
 
 pub use ceiling::{copy_rows_ceiling, read_rows};
 pub use check::{check_indices, check_separate, head_rows};
+pub(crate) use split::gather_split;
 
 /// What a gather does with each row: `row(i, r)` handles output row `i` from table row `r`.
 trait RowOp {
@@ -83,6 +85,11 @@ pub fn gather<I: IdElem>(
     }
     check_separate(table, out.as_ptr(), out.len(), std::ptr::null(), 0)?;
     check_indices(idx, table.rows)?;
+    if let Some(t) = table.tiered() {
+        // The ids are read once, into memory of its own, and checked there again.
+        let ids = split::copy_ids(idx, table.rows)?;
+        return t.gather(&ids, out, out_dtype, backend);
+    }
     if idx.is_empty() {
         return Ok(());
     }

@@ -288,6 +288,10 @@ const MAX_AHEAD: usize = 16;
 
 /// Checks the table and the state tables before anything is read or written.
 fn check_tables(table: &HostTable, opt: &Optimizer, state: &[&mut HostTable]) -> Result<()> {
+    table.refuse_tiered(&format!("{} (training a table in place)", opt.name()))?;
+    for s in state {
+        s.refuse_tiered(&format!("{}'s state", opt.name()))?;
+    }
     if !table.writable() {
         return Err(EngramError::ReadOnly(format!(
             "{}: this {} table was opened read-only: open it writable (and a writable \

@@ -33,6 +33,8 @@ pub enum Mode {
     Resident,
     /// A caller-owned buffer (numpy array, torch tensor) wrapped without copying.
     External,
+    /// Hot rows resident, the others read from the file by the gathers that need them.
+    Tiered,
 }
 
 impl Mode {
@@ -40,9 +42,11 @@ impl Mode {
         match name {
             "mmap" => Ok(Mode::Mmap),
             "resident" => Ok(Mode::Resident),
+            "tiered" => Ok(Mode::Tiered),
             other => Err(EngramError::Invalid(format!(
-                "unknown mode {other:?}: use \"mmap\" (page cache, tables larger than RAM) or \
-                 \"resident\" (copied into huge-page memory)"
+                "unknown mode {other:?}: use \"mmap\" (page cache, tables larger than RAM), \
+                 \"resident\" (copied into huge-page memory) or \"tiered\" (hot rows in \
+                 memory, the others read from disk)"
             ))),
         }
     }
@@ -52,6 +56,7 @@ impl Mode {
             Mode::Mmap => "mmap",
             Mode::Resident => "resident",
             Mode::External => "external",
+            Mode::Tiered => "tiered",
         }
     }
 }
@@ -61,6 +66,7 @@ enum Storage {
     Mmap(MmapRaw),
     Resident(AlignedBuf),
     External,
+    Tiered(Box<tiered::Tiered>),
 }
 
 /// The open (and locked) file of a file-backed table, and where its tensors lie in it.
@@ -109,8 +115,10 @@ unsafe impl Sync for HostTable {}
 mod file;
 mod layout;
 mod open;
+pub mod tiered;
 use file::lock;
 pub use layout::{ranges_overlap, table_bytes};
+pub use tiered::TierStats;
 
 impl HostTable {
     /// Bytes of one row's values.
@@ -130,6 +138,7 @@ impl HostTable {
     /// The stored bytes of rows `start..start + count`: their values and (FP8) their scales,
     /// exactly as in the table (a checkpoint copies them).
     pub fn raw_rows(&self, start: usize, count: usize) -> Result<(&[u8], &[u8])> {
+        self.refuse_tiered("reading raw rows")?;
         let end = start
             .checked_add(count)
             .filter(|&e| e <= self.rows)
@@ -189,6 +198,9 @@ impl HostTable {
 
     /// Whether `len` bytes at `ptr` share any byte with this table's values or scales.
     pub fn overlaps(&self, ptr: *const u8, len: usize) -> bool {
+        if let Some(t) = self.tiered() {
+            return t.hot.overlaps(ptr, len);
+        }
         ranges_overlap(ptr, len, self.values, self.rows * self.row_bytes())
             || ranges_overlap(ptr, len, self.scales, self.rows * self.scale_bytes())
     }
@@ -226,6 +238,7 @@ impl HostTable {
     /// overlap the table's own memory are copied first, so the result is as if every source row
     /// had been read before any row was written (numpy's rule for `a[idx] = a[...]`).
     pub fn write_rows(&mut self, idx: &[i64], values: &[u8], scales: &[u8]) -> Result<()> {
+        self.refuse_tiered("writing rows")?;
         if !self.writable {
             return Err(EngramError::ReadOnly(format!(
                 "this {} table is read-only: open it writable (and a writable file or \

@@ -34,93 +34,27 @@ impl HostTable {
         mode: Mode,
         writable: bool,
     ) -> Result<Self> {
-        let (tensors, _) = safetensors::read_header(&file, path)?;
-        let values = pick_values(path, &tensors, name)?;
-        let dtype = DType::parse(&values.dtype).map_err(|_| {
-            EngramError::Format(format!(
-                "tensor {:?} of {} has dtype {}: tables must be F32, F16, BF16 or F8_E4M3",
-                values.name,
-                path.display(),
-                values.dtype
-            ))
-        })?;
-        let (rows, dim) = (values.shape[0], values.shape[1]);
-        let (vbytes, sbytes) = table_bytes(dtype, rows, dim)?;
-        // An FP8 table's scales are found by name when not given: `{name}_scale` (what `create`
-        // writes), `{name}_scale_inv` (DeepSeek-V3's checkpoints) or, for `X.weight`, `X.scale`
-        // (DeepSeek-V4.1-Flash's), if exactly one exists.
-        let found: Vec<String> = scale_names(&values.name)
-            .into_iter()
-            .filter(|n| tensors.iter().any(|t| &t.name == n))
-            .collect();
-        let scales = match (dtype, scales, found.as_slice()) {
-            (DType::F8E4M3, None, [one]) => Some(one.as_str()),
-            _ => scales,
-        };
-        let scale_info = match (dtype, scales) {
-            (DType::F8E4M3, None) => {
-                let hint: Vec<&str> = tensors
-                    .iter()
-                    .filter(|t| t.shape == [rows, dim / FP8_BLOCK])
-                    .map(|t| t.name.as_str())
-                    .collect();
-                let n = &values.name;
-                return Err(EngramError::Invalid(format!(
-                    "tensor {n:?} is FP8 and no single tensor {} holds \
-                     its scales: name its UE8M0 [{rows}, {}] scales tensor \
-                     (candidates: {hint:?})",
-                    scale_names(n).join(" or "),
-                    dim / FP8_BLOCK
-                )));
-            }
-            (DType::F8E4M3, Some(s)) => {
-                let t = tensors.iter().find(|t| t.name == s).ok_or_else(|| {
-                    EngramError::Invalid(format!(
-                        "no tensor named {s:?} in {} (tensors: {:?})",
-                        path.display(),
-                        tensors.iter().map(|t| &t.name).collect::<Vec<_>>()
-                    ))
-                })?;
-                if t.shape != [rows, dim / FP8_BLOCK]
-                    || safetensors::dtype_size(&t.dtype) != Some(1)
-                {
-                    return Err(EngramError::Format(format!(
-                        "scales tensor {s:?} is {} {:?}, expected one byte per block: \
-                         [{rows}, {}] of U8/F8_E8M0",
-                        t.dtype,
-                        t.shape,
-                        dim / FP8_BLOCK
-                    )));
-                }
-                Some(t.clone())
-            }
-            (_, Some(s)) => {
-                return Err(EngramError::Invalid(format!(
-                    "scales={s:?} given but tensor {:?} is {}, not FP8",
-                    values.name,
-                    dtype.name()
-                )))
-            }
-            (_, None) => None,
-        };
-        // The parser guarantees these; a table relies on them for every pointer it hands out.
-        if values.end - values.start != vbytes
-            || scale_info.as_ref().map_or(0, |t| t.end - t.start) != sbytes
-        {
-            return Err(EngramError::Internal(format!(
-                "tensor sizes of {} disagree with the table shape",
-                path.display()
-            )));
+        if mode == Mode::Tiered {
+            return Err(EngramError::Invalid(
+                "mode=\"tiered\" needs its hot rows: open it with HostTable.open_tiered".into(),
+            ));
         }
-        let backing = Backing {
-            path: path.to_path_buf(),
-            values: (values.start, values.end),
-            scales: scale_info.as_ref().map(|t| (t.start, t.end)),
-            file,
-        };
+        let (backing, rows, dim, dtype) = locate(file, path, name, scales)?;
         if mode == Mode::Resident {
             return Self::read_resident(backing, rows, dim, dtype, writable);
         }
+        Self::map(backing, rows, dim, dtype, writable)
+    }
+
+    /// Maps the located tensors of `backing` (mode "mmap").
+    fn map(
+        backing: Backing,
+        rows: usize,
+        dim: usize,
+        dtype: DType,
+        writable: bool,
+    ) -> Result<Self> {
+        let path = backing.path.as_path();
         let file = &backing.file;
         let file_len = file.metadata().map_err(|e| EngramError::io(path, e))?.len();
         if writable {
@@ -237,6 +171,103 @@ impl HostTable {
             file: Some(backing),
         })
     }
+}
+
+/// Reads the header of the (opened, locked) table file and finds its values tensor and, for
+/// FP8, its scales: where they lie, the rows, dim and dtype, all checked.
+pub(super) fn locate(
+    file: File,
+    path: &Path,
+    name: Option<&str>,
+    scales: Option<&str>,
+) -> Result<(Backing, usize, usize, DType)> {
+    let (tensors, _) = safetensors::read_header(&file, path)?;
+    let values = pick_values(path, &tensors, name)?;
+    let dtype = DType::parse(&values.dtype).map_err(|_| {
+        EngramError::Format(format!(
+            "tensor {:?} of {} has dtype {}: tables must be F32, F16, BF16 or F8_E4M3",
+            values.name,
+            path.display(),
+            values.dtype
+        ))
+    })?;
+    let (rows, dim) = (values.shape[0], values.shape[1]);
+    let (vbytes, sbytes) = table_bytes(dtype, rows, dim)?;
+    // An FP8 table's scales are found by name when not given: `{name}_scale` (what `create`
+    // writes), `{name}_scale_inv` (DeepSeek-V3's checkpoints) or, for `X.weight`, `X.scale`
+    // (DeepSeek-V4.1-Flash's), if exactly one exists.
+    let found: Vec<String> = scale_names(&values.name)
+        .into_iter()
+        .filter(|n| tensors.iter().any(|t| &t.name == n))
+        .collect();
+    let scales = match (dtype, scales, found.as_slice()) {
+        (DType::F8E4M3, None, [one]) => Some(one.as_str()),
+        _ => scales,
+    };
+    let scale_info = match (dtype, scales) {
+        (DType::F8E4M3, None) => {
+            let hint: Vec<&str> = tensors
+                .iter()
+                .filter(|t| t.shape == [rows, dim / FP8_BLOCK])
+                .map(|t| t.name.as_str())
+                .collect();
+            let n = &values.name;
+            return Err(EngramError::Invalid(format!(
+                "tensor {n:?} is FP8 and no single tensor {} holds \
+                     its scales: name its UE8M0 [{rows}, {}] scales tensor \
+                     (candidates: {hint:?})",
+                scale_names(n).join(" or "),
+                dim / FP8_BLOCK
+            )));
+        }
+        (DType::F8E4M3, Some(s)) => {
+            let t = tensors.iter().find(|t| t.name == s).ok_or_else(|| {
+                EngramError::Invalid(format!(
+                    "no tensor named {s:?} in {} (tensors: {:?})",
+                    path.display(),
+                    tensors.iter().map(|t| &t.name).collect::<Vec<_>>()
+                ))
+            })?;
+            if t.shape != [rows, dim / FP8_BLOCK] || safetensors::dtype_size(&t.dtype) != Some(1) {
+                return Err(EngramError::Format(format!(
+                    "scales tensor {s:?} is {} {:?}, expected one byte per block: \
+                         [{rows}, {}] of U8/F8_E8M0",
+                    t.dtype,
+                    t.shape,
+                    dim / FP8_BLOCK
+                )));
+            }
+            Some(t.clone())
+        }
+        (_, Some(s)) => {
+            return Err(EngramError::Invalid(format!(
+                "scales={s:?} given but tensor {:?} is {}, not FP8",
+                values.name,
+                dtype.name()
+            )))
+        }
+        (_, None) => None,
+    };
+    // The parser guarantees these; a table relies on them for every pointer it hands out.
+    if values.end - values.start != vbytes
+        || scale_info.as_ref().map_or(0, |t| t.end - t.start) != sbytes
+    {
+        return Err(EngramError::Internal(format!(
+            "tensor sizes of {} disagree with the table shape",
+            path.display()
+        )));
+    }
+    Ok((
+        Backing {
+            path: path.to_path_buf(),
+            values: (values.start, values.end),
+            scales: scale_info.as_ref().map(|t| (t.start, t.end)),
+            file,
+        },
+        rows,
+        dim,
+        dtype,
+    ))
 }
 
 fn pick_values<'a>(

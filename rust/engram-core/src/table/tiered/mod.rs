@@ -1,0 +1,269 @@
+//! Tiered tables (mode "tiered"): a table larger than memory, whose hot rows are resident and
+//! whose other rows are read from its file when a gather needs them.
+//!
+//! The hot rows (chosen by the caller, typically the most looked-up rows of real text within a
+//! memory budget) are read once at open into one huge-page buffer, packed in row order, and
+//! found through a bit-per-row rank index ([`index::HotIndex`]), so a hit costs what a resident
+//! gather's row does. A gather first splits its ids into hits and misses, reads each distinct
+//! missed row once (sorted, coalesced by block, [`io::READS_IN_FLIGHT`] reads in flight, O_DIRECT
+//! where the file system takes it: see [`io`]), then converts every row into the output from
+//! the hot buffer or the rows just read, with the same kernels as every other gather. No part
+//! of the file is mapped: a page fault never happens on the gather's path, and a truncated
+//! file is an error, not a SIGBUS. The table is read-only.
+
+use super::file::lock;
+use super::*;
+use crate::elem::Backend;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+mod index;
+pub mod io;
+
+use index::HotIndex;
+use io::{Region, RowReader};
+
+/// The rows of an id that is not hot, tagged among the slots of a split gather.
+pub(crate) const COLD: u64 = 1 << 63;
+
+/// What a tiered table keeps besides the `HostTable` fields.
+pub(crate) struct Tiered {
+    /// The hot rows, packed (a table of `hot_rows` rows over `_hot_buf`).
+    pub(crate) hot: HostTable,
+    _hot_buf: AlignedBuf,
+    index: HotIndex,
+    reader: RowReader,
+    values: Region,
+    scales: Region,
+    lookups: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// A tiered table's counters since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierStats {
+    /// Rows in memory, and the bytes they and their index take.
+    pub hot_rows: u64,
+    pub hot_bytes: u64,
+    pub index_bytes: u64,
+    /// Ids gathered, and how many of them were hot.
+    pub lookups: u64,
+    pub hits: u64,
+    /// Distinct cold rows read (each once per gather), the reads that fetched them and their
+    /// bytes.
+    pub misses: u64,
+    pub reads: u64,
+    pub read_bytes: u64,
+    /// Whether cold reads bypass the page cache (O_DIRECT).
+    pub direct: bool,
+}
+
+impl HostTable {
+    /// Opens a tiered table (read-only): rows `hot` (strictly increasing row ids) are read into
+    /// memory now, every other row is read from the file by the gathers that need it. `direct`:
+    /// O_DIRECT for those reads (`None`: where the file system supports it).
+    pub fn open_tiered(
+        path: &Path,
+        name: Option<&str>,
+        scales: Option<&str>,
+        hot: &[u64],
+        direct: Option<bool>,
+    ) -> Result<Self> {
+        let file = File::open(path).map_err(|e| EngramError::io(path, e))?;
+        lock(&file, path, false)?;
+        let (backing, rows, dim, dtype) = open::locate(file, path, name, scales)?;
+        if let Some(pos) = hot
+            .iter()
+            .enumerate()
+            .position(|(i, &r)| r >= rows as u64 || (i > 0 && r <= hot[i - 1]))
+        {
+            let r = hot[pos];
+            return Err(EngramError::Invalid(if r >= rows as u64 {
+                format!(
+                    "hot row {r} (position {pos}) is outside the table's {rows} rows: the hot \
+                     set must be rows of this table"
+                )
+            } else {
+                format!(
+                    "hot rows must be strictly increasing (sorted, no repeats): position {pos} \
+                     holds {r} after {}; pass numpy.unique(rows)",
+                    hot[pos - 1]
+                )
+            }));
+        }
+        let reader = RowReader::new(&backing.file, path, direct)?;
+        let (rb, sb) = (dim * dtype.size(), dim / FP8_BLOCK);
+        let sb = if dtype == DType::F8E4M3 { sb } else { 0 };
+        let values = Region {
+            base: backing.values.0 as u64,
+            unit: rb,
+        };
+        let scales = Region {
+            base: backing.scales.map_or(0, |s| s.0 as u64),
+            unit: sb,
+        };
+        let (hot_buf, hot_table) = read_packed(&reader, hot, values, scales, dim, dtype)?;
+        // The counters count the gathers' reads, not these.
+        reader.counters.reads.store(0, Ordering::Relaxed);
+        reader.counters.bytes.store(0, Ordering::Relaxed);
+        let tiered = Tiered {
+            hot: hot_table,
+            _hot_buf: hot_buf,
+            index: HotIndex::new(rows, hot)?,
+            reader,
+            values,
+            scales,
+            lookups: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        };
+        Ok(Self {
+            storage: Storage::Tiered(Box::new(tiered)),
+            values: std::ptr::null_mut(),
+            scales: std::ptr::null_mut(),
+            rows,
+            dim,
+            dtype,
+            mode: Mode::Tiered,
+            writable: false,
+            file: Some(backing),
+        })
+    }
+
+    /// The tiered part of a tiered table.
+    pub(crate) fn tiered(&self) -> Option<&Tiered> {
+        match &self.storage {
+            Storage::Tiered(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// A tiered table's counters (`None` for other modes).
+    pub fn tier_stats(&self) -> Option<TierStats> {
+        let t = self.tiered()?;
+        let c = &t.reader.counters;
+        Some(TierStats {
+            hot_rows: t.hot.rows as u64,
+            hot_bytes: t.hot.nbytes() as u64,
+            index_bytes: t.index.nbytes() as u64,
+            lookups: t.lookups.load(Ordering::Relaxed),
+            hits: t.hits.load(Ordering::Relaxed),
+            misses: t.misses.load(Ordering::Relaxed),
+            reads: c.reads.load(Ordering::Relaxed),
+            read_bytes: c.bytes.load(Ordering::Relaxed),
+            direct: t.reader.direct(),
+        })
+    }
+
+    /// The error of an operation that needs every row in memory, on a tiered table.
+    pub(crate) fn refuse_tiered(&self, what: &str) -> Result<()> {
+        if self.mode != Mode::Tiered {
+            return Ok(());
+        }
+        Err(EngramError::Invalid(format!(
+            "{what} needs every row in memory, and this table is tiered (most rows stay on \
+             disk): open the file with mode=\"mmap\" or \"resident\" for it"
+        )))
+    }
+}
+
+/// Reads rows `rows` (sorted, distinct) into one buffer, values then scales, and a table over
+/// it.
+fn read_packed(
+    reader: &RowReader,
+    rows: &[u64],
+    values: Region,
+    scales: Region,
+    dim: usize,
+    dtype: DType,
+) -> Result<(AlignedBuf, HostTable)> {
+    let (vb, sb) = (rows.len() * values.unit, rows.len() * scales.unit);
+    let buf = AlignedBuf::new(vb + sb)?;
+    // SAFETY: the buffer holds vb + sb bytes, split into two disjoint slices; nothing else
+    // refers to it yet.
+    let (v, s) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(buf.as_ptr(), vb),
+            std::slice::from_raw_parts_mut(buf.as_ptr().add(vb), sb),
+        )
+    };
+    reader.read(rows, &mut [(values, v), (scales, s)])?;
+    let scale_ptr = if sb > 0 {
+        // SAFETY: the scales follow the values inside the buffer.
+        unsafe { buf.as_ptr().add(vb) }
+    } else {
+        std::ptr::null_mut()
+    };
+    // SAFETY: the buffer holds rows.len() rows of values and scales, lives as long as the
+    // table (both are kept together, the table dropped first: field order in `Tiered`, or the
+    // caller's scope), and is written by no one after this.
+    let table =
+        unsafe { HostTable::from_raw(buf.as_ptr(), scale_ptr, rows.len(), dim, dtype, false) }?;
+    Ok((buf, table))
+}
+
+impl Tiered {
+    /// Gathers rows `ids` (already copied out of the caller's memory and checked below the
+    /// table's rows) into `out`.
+    pub(crate) fn gather(
+        &self,
+        ids: &[u64],
+        out: &mut [u8],
+        out_dtype: DType,
+        backend: Backend,
+    ) -> Result<()> {
+        const PIECE: usize = 1 << 14;
+        // Split into hot slots and cold rows, in parallel pieces.
+        let mut slots = vec![0u64; ids.len()];
+        let mut cold: Vec<u64> = slots
+            .par_chunks_mut(PIECE)
+            .zip(ids.par_chunks(PIECE))
+            .map(|(slots, ids)| {
+                let mut cold = Vec::new();
+                for (s, &r) in slots.iter_mut().zip(ids) {
+                    *s = match self.index.slot(r) {
+                        Some(slot) => slot,
+                        None => {
+                            cold.push(r);
+                            COLD | r
+                        }
+                    };
+                }
+                cold
+            })
+            .reduce(Vec::new, |mut a, mut b| {
+                a.append(&mut b);
+                a
+            });
+        let misses = cold.len();
+        self.lookups.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.hits
+            .fetch_add((ids.len() - misses) as u64, Ordering::Relaxed);
+        if cold.is_empty() {
+            return crate::gather::gather(&self.hot, &slots, out, out_dtype, backend);
+        }
+        cold.par_sort_unstable();
+        cold.dedup();
+        self.misses.fetch_add(cold.len() as u64, Ordering::Relaxed);
+        let (_buf, staged) = read_packed(
+            &self.reader,
+            &cold,
+            self.values,
+            self.scales,
+            self.hot.dim,
+            self.hot.dtype,
+        )?;
+        slots.par_chunks_mut(PIECE).for_each(|slots| {
+            for s in slots.iter_mut().filter(|s| **s & COLD != 0) {
+                let at = cold
+                    .binary_search(&(*s & !COLD))
+                    .expect("every cold row was read");
+                *s = COLD | at as u64;
+            }
+        });
+        crate::gather::gather_split(&self.hot, &staged, &slots, out, out_dtype, backend)
+    }
+}
+
+#[cfg(test)]
+mod tests;

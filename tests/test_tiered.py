@@ -1,0 +1,133 @@
+"""Tiered tables (``HostTable.open_tiered``): the same rows as the mapped table for every dtype,
+output and entry point, the hot set chosen from row counts, and faults as clear errors."""
+
+from __future__ import annotations
+
+import engram_rs as er
+import numpy as np
+import pytest
+from engram_rs.table import hot_rows_for
+from isolated import expect_error
+
+torch = pytest.importorskip("torch")
+
+ROWS, DIM = 4000, 64
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "float16", "float8_e4m3"])
+def table_file(request, tmp_path_factory) -> tuple[str, str]:
+    path = tmp_path_factory.mktemp("tiered") / f"{request.param}.safetensors"
+    er.HostTable.create(path, ROWS, DIM, dtype=request.param, init="normal", std=0.5, seed=1)
+    return str(path), request.param
+
+
+def _zipf_ids(n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).zipf(1.3, n) * 7919 % ROWS).astype(np.int64)
+
+
+@pytest.mark.parametrize("hot", ["none", "some", "all"])
+def test_gathers_prefetches_and_out_equal_the_mapped_table(table_file, hot) -> None:
+    path, dtype = table_file
+    mapped = er.HostTable.open(path)
+    counts = np.bincount(_zipf_ids(20_000, 0), minlength=ROWS)
+    budget = {"none": 0, "some": 300 * (mapped.nbytes // ROWS), "all": mapped.nbytes}[hot]
+    t = er.HostTable.open_tiered(path, hot_bytes=budget, row_counts=counts, direct=None)
+    assert (t.mode, t.rows, t.dim, t.dtype, t.writable) == ("tiered", ROWS, DIM, dtype, False)
+    idx = _zipf_ids(3000, 1).reshape(30, 100)  # any shape, repeats included
+    for out_dtype in ("float32", "bfloat16", "float16"):
+        want = mapped.gather(idx, out_dtype=out_dtype, framework="torch")
+        assert torch.equal(t.gather(idx, out_dtype=out_dtype, framework="torch"), want)
+        if out_dtype != "bfloat16":  # numpy has none
+            np_want = mapped.gather(idx, out_dtype=out_dtype)
+            assert np.array_equal(t.gather(idx, out_dtype=out_dtype), np_want)
+        out = torch.empty_like(want)
+        assert t.gather(torch.from_numpy(idx), out=out) is out and torch.equal(out, want)
+        out2 = torch.empty_like(want)
+        t.prefetch(idx, out=out2).wait()
+        assert torch.equal(out2, want)
+    stats = t.tier_stats
+    assert stats is not None and stats["lookups"] == 11 * idx.size  # 4 gathers a dtype, 3 in bf16
+    assert stats["hot_rows"] == {"none": 0, "some": 300, "all": np.count_nonzero(counts)}[hot]
+    if hot == "none":
+        assert stats["hits"] == 0 and stats["misses"] > 0 and stats["reads"] > 0
+    assert mapped.tier_stats is None
+
+
+def test_the_v41_layer_runs_on_a_tiered_table_as_on_a_mapped_one(tmp_path) -> None:
+    from engram_rs.torch import EngramV41
+
+    cfg = er.EngramConfig.preset("deepseek-v4.1-flash").replace(
+        engram_vocab_size=[211, 223, 227], hidden_size=32, layer_ids=[1]
+    )
+    hasher = er.NgramHasher(cfg, 1000, compressed_pad_id=2)
+    path = tmp_path / "embed.safetensors"
+    er.HostTable.create(path, hasher.table_rows[1], cfg.head_dim, dtype="float8_e4m3", std=0.1)
+    ids = np.random.default_rng(0).integers(0, 1000, (2, 24))
+    hash_ids = torch.from_numpy(hasher.hash(ids)[1])
+    flat = (hash_ids + torch.tensor(hasher.offsets[1])).reshape(-1).numpy()
+    counts = np.bincount(flat, minlength=hasher.table_rows[1])
+    tiered = er.HostTable.open_tiered(path, hot_bytes=100 * 264, row_counts=counts)
+    h = torch.randn(2, 24, cfg.hc_mult, 32, dtype=torch.bfloat16)
+    outs = []
+    for table in (er.HostTable.open(path), tiered):
+        torch.manual_seed(0)
+        layer = EngramV41(hasher, 1, table=table, optimizer=None)
+        with torch.no_grad():
+            outs.append(layer(h, hash_ids))
+    assert torch.equal(outs[0], outs[1])
+    assert tiered.tier_stats["hits"] > 0 and tiered.tier_stats["misses"] > 0
+
+
+def test_hot_rows_for_takes_the_most_counted_rows_within_the_budget() -> None:
+    counts = np.array([5, 0, 9, 5, 1, 9, 0, 5])
+    assert hot_rows_for(counts, 8, 10, 25).tolist() == [2, 5]  # two rows of 10 bytes
+    # Ties at the k-th count go to the lower rows; rows never counted are never hot.
+    assert hot_rows_for(counts, 8, 10, 30).tolist() == [0, 2, 5]
+    assert hot_rows_for(counts, 8, 10, 1000).tolist() == [0, 2, 3, 4, 5, 7]
+    assert hot_rows_for(counts, 8, 10, 9).size == 0
+    with pytest.raises(ValueError, match="one count per row"):
+        hot_rows_for(counts, 9, 10, 100)
+
+
+def test_bad_hot_sets_and_training_are_refused(tmp_path) -> None:
+    path = tmp_path / "t.safetensors"
+    er.HostTable.create(path, 100, 32, dtype="float32")
+    with pytest.raises(ValueError, match="needs its hot set"):
+        er.HostTable.open_tiered(path)
+    with pytest.raises(ValueError, match="row_counts="):
+        er.HostTable.open_tiered(path, hot_bytes=1000)
+    with pytest.raises(ValueError, match="hot_bytes = -1"):
+        er.HostTable.open_tiered(path, hot_bytes=-1, row_counts=np.ones(100, np.int64))
+    with pytest.raises(ValueError, match="outside the table's 100 rows"):
+        er.HostTable.open_tiered(path, hot_rows=[3, 100])
+    with pytest.raises(ValueError, match="row ids are >= 0"):
+        er.HostTable.open_tiered(path, hot_rows=[-1])
+    with pytest.raises(ValueError, match="HostTable.open_tiered"):
+        er.HostTable.open(path, mode="tiered")
+    t = er.HostTable.open_tiered(path, hot_rows=[5, 1, 5])  # repeats and order are fine
+    assert t.tier_stats["hot_rows"] == 2
+    with pytest.raises(IndexError):
+        t.gather(np.array([100]))
+    with pytest.raises(ValueError, match="tiered"):
+        t.read_raw(0, 1)
+    from engram_rs.torch import SparseSGD
+
+    with pytest.raises(ValueError, match="tiered"):
+        SparseSGD(lr=0.1).apply(t, np.array([1]), np.ones((1, 32), np.float32))
+
+
+def test_a_file_truncated_under_a_tiered_table_is_an_os_error_not_a_crash(tmp_path) -> None:
+    path = tmp_path / "t.safetensors"
+    er.HostTable.create(path, 5000, 64, dtype="float8_e4m3", std=0.1)
+    expect_error(
+        f"""
+        import os, numpy as np, engram_rs as er
+        t = er.HostTable.open_tiered({str(path)!r}, hot_rows=[0, 1], direct=False)
+        assert t.gather(np.array([1, 4999])).shape == (2, 64)
+        os.truncate({str(path)!r}, 8192)       # another process cuts the file
+        t.gather(np.array([1]))                # a hot row: still in memory
+        t.gather(np.array([4000, 1]))
+        """,
+        "OSError",
+        r"t\.safetensors: short read at offset \d+: 0 of the \d+ bytes",
+    )
