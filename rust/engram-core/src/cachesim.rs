@@ -146,7 +146,7 @@ pub struct Tally {
 }
 
 /// One policy at one budget.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Outcome {
     pub policy: Policy,
     /// The budget in bytes.
@@ -160,10 +160,13 @@ pub struct Outcome {
     pub all: Tally,
     /// Each distinct row of a batch once (what a deduplicating table sees).
     pub distinct: Tally,
+    /// Wall seconds of this policy's two runs (one after the other on one thread), preparation
+    /// excluded.
+    pub seconds: f64,
 }
 
 /// The simulation's result.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Report {
     /// Lookups in the trace.
     pub lookups: u64,
@@ -171,10 +174,13 @@ pub struct Report {
     pub distinct_lookups: u64,
     /// Distinct rows of the whole trace.
     pub distinct_rows: u64,
-    /// Distinct pages the trace's rows touch.
+    /// Distinct pages the trace's rows touch (0 when no page policy ran).
     pub distinct_pages: u64,
     /// Batches (empty ones included).
     pub batches: u64,
+    /// Wall seconds spent numbering rows and pages, deduplicating batches and ranking the
+    /// static hot set (once for all policies).
+    pub prepare_seconds: f64,
     /// One per (budget, policy), budgets outer, policies in the order asked.
     pub outcomes: Vec<Outcome>,
 }
@@ -600,6 +606,7 @@ fn prepare(
     batches: Batches<'_>,
     row_bytes: u64,
     page_bytes: u64,
+    paged: bool,
 ) -> Result<Prepared> {
     rows_in(0, row_bytes)?;
     if page_bytes == 0 {
@@ -630,7 +637,7 @@ fn prepare(
         }
     }
     // Each row's byte range [r * rb, (r + 1) * rb) in pages; the range must be a file offset.
-    let mut spans = Vec::with_capacity(rows.len());
+    let mut spans = Vec::with_capacity(if paged { rows.len() } else { 0 });
     let mut total: u64 = 0;
     for (i, &r) in rows.iter().enumerate() {
         let end = (u128::from(r) + 1) * u128::from(row_bytes);
@@ -643,8 +650,10 @@ fn prepare(
         }
         let first = u128::from(r) * u128::from(row_bytes) / u128::from(page_bytes);
         let last = (end - 1) / u128::from(page_bytes);
-        total += (last - first + 1) as u64;
-        spans.push((first as u64, last as u64));
+        if paged {
+            total += (last - first + 1) as u64;
+            spans.push((first as u64, last as u64));
+        }
     }
     if total >= u64::from(NONE) {
         return Err(EngramError::Invalid(format!(
@@ -654,7 +663,7 @@ fn prepare(
     }
     let page_ids = spans.iter().flat_map(|&(a, b)| a..=b);
     let (pages, page_keys) = densify(page_ids, total as usize)?;
-    let mut page_start = Vec::with_capacity(rows.len() + 1);
+    let mut page_start = Vec::with_capacity(spans.len() + 1);
     page_start.push(0u32);
     let mut at = 0u32;
     for &(a, b) in &spans {
@@ -705,7 +714,9 @@ fn run_pages(cache: &mut impl Cache, stream: &[u32], p: &Prepared) -> Tally {
 
 /// Simulates `policies` at each of `budgets` over `trace`, cut into `batches`.
 pub fn simulate(trace: &[u64], batches: Batches<'_>, cfg: &SimConfig<'_>) -> Result<Report> {
-    let p = prepare(trace, batches, cfg.row_bytes, cfg.page_bytes)?;
+    let start = std::time::Instant::now();
+    let paged = cfg.policies.iter().any(|p| p.is_paged());
+    let p = prepare(trace, batches, cfg.row_bytes, cfg.page_bytes, paged)?;
     let keys = p.rows.len();
     // The rank of each dense row in the hot order (NONE when not in it), for the static set.
     let (rank, hot_rows) = if cfg.policies.contains(&Policy::Static) {
@@ -730,6 +741,7 @@ pub fn simulate(trace: &[u64], batches: Batches<'_>, cfg: &SimConfig<'_>) -> Res
     } else {
         (Vec::new(), 0)
     };
+    let prepare_seconds = start.elapsed().as_secs_f64();
     let jobs: Vec<(u64, Policy)> = cfg
         .budgets
         .iter()
@@ -738,6 +750,7 @@ pub fn simulate(trace: &[u64], batches: Batches<'_>, cfg: &SimConfig<'_>) -> Res
     let outcomes = jobs
         .par_iter()
         .map(|&(budget, policy)| {
+            let start = std::time::Instant::now();
             let unit = if policy.is_paged() {
                 cfg.page_bytes
             } else {
@@ -745,8 +758,8 @@ pub fn simulate(trace: &[u64], batches: Batches<'_>, cfg: &SimConfig<'_>) -> Res
             };
             let capacity = budget / unit;
             let cap = usize::try_from(capacity).unwrap_or(usize::MAX);
-            let both = |run: &(dyn Fn(&[u32]) -> (Tally, u64) + Sync)| {
-                let ((all, held), (distinct, _)) = rayon::join(|| run(&p.all), || run(&p.distinct));
+            let both = |run: &dyn Fn(&[u32]) -> (Tally, u64)| {
+                let ((all, held), (distinct, _)) = (run(&p.all), run(&p.distinct));
                 (all, distinct, held)
             };
             let (all, distinct, held) = match policy {
@@ -787,6 +800,7 @@ pub fn simulate(trace: &[u64], batches: Batches<'_>, cfg: &SimConfig<'_>) -> Res
                 held,
                 all,
                 distinct,
+                seconds: start.elapsed().as_secs_f64(),
             }
         })
         .collect();
@@ -796,6 +810,7 @@ pub fn simulate(trace: &[u64], batches: Batches<'_>, cfg: &SimConfig<'_>) -> Res
         distinct_rows: keys as u64,
         distinct_pages: p.distinct_pages as u64,
         batches: p.batches as u64,
+        prepare_seconds,
         outcomes,
     })
 }
