@@ -30,6 +30,8 @@ __all__ = [
     "TableCore",
     "TokenizerCore",
     "__version__",
+    "cachesim_hot_set",
+    "cachesim_run",
     "cast_f32",
     "check_hash_config",
     "check_optimizer",
@@ -286,3 +288,22 @@ class AtomicFile:
     def discard(self) -> None: ...
 
 def fsync_path(path: str | PathLike[str]) -> None: ...
+
+# Trace-driven cache simulation (engram_rs.bench.cachesim is the API above it).
+_RowIds: TypeAlias = np.ndarray[Any, np.dtype[np.int64]] | np.ndarray[Any, np.dtype[np.uint64]]
+_Tally: TypeAlias = tuple[int, int, int, int]
+_Outcome: TypeAlias = tuple[str, int, int, int, _Tally, _Tally, float]
+
+def cachesim_run(
+    trace: _RowIds,
+    row_bytes: int,
+    budgets: list[int],
+    policies: list[str],
+    batch_size: int | None = None,
+    offsets: _RowIds | None = None,
+    train: _RowIds | None = None,
+    hot_rows: _RowIds | None = None,
+    hot_counts: _RowIds | None = None,
+    page_bytes: int = 4096,
+) -> tuple[int, int, int, int, int, float, list[_Outcome]]: ...
+def cachesim_hot_set(rows: _RowIds, counts: _RowIds, row_bytes: int, budget: int) -> _I64: ...

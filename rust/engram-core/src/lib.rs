@@ -10,6 +10,7 @@
 //!   tables, their gathers and their file format.
 //! - [`optim`]: fused sparse row-wise optimizers (SGD, row-wise Adagrad, SparseAdam) that update
 //!   the touched rows of a host table in place.
+//! - [`cachesim`]: trace-driven simulation of row caches and of the page cache at equal memory.
 //! - [`atomic`]: the one atomic file write (temporary name, fsync, rename, directory fsync).
 //! - [`checksum`]: XXH3-128 of precomputed index files and their inputs.
 //! - [`pool`]: the kernels' thread pools, rebuilt in a forked child.
@@ -18,6 +19,7 @@
 
 pub mod atomic;
 pub mod buffer;
+pub mod cachesim;
 pub mod checksum;
 #[cfg(feature = "compress")]
 pub mod compress;

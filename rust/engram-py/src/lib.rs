@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod cachesim;
 mod compress;
 mod convert;
 mod dtype;
@@ -38,6 +39,7 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dtype::quantize_fp8, m)?)?;
     m.add_class::<table::PrefetchCore>()?;
     m.add_class::<hashing::HasherCore>()?;
+    cachesim::register(m)?;
     compress::register(m)?;
     optim::register(m)?;
     precompute::register(m)?;
