@@ -239,6 +239,68 @@ impl RowReader {
     }
 }
 
+/// The benchmark's ceiling of cold reads: a plain loop of `threads` threads, each taking the
+/// next span and reading it with one `pread` (O_DIRECT with `direct`) into a buffer of its own,
+/// nothing else. `spans` are (offset, length) pairs, block-aligned for O_DIRECT, each at most
+/// [`MAX_EXTENT`] bytes. Returns the bytes read.
+pub fn probe_reads(
+    path: &Path,
+    spans: &[(u64, usize)],
+    threads: usize,
+    direct: bool,
+) -> Result<u64> {
+    if let Some(&(at, len)) = spans.iter().find(|(at, len)| {
+        *len > MAX_EXTENT
+            || (direct && (!at.is_multiple_of(BLOCK as u64) || !len.is_multiple_of(BLOCK)))
+    }) {
+        return Err(EngramError::Invalid(format!(
+            "probe span ({at}, {len}): spans are at most {MAX_EXTENT} bytes, block-aligned \
+             ({BLOCK}) for O_DIRECT"
+        )));
+    }
+    let file = File::open(path).map_err(|e| EngramError::io(path, e))?;
+    let file = if direct {
+        open_direct(&file).map_err(|e| EngramError::io(path, e))?
+    } else {
+        file
+    };
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let total = AtomicU64::new(0);
+    let threads = threads
+        .clamp(1, crate::pool::MAX_THREADS)
+        .min(spans.len().max(1));
+    std::thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let buf = AlignedBuf::new(MAX_EXTENT + BLOCK)?;
+                    let skew = (BLOCK - buf.as_ptr() as usize % BLOCK) % BLOCK;
+                    // SAFETY: MAX_EXTENT bytes from `skew` (< BLOCK) lie inside the buffer,
+                    // which only this thread uses.
+                    let buf = unsafe {
+                        std::slice::from_raw_parts_mut(buf.as_ptr().add(skew), MAX_EXTENT)
+                    };
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(at, len)) = spans.get(i) else {
+                            return Ok(());
+                        };
+                        let n = file
+                            .read_at(&mut buf[..len], at)
+                            .map_err(|e| EngramError::io(path, e))?;
+                        total.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|p| EngramError::from_panic(&*p))??;
+        }
+        Ok(())
+    })?;
+    Ok(total.into_inner())
+}
+
 /// The table's file opened again with O_DIRECT, through /proc/self/fd (the same file, even if
 /// its path was replaced since), and one block read to be sure the file system takes it.
 fn open_direct(file: &File) -> std::io::Result<File> {
