@@ -30,12 +30,14 @@ __all__ = [
     "TableCore",
     "TokenizerCore",
     "__version__",
+    "batch_distinct",
     "cast_f32",
     "check_hash_config",
     "check_optimizer",
     "clear_buffer_pool",
     "compress_file",
     "compress_json",
+    "count_rows",
     "dtypes",
     "file_checksum",
     "fingerprint_file",
@@ -128,6 +130,22 @@ def head_rows(
     offsets: list[int],
     bounds: list[int],
 ) -> _I64: ...
+def count_rows(
+    ids: _Ids,
+    add: list[int],
+    lo: list[int],
+    hi: list[int],
+    counts: np.ndarray[Any, np.dtype[np.uint32]],
+) -> int: ...
+def batch_distinct(
+    ids: _Ids,
+    add: list[int],
+    lo: list[int],
+    hi: list[int],
+    groups: list[int],
+    starts: list[int],
+    rows: int,
+) -> np.ndarray[Any, np.dtype[np.uint64]]: ...
 
 class OutOfRangeError(IndexError):
     what: str

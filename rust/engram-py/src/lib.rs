@@ -11,6 +11,7 @@ mod hashing;
 mod optim;
 mod precompute;
 mod safetensors;
+mod stats;
 mod table;
 
 pub(crate) use convert::{detached, pooled_array};
@@ -42,5 +43,6 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     optim::register(m)?;
     precompute::register(m)?;
     safetensors::register(m)?;
+    stats::register(m)?;
     Ok(())
 }
