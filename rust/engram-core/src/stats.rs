@@ -166,19 +166,22 @@ pub fn batch_distinct<I: IdElem>(
 mod tests {
     use super::*;
 
-    fn layout() -> (Vec<i64>, Vec<u64>, Vec<u64>) {
-        // Two columns: heads of 3 and 5 rows, offsets 0 and 3.
-        (vec![0, 3], vec![0, 3], vec![3, 8])
+    // Two columns: heads of 3 and 5 rows, offsets 0 and 3.
+    const ADD: [i64; 2] = [0, 3];
+    const LO: [u64; 2] = [0, 3];
+    const HI: [u64; 2] = [3, 8];
+
+    fn layout() -> Columns<'static> {
+        Columns {
+            add: &ADD,
+            lo: &LO,
+            hi: &HI,
+        }
     }
 
     #[test]
     fn counts_equal_a_plain_count() {
-        let (add, lo, hi) = layout();
-        let cols = Columns {
-            add: &add,
-            lo: &lo,
-            hi: &hi,
-        };
+        let cols = layout();
         let ids: Vec<i32> = vec![0, 0, 2, 4, 0, 4, 1, 1];
         let mut counts = vec![0u32; 8];
         assert_eq!(count_rows(&ids, cols, &mut counts).unwrap(), 0);
@@ -187,12 +190,7 @@ mod tests {
 
     #[test]
     fn saturates_and_reports_it() {
-        let (add, lo, hi) = layout();
-        let cols = Columns {
-            add: &add,
-            lo: &lo,
-            hi: &hi,
-        };
+        let cols = layout();
         let mut counts = vec![0u32; 8];
         counts[0] = u32::MAX - 1;
         let ids: Vec<i64> = vec![0, 0, 0, 0, 0, 0];
@@ -203,12 +201,7 @@ mod tests {
 
     #[test]
     fn a_row_outside_its_head_is_an_error() {
-        let (add, lo, hi) = layout();
-        let cols = Columns {
-            add: &add,
-            lo: &lo,
-            hi: &hi,
-        };
+        let cols = layout();
         let mut counts = vec![0u32; 8];
         let err = count_rows(&[0i32, 5], cols, &mut counts)
             .unwrap_err()
@@ -223,12 +216,7 @@ mod tests {
 
     #[test]
     fn distinct_rows_per_batch_and_group() {
-        let (add, lo, hi) = layout();
-        let cols = Columns {
-            add: &add,
-            lo: &lo,
-            hi: &hi,
-        };
+        let cols = layout();
         let ids: Vec<i32> = vec![0, 0, 0, 1, 2, 1, 2, 1, 1, 1];
         let out = batch_distinct(&ids, cols, &[0, 1, 2], &[0, 2, 5], 8).unwrap();
         // batch 0: col 0 {0}, col 1 {3, 4}; batch 1: col 0 {2, 1}, col 1 {4}.
