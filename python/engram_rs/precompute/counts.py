@@ -12,7 +12,8 @@ order are contiguous, and so are their rows in the flat table (:func:`order_rows
 
 When: the counts are made from the finished index files in ``DIR.partial``, after the last
 block and before the manifest is written, one layer at a time (the core's ``count_rows``, one
-pass of increments; ``numpy.add.at`` is about 20x slower). So they are exact for a resumed run
+pass of increments: 61 M random lookups/s into 384 M rows on the 2-vCPU test VM, 16x
+``numpy.add.at`` and 9x ``numpy.bincount`` of the same rows). So they are exact for a resumed run
 (its files are cut to the committed bytes and hold each token once) and for the Ray engine (the
 driver wrote the same files), at the cost of one more read of the index files, mostly from the
 page cache. A run killed while counting leaves ``DIR.partial`` without a manifest; its

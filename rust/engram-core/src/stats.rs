@@ -9,8 +9,9 @@
 //!
 //! Counting is one pass of scattered increments into `u32` counters, on one thread: the
 //! increments are bound by memory latency, not by arithmetic, and two threads would contend for
-//! the same cache lines (or need a private copy of a 1.5 GB array each). `numpy.add.at` does the
-//! same job about 20x slower.
+//! the same cache lines (or need a private copy of a 1.5 GB array each). Measured on the 2-vCPU
+//! test VM (48 M random lookups into 384 M rows): 61 M lookups/s, 16x `numpy.add.at`, 9x
+//! `numpy.bincount`.
 
 use crate::elem::IdElem;
 use crate::error::{EngramError, Result};
