@@ -166,6 +166,16 @@ def test_bin_stream_seq_len(local_ray: None, tokenizer: str, tmp_path: pathlib.P
     _both([tmp_path / "s1.bin", tmp_path / "s0.bin"], tmp_path, tokenizer, seq_len=128)
 
 
+def test_row_counts_equal_the_local_engine_s(
+    local_ray: None, tokenizer: str, tmp_path: pathlib.Path
+) -> None:
+    # The counts are made by the driver from the files it wrote: the same bytes as the local run.
+    rng = np.random.default_rng(8)
+    (rng.zipf(1.3, 4000) % VOCAB).astype(np.uint32).tofile(tmp_path / "z.bin")
+    _both(tmp_path / "z.bin", tmp_path, tokenizer, seq_len=300, row_counts=True)
+    assert (tmp_path / "ray" / "row_counts_1.npy").exists()
+
+
 def test_bin_stream_eos(local_ray: None, tokenizer: str, tmp_path: pathlib.Path) -> None:
     rng = np.random.default_rng(4)
     eos = 1

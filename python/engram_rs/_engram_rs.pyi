@@ -30,6 +30,7 @@ __all__ = [
     "TableCore",
     "TokenizerCore",
     "__version__",
+    "batch_distinct",
     "cachesim_hot_set",
     "cachesim_run",
     "cast_f32",
@@ -38,6 +39,7 @@ __all__ = [
     "clear_buffer_pool",
     "compress_file",
     "compress_json",
+    "count_rows",
     "dtypes",
     "file_checksum",
     "fingerprint_file",
@@ -130,6 +132,22 @@ def head_rows(
     offsets: list[int],
     bounds: list[int],
 ) -> _I64: ...
+def count_rows(
+    ids: _Ids,
+    add: list[int],
+    lo: list[int],
+    hi: list[int],
+    counts: np.ndarray[Any, np.dtype[np.uint32]],
+) -> int: ...
+def batch_distinct(
+    ids: _Ids,
+    add: list[int],
+    lo: list[int],
+    hi: list[int],
+    groups: list[int],
+    starts: list[int],
+    rows: int,
+) -> np.ndarray[Any, np.dtype[np.uint64]]: ...
 
 class OutOfRangeError(IndexError):
     what: str

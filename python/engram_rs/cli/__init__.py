@@ -1,5 +1,5 @@
-"""The ``engram-rs`` command: ``demo``, ``precompute``, ``verify``, ``train-demo``, ``bench`` and
-``v41-demo`` sub-commands."""
+"""The ``engram-rs`` command: ``demo``, ``precompute``, ``verify``, ``stats``, ``train-demo``,
+``bench`` and ``v41-demo`` sub-commands."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train",
         "train a tiny LM with an Engram layer on a host table (CPU, about a minute)",
     ),
+    "stats": (
+        "stats",
+        "row access statistics of a precompute made with --row-counts, and a rank-frequency plot",
+    ),
     "bench": ("bench", "throughput against baselines, in the same process"),
     "v41-demo": (
         "v41",
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{demo,precompute,verify,train-demo,bench,v41-demo}",
+        metavar="{demo,precompute,verify,stats,train-demo,bench,v41-demo}",
     )
     # The sub-command named first (the command has no options of its own but -h).
     chosen = next((a for a in args_in if not a.startswith("-")), None)

@@ -30,7 +30,7 @@ __all__ = ["configure"]
 def configure(name: str, bench: argparse.ArgumentParser) -> None:
     """The sub-commands of ``bench`` and their arguments."""
     what = bench.add_subparsers(
-        dest="what", required=True, metavar="{hash,gather,compress,precompute,train,v41}"
+        dest="what", required=True, metavar="{hash,gather,compress,precompute,train,v41,stats}"
     )
     hash_ = what.add_parser("hash", help="hashing against the numpy reference")
     hash_.add_argument(
@@ -78,6 +78,30 @@ def configure(name: str, bench: argparse.ArgumentParser) -> None:
         "--seq-len", type=positive, default=4096, help="tokens a sequence (%(default)s)"
     )
     bench_pre.set_defaults(func=_bench_precompute)
+    stats = what.add_parser(
+        "stats",
+        help="row access statistics of Debian's kernel documentation (apt-get download "
+        "linux-doc-6.1), both presets",
+    )
+    stats.add_argument(
+        "--preset", action="append", choices=list(PRESETS), help="repeatable (all presets)"
+    )
+    stats.add_argument(
+        "--cache-dir", default=None, help="where the corpus is cached (~/.cache/engram_rs)"
+    )
+    stats.add_argument(
+        "--dir",
+        default=None,
+        help="where the temporary precompute outputs go, removed at the end (the system's "
+        "temporary directory)",
+    )
+    stats.add_argument(
+        "--plot",
+        default="row_access_zipf.png",
+        metavar="FILE.png",
+        help="the rank-frequency plot of all presets (%(default)s)",
+    )
+    stats.set_defaults(func=_bench_stats)
     bench_train_ = what.add_parser(
         "train",
         help="a training step (gather, backward, fused optimizer) against torch sparse embeddings",
@@ -167,6 +191,26 @@ def _bench_compress(args: argparse.Namespace) -> int:
             bench_hash_tokens(path, batch=args.batch, seqlen=args.seqlen, repeats=args.repeats)
         )
     )
+    return 0
+
+
+def _bench_stats(args: argparse.Namespace) -> int:
+    from ..bench.stats import bench_stats
+    from ..stats import format_stats
+
+    print(environment())
+    corpus, results = bench_stats(
+        args.preset or list(PRESETS), cache_dir=args.cache_dir, work_dir=args.dir, plot=args.plot
+    )
+    print(
+        f"corpus: Debian {corpus.package} {corpus.version}, {corpus.documents} .rst/.txt files "
+        f"of Documentation/, {corpus.tokens} DeepSeek-V4 tokens (one sequence a document, an "
+        f"end-of-sentence id {corpus.eos_id} after each), cached in {os.path.dirname(corpus.path)}"
+    )
+    for preset, stats, secs in results:
+        print(f"\n{preset} (precompute with --row-counts: {secs:.1f} s)")
+        print(format_stats(stats))
+    print(f"\nrank-frequency plot: {args.plot}")
     return 0
 
 

@@ -67,6 +67,11 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
         "--commit-seconds", type=float, default=30.0, help="seconds between resume points"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--row-counts",
+        action="store_true",
+        help="also count lookups per table row (DIR/row_counts_<id>.npy, for engram-rs stats)",
+    )
     p.set_defaults(func=_reported(_precompute), parser=p)
 
 
@@ -129,6 +134,7 @@ def _precompute(args: argparse.Namespace) -> int:
         progress=None if not args.no_progress else False,
         chunk_tokens=args.chunk_tokens,
         commit_seconds=args.commit_seconds,
+        row_counts=args.row_counts,
     )
     elapsed = time.monotonic() - started
     files = idx.manifest["files"]

@@ -6,6 +6,8 @@ Output directory layout (``manifest.json`` describes it all)::
     DIR/layer_<id>.npy    [tokens, cols] hash ids of Engram layer <id> (int32 or int64)
     DIR/tokens.npy        [tokens] uint32 raw token ids, the stream the ids were computed from
     DIR/offsets.npy       [sequences + 1] int64 sequence starts (cu_seqlens: 0, ..., tokens)
+    DIR/row_counts_<id>.npy  [table_rows] uint32 lookups per row (``row_counts=True``, see
+                          :mod:`.counts`)
 
 The run streams: it reads about ``chunk_tokens`` tokens at a time, hashes them (the Rust kernel,
 without the GIL) while a writer thread appends the previous chunk to the files, so memory stays
@@ -35,6 +37,7 @@ from ..atomic import fsync_path
 from ..compress import CompressedTokenizer
 from ..config import EngramConfig
 from ..hashing import NgramHasher
+from . import counts as row_counts_mod
 from . import local_engine, ray_engine
 from .blocks import Boundary, resolve_config
 from .engine import Counts, Engine, EngineRun
@@ -418,6 +421,7 @@ def precompute(
     progress: bool | None = None,
     chunk_tokens: int = 1 << 18,
     commit_seconds: float = 30.0,
+    row_counts: bool = False,
 ) -> PrecomputedIndices:
     """Hashes every token of ``inputs`` and writes ``out/`` (see the module docstring).
 
@@ -429,7 +433,9 @@ def precompute(
     DEAD rule of SPEC 8.3, recorded in the manifest's boundary). ``layers``: a subset of the
     config's Engram layers. ``flat``: add the layers'
     offsets (rows of the one flat table). ``engine="ray"`` runs the hashing on Ray Data.
-    Returns the result, opened.
+    ``row_counts``: also count how often each row of each layer's flat table is looked up
+    (``DIR/row_counts_<id>.npy``, exact uint32 counts; :mod:`.counts`, read by
+    :func:`engram_rs.stats.row_stats`). Returns the result, opened.
     """
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if tokenizer is None:
@@ -437,6 +443,8 @@ def precompute(
     if engine not in ENGINES:
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     ENGINES[engine].check()  # ImportError (pip install 'engram-rs[ray]') before any file is made
+    if not isinstance(row_counts, bool):
+        raise TypeError(f"row_counts must be True or False, got {row_counts!r}")
     if index_dtype not in ("int32", "int64"):
         raise ValueError(f"index_dtype must be 'int32' or 'int64', got {index_dtype!r}")
     if (
@@ -499,6 +507,8 @@ def precompute(
         "index_dtype": index_dtype,
         "flat": bool(flat),
     }
+    if row_counts:  # only when asked: a job without counts compares equal to older results
+        job["row_counts"] = True
     final = os.path.abspath(os.fspath(out))
     partial = final.rstrip(os.sep) + ".partial"
     existing = _existing(final, job, overwrite)
@@ -562,7 +572,7 @@ def precompute(
             )
             # The local engine through this module's name (see _run_local).
             counts = _run_local(run) if engine == "local" else ENGINES[engine].run(run)
-            _finalize(final, job_dir, job, files, source, counts, comp, tok_path, cfg, sums)
+            _finalize(final, job_dir, job, files, source, counts, comp, tok_path, cfg, sums, hasher)
         except ValueError:
             # Bad input data (an id beyond the vocabulary, a null row, an input changed while it
             # was read): a resume would stop at the same place, and a fixed input is another
@@ -644,11 +654,15 @@ def _finalize(
     tok_path: str,
     cfg: EngramConfig,
     sums: InputSums,
+    hasher: NgramHasher,
 ) -> None:
     partial = job_dir.path
     files["offsets.npy"].append(np.array([counts["tokens"]], np.int64), partial)
     for f in files.values():
         f.finish()
+    counted = None
+    if job.get("row_counts"):
+        counted = _count_rows(job_dir, job, files, counts["tokens"], hasher)
     check_inputs_unchanged(job)
     digests = sums.hexdigests()
     check_inputs_unchanged(job)  # and not while the last bytes were summed
@@ -692,6 +706,8 @@ def _finalize(
         },
         "job": job,
     }
+    if counted is not None:
+        manifest["row_counts"] = counted
     write_json(os.path.join(partial, MANIFEST), manifest)
     if job_dir.stat(STATE) is not None:
         os.unlink(STATE, dir_fd=job_dir.fd)
@@ -705,3 +721,31 @@ def _finalize(
     fsync_path(os.path.dirname(final))
     if old is not None:
         shutil.rmtree(old)
+
+
+def _count_rows(
+    job_dir: JobDir,
+    job: dict[str, Any],
+    files: dict[str, OutFile],
+    tokens: int,
+    hasher: NgramHasher,
+) -> dict[str, Any]:
+    """Counts the lookups of every row from the finished index files (:mod:`.counts`); a count
+    file of an earlier, killed run is replaced (counted again from the start)."""
+
+    def open_new(name: str) -> int:
+        if job_dir.stat(name) is not None:
+            os.unlink(name, dir_fd=job_dir.fd)
+        return job_dir.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+
+    layers = [int(x) for x in job["layers"]]
+    return row_counts_mod.count_all(
+        hasher,
+        layers,
+        bool(job["flat"]),
+        job["index_dtype"],
+        tokens,
+        {x: files[layer_file(x)].fd for x in layers},
+        job_dir.path,
+        open_new,
+    )

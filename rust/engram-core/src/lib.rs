@@ -11,6 +11,7 @@
 //! - [`optim`]: fused sparse row-wise optimizers (SGD, row-wise Adagrad, SparseAdam) that update
 //!   the touched rows of a host table in place.
 //! - [`cachesim`]: trace-driven simulation of row caches and of the page cache at equal memory.
+//! - [`stats`]: row access statistics (lookups per row, distinct rows per batch).
 //! - [`atomic`]: the one atomic file write (temporary name, fsync, rename, directory fsync).
 //! - [`checksum`]: XXH3-128 of precomputed index files and their inputs.
 //! - [`pool`]: the kernels' thread pools, rebuilt in a forked child.
@@ -35,6 +36,7 @@ pub mod pool;
 pub mod prefetch;
 pub mod primes;
 pub mod safetensors;
+pub mod stats;
 pub mod table;
 
 pub use elem::{Backend, IdElem, OutElem};

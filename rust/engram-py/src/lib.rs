@@ -12,6 +12,7 @@ mod hashing;
 mod optim;
 mod precompute;
 mod safetensors;
+mod stats;
 mod table;
 
 pub(crate) use convert::{detached, pooled_array};
@@ -44,5 +45,6 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     optim::register(m)?;
     precompute::register(m)?;
     safetensors::register(m)?;
+    stats::register(m)?;
     Ok(())
 }
