@@ -60,6 +60,7 @@ bench: develop
 	$(PY) -m engram_rs bench train
 	$(PY) -m engram_rs bench v41
 	$(PY) -m engram_rs bench stats
+	$(PY) -m engram_rs bench tiered
 	$(PY) benches/host_module.py
 	$(PY) -m pytest benches -o python_files='bench_*.py' --benchmark-enable --benchmark-only -q
 	cargo bench -p engram-core --bench hashing -- --warm-up-time 1 --measurement-time 3

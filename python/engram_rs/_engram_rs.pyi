@@ -49,6 +49,7 @@ __all__ = [
     "layer_multipliers",
     "normalize",
     "optimizer_kinds",
+    "probe_reads",
     "quantize_fp8",
     "set_num_threads",
     "simd_available",
@@ -324,4 +325,11 @@ def cachesim_run(
     hot_counts: _RowIds | None = None,
     page_bytes: int = 4096,
 ) -> tuple[int, int, int, int, int, float, list[_Outcome]]: ...
+def probe_reads(
+    path: str | bytes | PathLike[str] | PathLike[bytes],
+    offsets: np.ndarray[Any, np.dtype[np.uint64]],
+    lengths: np.ndarray[Any, np.dtype[np.uint64]],
+    threads: int,
+    direct: bool,
+) -> int: ...
 def cachesim_hot_set(rows: _RowIds, counts: _RowIds, row_bytes: int, budget: int) -> _I64: ...

@@ -59,15 +59,12 @@ def hot_rows_for(
             f"row_counts must be a 1-D integer array of one count per row ({rows} rows), got "
             f"{counts.dtype} shape {counts.shape}"
         )
-    k = min(hot_bytes // max(1, row_bytes), int(np.count_nonzero(counts)))
-    if k <= 0:
-        return np.zeros(0, dtype=np.uint64)
-    # The k-th highest count (a linear-time partition, not a sort of every row), every row
-    # above it, then the lowest rows that have it.
-    kth = np.partition(counts, counts.size - k)[counts.size - k]
-    above = np.flatnonzero(counts > kth)
-    ties = np.flatnonzero(counts == kth)[: k - above.size]
-    return np.sort(np.concatenate([above, ties])).astype(np.uint64)
+    counted = np.flatnonzero(counts).astype(np.int64)
+    # The core's rule, which the cache simulation's static hot set also follows.
+    hot = _engram_rs.cachesim_hot_set(
+        counted, counts[counted].astype(np.uint64), max(1, row_bytes), hot_bytes
+    )
+    return np.asarray(hot, dtype=np.uint64)
 
 
 def _round_to_f32_odd(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:

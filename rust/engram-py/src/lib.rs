@@ -35,6 +35,7 @@ fn _engram_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add_class::<convert::PooledBuffer>()?;
     m.add_class::<table::TableCore>()?;
+    m.add_function(wrap_pyfunction!(table::probe_reads, m)?)?;
     m.add_function(wrap_pyfunction!(dtype::cast_f32, m)?)?;
     m.add_function(wrap_pyfunction!(dtype::dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(dtype::quantize_fp8, m)?)?;

@@ -575,3 +575,33 @@ impl PrefetchCore {
         Ok(self.out.clone_ref(py))
     }
 }
+
+/// The benchmark's ceiling of cold reads (see `engram_core::table::tiered::io::probe_reads`):
+/// `threads` threads of plain `pread`s of the spans (`offsets[i]`, `lengths[i]`), O_DIRECT with
+/// `direct`; returns the bytes read.
+#[pyfunction]
+#[pyo3(signature = (path, offsets, lengths, threads, direct))]
+pub(crate) fn probe_reads(
+    py: Python<'_>,
+    path: &Bound<'_, PyAny>,
+    offsets: &Bound<'_, PyArray1<u64>>,
+    lengths: &Bound<'_, PyArray1<u64>>,
+    threads: usize,
+    direct: bool,
+) -> PyResult<u64> {
+    let path = fs_path(path)?;
+    let (o, l) = (offsets.try_readonly()?, lengths.try_readonly()?);
+    let (o, l) = (o.as_slice()?, l.as_slice()?);
+    if o.len() != l.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} offsets but {} lengths: pass one length per offset",
+            o.len(),
+            l.len()
+        )));
+    }
+    let spans: Vec<(u64, usize)> = o.iter().zip(l).map(|(&a, &n)| (a, n as usize)).collect();
+    crate::detached(py, || {
+        engram_core::table::tiered::io::probe_reads(&path, &spans, threads, direct)
+    })
+    .map_err(|e| to_pyerr(e, &[]))
+}

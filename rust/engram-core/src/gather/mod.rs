@@ -35,7 +35,7 @@ fn simd() -> bool {
 
 /// The error of an index that passed [`check_indices`] and was out of range when the gather
 /// read it again: the caller's index memory changed during the call.
-fn changed() -> EngramError {
+pub(crate) fn changed() -> EngramError {
     EngramError::Invalid(
         "the index array changed during the gather (another thread wrote it), which stopped \
          with out partly written: do not modify the indices until the call returns"
@@ -86,9 +86,7 @@ pub fn gather<I: IdElem>(
     check_separate(table, out.as_ptr(), out.len(), std::ptr::null(), 0)?;
     check_indices(idx, table.rows)?;
     if let Some(t) = table.tiered() {
-        // The ids are read once, into memory of its own, and checked there again.
-        let ids = split::copy_ids(idx, table.rows)?;
-        return t.gather(&ids, out, out_dtype, backend);
+        return t.gather(idx, table.rows, out, out_dtype, backend);
     }
     if idx.is_empty() {
         return Ok(());

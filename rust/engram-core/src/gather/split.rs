@@ -1,26 +1,13 @@
 //! The gather of a tiered table: each output row from one of two tables, the hot rows or the
 //! cold rows just read, by a slot the tiered table computed (its own memory, not the caller's).
 
-use super::{changed, copy_row, rows_ahead, simd, Prefetcher, PIECE};
+use super::{copy_row, rows_ahead, simd, Prefetcher, PIECE};
 use crate::dtype::DType;
-use crate::elem::{Backend, IdElem};
+use crate::elem::Backend;
 use crate::error::Result;
 use crate::table::tiered::COLD;
 use crate::table::HostTable;
 use rayon::prelude::*;
-
-/// The ids of `idx` read once each (volatile: another thread may be writing the caller's
-/// memory) into a vector of their own, checked below `rows` there.
-pub(crate) fn copy_ids<I: IdElem>(idx: &[I], rows: usize) -> Result<Vec<u64>> {
-    let ids: Vec<u64> = (0..idx.len())
-        // SAFETY: `k < idx.len()`; a volatile read of the caller's memory, once per index.
-        .map(|k| unsafe { std::ptr::read_volatile(idx.as_ptr().add(k)) }.bits())
-        .collect();
-    if ids.iter().any(|&r| r >= rows as u64) {
-        return Err(changed());
-    }
-    Ok(ids)
-}
 
 /// `out[i]` = row `slots[i]` of `hot`, or row `slots[i] & !COLD` of `cold` where the `COLD` bit
 /// is set, converted to `out_dtype` (`out` holds one output row per slot).

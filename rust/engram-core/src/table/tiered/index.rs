@@ -6,10 +6,9 @@ use crate::error::{EngramError, Result};
 
 /// Which rows are hot, and where each sits among the packed hot rows (in row order).
 pub(crate) struct HotIndex {
-    /// Bit `r % 64` of word `r / 64`: row `r` is hot.
-    bits: Vec<u64>,
-    /// Hot rows before word `w`.
-    rank: Vec<u32>,
+    /// Per 64 rows: the bits of the hot ones (bit `r % 64`), and the hot rows before them: one
+    /// 16-byte entry, so a lookup misses on one cache line.
+    words: Vec<[u64; 2]>,
 }
 
 impl HotIndex {
@@ -22,32 +21,36 @@ impl HotIndex {
                 u32::MAX
             )));
         }
-        let words = rows.div_ceil(64);
-        let mut bits = vec![0u64; words];
+        let mut words = vec![[0u64; 2]; rows.div_ceil(64)];
         for &r in hot {
-            bits[(r / 64) as usize] |= 1 << (r % 64);
+            words[(r / 64) as usize][0] |= 1 << (r % 64);
         }
-        let mut rank = Vec::with_capacity(words);
-        let mut seen = 0u32;
-        for &w in &bits {
-            rank.push(seen);
-            seen += w.count_ones();
+        let mut seen = 0u64;
+        for w in &mut words {
+            w[1] = seen;
+            seen += u64::from(w[0].count_ones());
         }
-        Ok(Self { bits, rank })
+        Ok(Self { words })
     }
 
     /// The slot of row `r` (`r` below the table's rows) among the hot rows, if it is hot.
     #[inline(always)]
     pub(crate) fn slot(&self, r: u64) -> Option<u64> {
-        let w = (r / 64) as usize;
-        let word = self.bits[w];
+        let [word, rank] = self.words[(r / 64) as usize];
         let bit = 1u64 << (r % 64);
-        (word & bit != 0).then(|| self.rank[w] as u64 + (word & (bit - 1)).count_ones() as u64)
+        (word & bit != 0).then(|| rank + u64::from((word & (bit - 1)).count_ones()))
+    }
+
+    /// Prefetches the entry of row `r` (any value: the address wraps, a prefetch never faults).
+    #[inline(always)]
+    pub(crate) fn prefetch(&self, r: u64) {
+        let p = self.words.as_ptr().wrapping_add((r / 64) as usize) as *const u8;
+        crate::cpu::prefetch_line(p);
     }
 
     /// Bytes the index takes.
     pub(crate) fn nbytes(&self) -> usize {
-        self.bits.len() * 8 + self.rank.len() * 4
+        self.words.len() * 16
     }
 }
 

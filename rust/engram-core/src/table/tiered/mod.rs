@@ -13,7 +13,7 @@
 
 use super::file::lock;
 use super::*;
-use crate::elem::Backend;
+use crate::elem::{Backend, IdElem};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 mod index;
@@ -202,25 +202,66 @@ fn read_packed(
     Ok((buf, table))
 }
 
+thread_local! {
+    /// The slots of the calling thread's last tiered gather, kept for the next one (a gather of
+    /// 100k ids would otherwise fault in a fresh 800 KB vector every call).
+    static SLOTS: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Tiered {
-    /// Gathers rows `ids` (already copied out of the caller's memory and checked below the
-    /// table's rows) into `out`.
-    pub(crate) fn gather(
+    /// Gathers rows `idx` (checked below the table's rows by the caller; each read again here
+    /// exactly once, since the caller's memory may change meanwhile) into `out`.
+    pub(crate) fn gather<I: IdElem>(
         &self,
-        ids: &[u64],
+        idx: &[I],
+        rows: usize,
+        out: &mut [u8],
+        out_dtype: DType,
+        backend: Backend,
+    ) -> Result<()> {
+        let mut slots = SLOTS.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let outcome = self.gather_with(idx, rows, &mut slots, out, out_dtype, backend);
+        SLOTS.with(|s| *s.borrow_mut() = slots);
+        outcome
+    }
+
+    fn gather_with<I: IdElem>(
+        &self,
+        idx: &[I],
+        rows: usize,
+        slots: &mut Vec<u64>,
         out: &mut [u8],
         out_dtype: DType,
         backend: Backend,
     ) -> Result<()> {
         const PIECE: usize = 1 << 14;
-        // Split into hot slots and cold rows, in parallel pieces.
-        let mut slots = vec![0u64; ids.len()];
-        let mut cold: Vec<u64> = slots
+        slots.clear();
+        slots.resize(idx.len(), 0);
+        // One pass: each id read once (volatile), checked, and made a hot slot or a cold row.
+        let split: Option<Vec<u64>> = slots
             .par_chunks_mut(PIECE)
-            .zip(ids.par_chunks(PIECE))
-            .map(|(slots, ids)| {
+            .zip(idx.par_chunks(PIECE))
+            .map(|(slots, idx)| {
                 let mut cold = Vec::new();
-                for (s, &r) in slots.iter_mut().zip(ids) {
+                const AHEAD: usize = 16;
+                // A hint read of id `k` (volatile, like every read of the caller's memory): its
+                // value only picks an address to prefetch, which is never dereferenced.
+                let hint = |k: usize| {
+                    if k < idx.len() {
+                        // SAFETY: `k < idx.len()`.
+                        let r = unsafe { std::ptr::read_volatile(idx.as_ptr().add(k)) };
+                        self.index.prefetch(r.bits());
+                    }
+                };
+                (0..AHEAD).for_each(hint);
+                for (k, s) in slots.iter_mut().enumerate() {
+                    hint(k + AHEAD);
+                    // SAFETY: `k < idx.len()`; the one read of this id that is used (volatile:
+                    // the caller's memory may change meanwhile).
+                    let r = unsafe { std::ptr::read_volatile(idx.as_ptr().add(k)) }.bits();
+                    if r >= rows as u64 {
+                        return None;
+                    }
                     *s = match self.index.slot(r) {
                         Some(slot) => slot,
                         None => {
@@ -229,18 +270,19 @@ impl Tiered {
                         }
                     };
                 }
-                cold
+                Some(cold)
             })
-            .reduce(Vec::new, |mut a, mut b| {
+            .try_reduce(Vec::new, |mut a, mut b| {
                 a.append(&mut b);
-                a
+                Some(a)
             });
+        let mut cold = split.ok_or_else(crate::gather::changed)?;
         let misses = cold.len();
-        self.lookups.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.lookups.fetch_add(idx.len() as u64, Ordering::Relaxed);
         self.hits
-            .fetch_add((ids.len() - misses) as u64, Ordering::Relaxed);
+            .fetch_add((idx.len() - misses) as u64, Ordering::Relaxed);
         if cold.is_empty() {
-            return crate::gather::gather(&self.hot, &slots, out, out_dtype, backend);
+            return crate::gather::gather(&self.hot, slots, out, out_dtype, backend);
         }
         cold.par_sort_unstable();
         cold.dedup();
@@ -261,7 +303,7 @@ impl Tiered {
                 *s = COLD | at as u64;
             }
         });
-        crate::gather::gather_split(&self.hot, &staged, &slots, out, out_dtype, backend)
+        crate::gather::gather_split(&self.hot, &staged, slots, out, out_dtype, backend)
     }
 }
 
