@@ -191,6 +191,8 @@ class TableCore:
         name: str | None = None,
         scales: str | None = None,
         direct: bool | None = None,
+        writable: bool = False,
+        dirty_bytes: int = ...,
     ) -> TableCore: ...
     @property
     def tier_stats(self) -> dict[str, int | bool] | None: ...

@@ -311,8 +311,10 @@ class HostTable:
         name: str | None = None,
         scales: str | None = None,
         direct: bool | None = None,
+        writable: bool = False,
+        dirty_bytes: int = 1 << 30,
     ) -> HostTable:
-        """Opens a table larger than memory (mode "tiered", read-only): a hot set of rows is read
+        """Opens a table larger than memory (mode "tiered"): a hot set of rows is read
         into memory now (packed in one huge-page buffer, found through a bit-per-row index) and
         every other row is read from the file by the gathers that need it, each distinct row
         once a call, many reads in flight, with O_DIRECT where the file system supports it
@@ -321,8 +323,16 @@ class HostTable:
         never a crash. The hot set: ``hot_rows`` (row ids), or the rows with the highest
         ``row_counts`` (one count per row, e.g. from ``engram-rs precompute --row-counts``)
         that fit in ``hot_bytes`` (rows never counted are never hot). Gathers, prefetches and
-        ``out=`` work as on any table; writes and optimizers are refused (open the file
-        "mmap" or "resident" to train it).
+        ``out=`` work as on any table; ``write_rows`` and raw reads are refused.
+
+        ``writable=True``: the fused optimizers train it. A step updates hot rows in memory and
+        holds the cold rows it changes (read from the file once) in a write-back store, where
+        gathers find them, until ``flush()`` writes every changed row back; a step flushes by
+        itself first when the store holds more than ``dirty_bytes``, and ``close()`` flushes.
+        A flush is journaled (``<file>.journal``, synced before the table is touched, replayed
+        by the next writable open if the process died during it), so the file is always as of
+        a completed flush: a crash loses the updates since the last flush, nothing more.
+        Optimizer state lives in files beside the table (as for ``mode="mmap"``).
         """
         if (hot_rows is None) == (hot_bytes is None):
             raise ValueError(
@@ -356,15 +366,23 @@ class HostTable:
             rows, per_row = int(layout.rows), int(layout.nbytes) // max(1, int(layout.rows))
             layout.close()
             hot = hot_rows_for(row_counts, rows, per_row, int(hot_bytes))
-        return cls(_engram_rs.TableCore.open_tiered(_path(path), hot, name, scales, direct))
+        if isinstance(dirty_bytes, bool) or not isinstance(dirty_bytes, (int, np.integer)):
+            raise TypeError(f"dirty_bytes must be an int, got {type(dirty_bytes).__name__}")
+        if dirty_bytes < 0:
+            raise ValueError(f"dirty_bytes = {dirty_bytes}: a memory budget is >= 0 bytes")
+        core = _engram_rs.TableCore.open_tiered(
+            _path(path), hot, name, scales, direct, bool(writable), int(dirty_bytes)
+        )
+        return cls(core)
 
     @property
     def tier_stats(self) -> dict[str, int | bool] | None:
         """A tiered table's counters since it was opened: ``hot_rows``, ``hot_bytes`` and
         ``index_bytes`` (the memory it holds), ``lookups`` and ``hits`` (ids gathered, and those
         served from memory), ``misses`` (distinct cold rows read, once per call), ``reads`` and
-        ``read_bytes`` (the reads that fetched them), ``direct`` (O_DIRECT); None for other
-        modes."""
+        ``read_bytes`` (the reads that fetched them), ``direct`` (O_DIRECT), and for training
+        ``dirty_rows``, ``dirty_hot_rows`` and ``dirty_bytes`` (changed since the last flush)
+        and ``flushes``; None for other modes."""
         stats = self._core.tier_stats
         return None if stats is None else dict(stats)
 
@@ -744,7 +762,10 @@ class HostTable:
 
     def close(self) -> None:
         """Releases the table and its file lock; safe from any thread, it waits for every
-        gather, prefetch, write and flush still running on it."""
+        gather, prefetch, write and flush still running on it. A writable tiered table is
+        flushed first (an error there is raised, and the table stays open)."""
+        if not self._core.closed and self.mode == "tiered" and self.writable:
+            self._core.flush()
         self._core.close()
 
     def __enter__(self) -> HostTable:

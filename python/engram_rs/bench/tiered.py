@@ -54,6 +54,7 @@ class TieredBench:
     distinct_misses: int
     probe_reads: int
     simulation: list[dict[str, Any]]
+    trace_lookups: int
     corpus: str
 
     @property
@@ -321,7 +322,9 @@ def bench_tiered(
             secs["tiered hits"] += timed(tiered.gather, ids, out=hit_out)
             secs["resident hits"] += timed(resident.gather, slots, out=hit_out)
         del resident
-        trace = flat_held[: batches * per]
+        # The whole held-out text (not only the timed batches, whose distinct rows fit in the
+        # smallest budget: an online cache would never evict there).
+        trace = flat_held
         counted = np.flatnonzero(counts).astype(np.int64)
         budgets = [int(hot_gb * 1e9 * f) for f in (0.125, 0.25, 0.5, 1.0)]
         sim = simulate(
@@ -356,6 +359,7 @@ def bench_tiered(
             distinct_misses=misses,
             probe_reads=reads,
             simulation=simulation,
+            trace_lookups=int(trace.size),
             corpus=f"{corpus.package} {corpus.version} ({corpus.tokens} tokens)",
         )
     finally:

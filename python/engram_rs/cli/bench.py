@@ -193,7 +193,10 @@ def _bench_tiered(args: argparse.Namespace) -> int:
         f"{s['resident hits']:.3f} s: {r.hits_vs_resident:.2f} of its rate (goal >= 0.85: "
         f"{'met' if r.hits_vs_resident >= 0.85 else 'NOT met'})"
     )
-    print("simulation of the timed ids at equal memory (static: the hot set of the counts):")
+    print(
+        f"simulation of all {r.trace_lookups} held-out ids at equal memory, batches as timed "
+        "(static: the hot set of the training part's counts; the online policies start empty):"
+    )
     print(format_table(r.simulation))
     return 0
 

@@ -2,7 +2,7 @@
 rows a batch touched (duplicate ids summed first), in Rust, multi-threaded, without the GIL.
 
 Their state belongs to the table, and lives in the same kind of memory: for a table file opened
-with ``mode="mmap"``, float32 tables beside the table's file
+with ``mode="mmap"`` (or a writable tiered one), float32 tables beside the table's file
 (``<table>.<kind>-<name>.safetensors``, memory-mapped, found by the file's absolute path) and
 the step count beside them (``<table>.<kind>-step.safetensors``), so a reopened table continues
 exactly where it stopped; for a table made from an array (or a resident one), in host memory.
@@ -359,7 +359,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             return entry
 
     def _stem(self, table: HostTable) -> str | None:
-        if table.path is None or table.mode != "mmap":
+        if table.path is None or table.mode not in ("mmap", "tiered"):
             return None
         path = os.path.abspath(table.path)
         return path[: -len(".safetensors")] if path.endswith(".safetensors") else path
@@ -476,12 +476,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         """One step on the rows ``rows`` (flat table rows, int64 ``[n]``) with gradient rows
         ``grads`` (float32 ``[n, dim]``); returns the number of distinct rows updated (0 for a
         skipped step)."""
-        if table.mode == "tiered":
-            raise ValueError(
-                f"{type(self).__name__} trains a table in place, and this table is tiered (most "
-                "rows stay on disk, read-only): open the file with HostTable.open(path, "
-                'mode="mmap" or "resident", writable=True) to train it'
-            )
         if not table.writable:
             raise PermissionError(
                 "backward through a read-only table: open it with HostTable.open(path, "

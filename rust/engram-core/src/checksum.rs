@@ -22,6 +22,11 @@ impl Checksum {
         self.0.update(bytes);
     }
 
+    /// The checksum of everything added so far, as 16 bytes (little-endian).
+    pub fn digest(&self) -> [u8; 16] {
+        self.0.digest128().to_le_bytes()
+    }
+
     /// The checksum of everything added so far, as `xxh3-128:<32 hex digits>`.
     pub fn hex(&self) -> String {
         format!("xxh3-128:{:032x}", self.0.digest128())

@@ -130,9 +130,12 @@ impl TableCore {
 
     /// Opens a tiered table: rows `hot` (uint64, strictly increasing) resident, the others
     /// read from the file when gathered (O_DIRECT where `direct` allows it; None: where the file
-    /// system supports it).
+    /// system supports it); `writable`: trained by the optimizers, changed cold rows held up
+    /// to `dirty_bytes` before a step writes them back.
     #[staticmethod]
-    #[pyo3(signature = (path, hot, name=None, scales=None, direct=None))]
+    #[pyo3(signature = (path, hot, name=None, scales=None, direct=None, writable=false,
+                        dirty_bytes=engram_core::table::tiered::DEFAULT_DIRTY_BYTES))]
+    #[allow(clippy::too_many_arguments)]
     fn open_tiered(
         py: Python<'_>,
         path: &Bound<'_, PyAny>,
@@ -140,12 +143,22 @@ impl TableCore {
         name: Option<String>,
         scales: Option<String>,
         direct: Option<bool>,
+        writable: bool,
+        dirty_bytes: usize,
     ) -> PyResult<Self> {
         let path = fs_path(path)?;
         // A copy: the array is not ours, and the open reads it without the GIL.
         let hot: Vec<u64> = hot.try_readonly()?.as_slice()?.to_vec();
         let table = crate::detached(py, || {
-            HostTable::open_tiered(&path, name.as_deref(), scales.as_deref(), &hot, direct)
+            HostTable::open_tiered(
+                &path,
+                name.as_deref(),
+                scales.as_deref(),
+                &hot,
+                direct,
+                writable,
+                dirty_bytes,
+            )
         })
         .map_err(|e| to_pyerr(e, &[]))?;
         Ok(Self::wrap(table, Vec::new()))
@@ -167,6 +180,10 @@ impl TableCore {
             ("misses", s.misses),
             ("reads", s.reads),
             ("read_bytes", s.read_bytes),
+            ("dirty_rows", s.dirty_rows),
+            ("dirty_hot_rows", s.dirty_hot_rows),
+            ("dirty_bytes", s.dirty_bytes),
+            ("flushes", s.flushes),
         ] {
             d.set_item(k, v)?;
         }

@@ -247,6 +247,17 @@ fn sparse_step_with(
             }
         }
     }
+    // A tiered table: first the write-back of a store over its budget (a failure there is the
+    // step's, before any row changes), then the places of the rows (cold ones read in).
+    let places = match table.tiered_mut() {
+        Some(tiered) => {
+            if tiered.over_budget() {
+                tiered.flush()?;
+            }
+            Some(tiered.prepare_step((0..groups.len()).map(|j| groups.row(j) as u64))?)
+        }
+        None => None,
+    };
     let consts = Consts::new(opt, step, dim);
     let t: &HostTable = table;
     let st: Vec<&HostTable> = state.iter().map(|s| &**s).collect();
@@ -264,13 +275,15 @@ fn sparse_step_with(
         .into_par_iter()
         .for_each(|piece| {
             let (lo, hi) = (piece * PIECE, ((piece + 1) * PIECE).min(unique));
-            let mut rows = RowWork::new(t, &st, grads, consts, inv, clip);
+            let mut rows = RowWork::new(t, &st, grads, consts, inv, clip, places.as_deref());
             // SAFETY: `groups` holds each row once, every row below `t.rows` (checked when it
             // was built) and every position below `ids.len()` (so its gradient row is inside
             // `grads`, whose length was checked); the pieces split the unique rows, so no other
             // thread touches these rows of the table or of the states. The table and the states
             // are writable (checked), and the caller's `&mut` borrows of them exclude every
-            // other access while the step runs. `simd` is what this CPU has.
+            // other access while the step runs; a tiered table's `places` are its rows' bytes
+            // (hot buffer or write-back store, one place per unique row), held by it under the
+            // same borrow. `simd` is what this CPU has.
             unsafe { rows.run(simd, &groups, lo..hi, ahead) };
         });
     Ok(StepOutcome::Updated {
@@ -288,7 +301,6 @@ const MAX_AHEAD: usize = 16;
 
 /// Checks the table and the state tables before anything is read or written.
 fn check_tables(table: &HostTable, opt: &Optimizer, state: &[&mut HostTable]) -> Result<()> {
-    table.refuse_tiered(&format!("{} (training a table in place)", opt.name()))?;
     for s in state {
         s.refuse_tiered(&format!("{}'s state", opt.name()))?;
     }
@@ -368,4 +380,4 @@ fn check_tables(table: &HostTable, opt: &Optimizer, state: &[&mut HostTable]) ->
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -49,6 +49,9 @@ pub(super) struct RowWork<'a> {
     /// The gradient multipliers (see [`coalesce`]).
     pub(super) inv: f32,
     pub(super) clip: f32,
+    /// Where each unique row's values and scales are (a tiered table's hot buffer or
+    /// write-back store), by unique row; `None`: at the table's own row addresses.
+    pub(super) places: Option<&'a [(usize, usize)]>,
     /// The table's rows are float32 at 4-byte aligned addresses: updated in place, as `[f32]`.
     pub(super) direct: bool,
     /// The same for every state table.
@@ -75,6 +78,7 @@ impl<'a> RowWork<'a> {
         consts: Consts,
         inv: f32,
         clip: f32,
+        places: Option<&'a [(usize, usize)]>,
     ) -> Self {
         let dim = table.dim;
         let state_dim = if matches!(consts, Consts::Adam { .. }) {
@@ -89,7 +93,8 @@ impl<'a> RowWork<'a> {
             consts,
             inv,
             clip,
-            direct: f32_aligned(table),
+            places,
+            direct: places.is_none() && f32_aligned(table),
             direct_state: state.iter().all(|s| f32_aligned(s)),
             g: vec![0.0; dim],
             w: vec![0.0; dim],
@@ -173,18 +178,31 @@ impl<'a> RowWork<'a> {
             self.grads.as_ptr().wrapping_add(first * dim).cast(),
             dim * 4,
         );
-        // SAFETY: only addresses are computed (wrapping), never read: `row_ptr(0)`/`scale_ptr(0)`
-        // offset by 0.
-        let (values, scales) = unsafe { (self.table.row_ptr(0), self.table.scale_ptr(0)) };
         let (rb, sb) = (self.table.row_bytes(), self.table.scale_bytes());
-        prefetch(values.wrapping_add(r * rb), rb);
+        let (values, scales) = self.place(j, r);
+        prefetch(values, rb);
         if sb > 0 {
-            prefetch_line(scales.wrapping_add(r * sb));
+            prefetch_line(scales);
         }
         for s in self.state {
             // SAFETY: as above, an address only.
             let p = unsafe { s.row_ptr(0) };
             prefetch(p.wrapping_add(r * s.row_bytes()), s.row_bytes());
+        }
+    }
+
+    /// The addresses of unique row `j`'s (table row `r`'s) values and scales; computed only
+    /// (wrapping), dereferenced by callers that hold [`RowWork::update`]'s contract.
+    #[inline(always)]
+    pub(super) fn place(&self, j: usize, r: usize) -> (*const u8, *const u8) {
+        match self.places {
+            Some(p) => (p[j].0 as *const u8, p[j].1 as *const u8),
+            None => {
+                // SAFETY: `row_ptr(0)`/`scale_ptr(0)` offset by 0; the rest wraps.
+                let (v, s) = unsafe { (self.table.row_ptr(0), self.table.scale_ptr(0)) };
+                let (rb, sb) = (self.table.row_bytes(), self.table.scale_bytes());
+                (v.wrapping_add(r * rb), s.wrapping_add(r * sb))
+            }
         }
     }
 
@@ -195,12 +213,14 @@ impl<'a> RowWork<'a> {
     /// # Safety
     /// `groups.row(j) < table.rows` (and the states' rows), its positions index rows of
     /// `grads`, and no other thread reads or writes this row of the table or of the states
-    /// during the call; the table and the states are writable.
+    /// during the call; the table and the states are writable; `places`, when given, holds
+    /// for unique row `j` the addresses of its row's bytes, writable and exclusive likewise.
     #[inline(always)]
     pub(super) unsafe fn update(&mut self, groups: &Groups, j: usize) {
         let dim = self.table.dim;
         let r = groups.row(j);
         let grads = self.grads;
+        let (vp, sp) = self.place(j, r);
         let RowWork {
             table: t,
             state,
@@ -220,13 +240,13 @@ impl<'a> RowWork<'a> {
         let g: &[f32] = coalesce(groups, grads, dim, j, g_buf, *inv, *clip);
         let (rb, sb) = (t.row_bytes(), t.scale_bytes());
         // SAFETY: `r < rows` (the caller's contract), so the row's value bytes (and, for FP8,
-        // its scale bytes) lie inside the table, which is writable; no other thread touches
-        // them during the call, so these are the only references to them.
+        // its scale bytes) lie inside the table (or at its place), which is writable; no other
+        // thread touches them during the call, so these are the only references to them.
         let (values, scales) = unsafe {
             (
-                std::slice::from_raw_parts_mut(t.row_ptr(r).cast_mut(), rb),
+                std::slice::from_raw_parts_mut(vp.cast_mut(), rb),
                 if sb > 0 {
-                    std::slice::from_raw_parts_mut(t.scale_ptr(r).cast_mut(), sb)
+                    std::slice::from_raw_parts_mut(sp.cast_mut(), sb)
                 } else {
                     &mut [][..]
                 },

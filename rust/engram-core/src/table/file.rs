@@ -7,6 +7,20 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 /// Takes an advisory lock on `file` (exclusive for writers), without waiting.
+/// Opens a table's file for reading (and writing when `writable`), locks it (shared, or
+/// exclusive when `writable`), and finishes a flush a killed process left behind (see
+/// [`super::tiered::write`]).
+pub(super) fn open_locked(path: &Path, writable: bool) -> Result<File> {
+    let file = File::options()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| EngramError::io(path, e))?;
+    lock(&file, path, writable)?;
+    super::tiered::write::recover(&file, path, writable)?;
+    Ok(file)
+}
+
 pub(super) fn lock(file: &File, path: &Path, exclusive: bool) -> Result<()> {
     let op = if exclusive {
         libc::LOCK_EX

@@ -149,6 +149,7 @@ impl HostTable {
                 ))
             })?;
         let (rb, sb) = (self.row_bytes(), self.scale_bytes());
+        self.will_need(start, end);
         // SAFETY: `values` holds `rows * row_bytes` bytes and `scales` `rows * scale_bytes`
         // (checked when the table was made), and `start..end` lies within `0..rows`; writers
         // need `&mut self`, so nothing writes these bytes while the slices live.
@@ -233,6 +234,28 @@ impl HostTable {
         })
     }
 
+    /// Asks the kernel to read rows `start..end` of a mapped table ahead (the map is advised
+    /// random: a sequential copy would otherwise fault in one page at a time).
+    fn will_need(&self, start: usize, end: usize) {
+        if !matches!(self.storage, Storage::Mmap(_)) || start >= end {
+            return;
+        }
+        let page = 4096usize;
+        for (base, unit) in [
+            (self.values as usize, self.row_bytes()),
+            (self.scales as usize, self.scale_bytes()),
+        ] {
+            if base == 0 || unit == 0 {
+                continue;
+            }
+            let (a, b) = (base + start * unit, base + end * unit);
+            let lo = a / page * page;
+            // SAFETY: the range covers pages of the map that hold rows `start..end` (inside the
+            // table); madvise is only a hint.
+            unsafe { libc::madvise(lo as *mut libc::c_void, b - lo, libc::MADV_WILLNEED) };
+        }
+    }
+
     /// Overwrites rows `idx[i]` with `values[i]` (`dim` values of the table's dtype, and
     /// `scales[i]` for FP8). Indices are all checked before anything is written. Sources that
     /// overlap the table's own memory are copied first, so the result is as if every source row
@@ -272,6 +295,12 @@ impl HostTable {
                 index: pos,
                 rows: self.rows,
             });
+        }
+        // Dense writes (a checkpoint's blocks of rows): their pages read ahead.
+        if let (Some(&lo), Some(&hi)) = (idx.iter().min(), idx.iter().max()) {
+            if ((hi - lo) as usize) < 4 * idx.len() {
+                self.will_need(lo as usize, hi as usize + 1);
+            }
         }
         if self.overlaps(values.as_ptr(), values.len())
             || self.overlaps(scales.as_ptr(), scales.len())
@@ -314,7 +343,8 @@ impl HostTable {
 
     /// Makes written rows durable: msync for a mapped file, a write-back of the copy for a
     /// resident table opened writable (through the descriptor opened at `open`, so a file
-    /// that replaced the path meanwhile is never written); nothing for external memory.
+    /// that replaced the path meanwhile is never written), the journaled write-back of the
+    /// rows changed since the last flush for a tiered one; nothing for external memory.
     pub fn flush(&self) -> Result<()> {
         match (&self.storage, &self.file) {
             (Storage::Mmap(map), Some(f)) if self.writable => {
@@ -337,6 +367,7 @@ impl HostTable {
                 }
                 f.file.sync_data().map_err(|e| EngramError::io(&f.path, e))
             }
+            (Storage::Tiered(t), _) => t.flush(),
             _ => Ok(()),
         }
     }

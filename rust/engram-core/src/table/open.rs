@@ -1,6 +1,6 @@
 //! Opening a table stored in a safetensors file: header checks, the map or the resident copy.
 
-use super::file::{lock, mem_available};
+use super::file::{mem_available, open_locked};
 use super::*;
 
 impl HostTable {
@@ -16,12 +16,7 @@ impl HostTable {
         mode: Mode,
         writable: bool,
     ) -> Result<Self> {
-        let file = File::options()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| EngramError::io(path, e))?;
-        lock(&file, path, writable)?;
+        let file = open_locked(path, writable)?;
         Self::open_file(file, path, name, scales, mode, writable)
     }
 
@@ -82,6 +77,11 @@ impl HostTable {
             )));
         }
         let base = map.as_mut_ptr();
+        // Rows are looked up at random: a fault must read its page, not the read-ahead window
+        // around it (8 MiB on some cloud disks, 32000 rows of disk traffic for one row).
+        // Sequential copies (checkpoints) ask for their pages ahead with `will_need`.
+        // SAFETY: the range is the map itself; madvise is only a hint.
+        unsafe { libc::madvise(base.cast(), map.len(), libc::MADV_RANDOM) };
         // SAFETY: both ranges lie inside the map (checked just above).
         let (values_ptr, scales_ptr) = unsafe {
             (

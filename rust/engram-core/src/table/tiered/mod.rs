@@ -9,18 +9,23 @@
 //! where the file system takes it: see [`io`]), then converts every row into the output from
 //! the hot buffer or the rows just read, with the same kernels as every other gather. No part
 //! of the file is mapped: a page fault never happens on the gather's path, and a truncated
-//! file is an error, not a SIGBUS. The table is read-only.
+//! file is an error, not a SIGBUS. Opened writable, the fused optimizers train it: changed rows
+//! stay in memory until a flush writes them back, crash-safe (see [`write`]).
 
-use super::file::lock;
+use super::file::open_locked;
 use super::*;
 use crate::elem::{Backend, IdElem};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
 
 mod index;
 pub mod io;
+pub mod write;
 
 use index::HotIndex;
 use io::{Region, RowReader};
+pub use write::{journal_path, DEFAULT_DIRTY_BYTES};
+use write::{Dirty, Writer};
 
 /// The rows of an id that is not hot, tagged among the slots of a split gather.
 pub(crate) const COLD: u64 = 1 << 63;
@@ -37,6 +42,19 @@ pub(crate) struct Tiered {
     lookups: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// The rows changed since the last flush (gathers read it, steps and flushes write it).
+    dirty: RwLock<Dirty>,
+    /// Where and when changed rows are written back (`None`: read-only).
+    writer: Option<Writer>,
+}
+
+impl Drop for Tiered {
+    fn drop(&mut self) {
+        // A table dropped without a flush (close() flushes, and says when that fails).
+        if let Err(e) = self.flush() {
+            eprintln!("engram_rs: the tiered table's last write-back failed: {e}");
+        }
+    }
 }
 
 /// A tiered table's counters since it was opened.
@@ -56,21 +74,31 @@ pub struct TierStats {
     pub read_bytes: u64,
     /// Whether cold reads bypass the page cache (O_DIRECT).
     pub direct: bool,
+    /// Rows changed since the last flush (cold ones held in the write-back store, hot ones),
+    /// the store's bytes, and the flushes so far.
+    pub dirty_rows: u64,
+    pub dirty_hot_rows: u64,
+    pub dirty_bytes: u64,
+    pub flushes: u64,
 }
 
 impl HostTable {
-    /// Opens a tiered table (read-only): rows `hot` (strictly increasing row ids) are read into
-    /// memory now, every other row is read from the file by the gathers that need it. `direct`:
-    /// O_DIRECT for those reads (`None`: where the file system supports it).
+    /// Opens a tiered table: rows `hot` (strictly increasing row ids) are read into memory
+    /// now, every other row is read from the file by the gathers that need it. `direct`:
+    /// O_DIRECT for those reads (`None`: where the file system supports it). `writable`: the
+    /// optimizers may train it, holding changed cold rows in memory up to `dirty_bytes` before
+    /// a step writes them back (see [`write`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn open_tiered(
         path: &Path,
         name: Option<&str>,
         scales: Option<&str>,
         hot: &[u64],
         direct: Option<bool>,
+        writable: bool,
+        dirty_bytes: usize,
     ) -> Result<Self> {
-        let file = File::open(path).map_err(|e| EngramError::io(path, e))?;
-        lock(&file, path, false)?;
+        let file = open_locked(path, writable)?;
         let (backing, rows, dim, dtype) = open::locate(file, path, name, scales)?;
         if let Some(pos) = hot
             .iter()
@@ -102,10 +130,28 @@ impl HostTable {
             base: backing.scales.map_or(0, |s| s.0 as u64),
             unit: sb,
         };
-        let (hot_buf, hot_table) = read_packed(&reader, hot, values, scales, dim, dtype)?;
+        let (hot_buf, hot_table) =
+            read_packed(&reader, hot, 0, |_, _| {}, values, scales, dim, dtype)?;
         // The counters count the gathers' reads, not these.
         reader.counters.reads.store(0, Ordering::Relaxed);
         reader.counters.bytes.store(0, Ordering::Relaxed);
+        let writer = if writable {
+            Some(Writer {
+                file: backing
+                    .file
+                    .try_clone()
+                    .map_err(|e| EngramError::io(path, e))?,
+                path: path.to_path_buf(),
+                budget: dirty_bytes,
+                flushes: AtomicU64::new(0),
+            })
+        } else {
+            None
+        };
+        let dirty = Dirty {
+            hot: vec![0; hot.len().div_ceil(64)],
+            ..Dirty::default()
+        };
         let tiered = Tiered {
             hot: hot_table,
             _hot_buf: hot_buf,
@@ -116,6 +162,8 @@ impl HostTable {
             lookups: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            dirty: RwLock::new(dirty),
+            writer,
         };
         Ok(Self {
             storage: Storage::Tiered(Box::new(tiered)),
@@ -125,7 +173,7 @@ impl HostTable {
             dim,
             dtype,
             mode: Mode::Tiered,
-            writable: false,
+            writable,
             file: Some(backing),
         })
     }
@@ -138,10 +186,19 @@ impl HostTable {
         }
     }
 
+    /// The same, to train it.
+    pub(crate) fn tiered_mut(&mut self) -> Option<&mut Tiered> {
+        match &mut self.storage {
+            Storage::Tiered(t) => Some(t),
+            _ => None,
+        }
+    }
+
     /// A tiered table's counters (`None` for other modes).
     pub fn tier_stats(&self) -> Option<TierStats> {
         let t = self.tiered()?;
         let c = &t.reader.counters;
+        let d = t.dirty.read().unwrap_or_else(|e| e.into_inner());
         Some(TierStats {
             hot_rows: t.hot.rows as u64,
             hot_bytes: t.hot.nbytes() as u64,
@@ -152,6 +209,13 @@ impl HostTable {
             reads: c.reads.load(Ordering::Relaxed),
             read_bytes: c.bytes.load(Ordering::Relaxed),
             direct: t.reader.direct(),
+            dirty_rows: d.rows.len() as u64,
+            dirty_hot_rows: d.hot_changed as u64,
+            dirty_bytes: d.bytes() as u64,
+            flushes: t
+                .writer
+                .as_ref()
+                .map_or(0, |w| w.flushes.load(Ordering::Relaxed)),
         })
     }
 
@@ -168,16 +232,20 @@ impl HostTable {
 }
 
 /// Reads rows `rows` (sorted, distinct) into one buffer, values then scales, and a table over
-/// it.
+/// it; `extra` more rows follow them, filled by `fill(values, scales)` (their bytes).
+#[allow(clippy::too_many_arguments)]
 fn read_packed(
     reader: &RowReader,
     rows: &[u64],
+    extra: usize,
+    fill: impl FnOnce(&mut [u8], &mut [u8]),
     values: Region,
     scales: Region,
     dim: usize,
     dtype: DType,
 ) -> Result<(AlignedBuf, HostTable)> {
-    let (vb, sb) = (rows.len() * values.unit, rows.len() * scales.unit);
+    let n = rows.len() + extra;
+    let (vb, sb) = (n * values.unit, n * scales.unit);
     let buf = AlignedBuf::new(vb + sb)?;
     // SAFETY: the buffer holds vb + sb bytes, split into two disjoint slices; nothing else
     // refers to it yet.
@@ -187,6 +255,9 @@ fn read_packed(
             std::slice::from_raw_parts_mut(buf.as_ptr().add(vb), sb),
         )
     };
+    let (v, v_extra) = v.split_at_mut(rows.len() * values.unit);
+    let (s, s_extra) = s.split_at_mut(rows.len() * scales.unit);
+    fill(v_extra, s_extra);
     reader.read(rows, &mut [(values, v), (scales, s)])?;
     let scale_ptr = if sb > 0 {
         // SAFETY: the scales follow the values inside the buffer.
@@ -197,8 +268,7 @@ fn read_packed(
     // SAFETY: the buffer holds rows.len() rows of values and scales, lives as long as the
     // table (both are kept together, the table dropped first: field order in `Tiered`, or the
     // caller's scope), and is written by no one after this.
-    let table =
-        unsafe { HostTable::from_raw(buf.as_ptr(), scale_ptr, rows.len(), dim, dtype, false) }?;
+    let table = unsafe { HostTable::from_raw(buf.as_ptr(), scale_ptr, n, dim, dtype, false) }?;
     Ok((buf, table))
 }
 
@@ -286,20 +356,50 @@ impl Tiered {
         }
         cold.par_sort_unstable();
         cold.dedup();
+        // Cold rows that steps changed since the last flush come from the write-back store,
+        // the others from the file.
+        let dirty = self.dirty.read().unwrap_or_else(|e| e.into_inner());
+        let mut held: Vec<(u64, usize)> = Vec::new();
+        if !dirty.slots.is_empty() {
+            cold.retain(|r| match dirty.slots.get(r) {
+                Some(&slot) => {
+                    held.push((*r, slot as usize));
+                    false
+                }
+                None => true,
+            });
+        }
         self.misses.fetch_add(cold.len() as u64, Ordering::Relaxed);
+        let (rb, sb) = (self.values.unit, self.scales.unit);
+        let fill = |v: &mut [u8], s: &mut [u8]| {
+            for (k, &(_, slot)) in held.iter().enumerate() {
+                v[k * rb..][..rb].copy_from_slice(&dirty.values[slot * rb..][..rb]);
+                s[k * sb..][..sb].copy_from_slice(&dirty.scales[slot * sb..][..sb]);
+            }
+        };
         let (_buf, staged) = read_packed(
             &self.reader,
             &cold,
+            held.len(),
+            fill,
             self.values,
             self.scales,
             self.hot.dim,
             self.hot.dtype,
         )?;
+        drop(dirty);
         slots.par_chunks_mut(PIECE).for_each(|slots| {
             for s in slots.iter_mut().filter(|s| **s & COLD != 0) {
-                let at = cold
-                    .binary_search(&(*s & !COLD))
-                    .expect("every cold row was read");
+                let r = *s & !COLD;
+                let at = match cold.binary_search(&r) {
+                    Ok(at) => at,
+                    Err(_) => {
+                        cold.len()
+                            + held
+                                .binary_search_by_key(&r, |h| h.0)
+                                .expect("every cold row was read or held")
+                    }
+                };
                 *s = COLD | at as u64;
             }
         });
