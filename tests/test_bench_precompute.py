@@ -41,7 +41,7 @@ def test_bench_lists_precompute_with_its_own_options(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as e:
         main(["bench", "--help"])
     assert e.value.code == 0
-    assert "{hash,gather,compress,precompute,train,v41}" in capsys.readouterr().out
+    assert "{hash,gather,compress,precompute,train,v41,stats,tiered}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["bench", "precompute", "--help"])
     assert e.value.code == 0

@@ -206,4 +206,4 @@ def test_each_benchmark_lists_only_its_own_options() -> None:
     assert "--preset" not in gather and "--seqlen" not in gather
     hashing = helptext("bench", "hash")
     assert "--preset" in hashing and "--dtype" not in hashing and "--batch-rows" not in hashing
-    assert "{hash,gather,compress,precompute,train,v41}" in helptext("bench")
+    assert "{hash,gather,compress,precompute,train,v41,stats,tiered}" in helptext("bench")

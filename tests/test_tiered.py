@@ -260,3 +260,37 @@ def test_a_killed_process_loses_only_the_updates_since_the_last_flush(tmp_path) 
     with open(a, "rb") as fa, open(b, "rb") as fb:
         assert fa.read() == fb.read(), "the file is not as of the last flush"
     assert not os.path.exists(b + ".journal")
+
+
+def test_a_forked_child_never_writes_the_parents_changes_back(tmp_path) -> None:
+    a, b = _twins(tmp_path, "float32")
+    out = run_isolated(
+        f"""
+        import os, numpy as np, engram_rs as er
+        from engram_rs.torch import SparseSGD
+        t = er.HostTable.open_tiered({b!r}, hot_rows=[0, 1], writable=True)
+        SparseSGD(lr=0.5).apply(t, np.array([1, 2, 3000]), np.ones((3, {DIM}), np.float32))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                t.flush()
+                print("CHILD flushed")
+            except Exception as e:
+                print("CHILD", type(e).__name__, str(e)[:80])
+            t.close()                      # no write-back in the child
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("PARENT", t.tier_stats["dirty_rows"], t.tier_stats["flushes"])
+        t.close()
+        """
+    )
+    assert "CHILD ValueError this tiered table was opened writable by process" in out.stdout, out
+    assert "PARENT 2 0" in out.stdout, out
+    resident = er.HostTable.open(a, mode="resident", writable=True)
+    from engram_rs.torch import SparseSGD
+
+    SparseSGD(lr=0.5).apply(resident, np.array([1, 2, 3000]), np.ones((3, DIM), np.float32))
+    resident.flush()
+    resident.close()
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        assert fa.read() == fb.read()

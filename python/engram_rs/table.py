@@ -213,6 +213,9 @@ class HostTable:
             )
         self._core = core
         self._in_flight: list[tuple[int, int, Any]] = []
+        # A writable tiered table flushes at close, in the process that opened it only (a
+        # forked child never writes the parent's changes back).
+        self._flush_pid = os.getpid() if core.mode == "tiered" and core.writable else None
 
     # -- constructors ----------------------------------------------------------------------
 
@@ -764,7 +767,7 @@ class HostTable:
         """Releases the table and its file lock; safe from any thread, it waits for every
         gather, prefetch, write and flush still running on it. A writable tiered table is
         flushed first (an error there is raised, and the table stays open)."""
-        if not self._core.closed and self.mode == "tiered" and self.writable:
+        if self._flush_pid == os.getpid() and not self._core.closed:
             self._core.flush()
         self._core.close()
 

@@ -50,7 +50,15 @@ pub(crate) struct Tiered {
 
 impl Drop for Tiered {
     fn drop(&mut self) {
-        // A table dropped without a flush (close() flushes, and says when that fails).
+        // A table dropped without a flush (close() flushes, and says when that fails); never
+        // in a forked child.
+        if self
+            .writer
+            .as_ref()
+            .is_none_or(|w| w.pid != std::process::id())
+        {
+            return;
+        }
         if let Err(e) = self.flush() {
             eprintln!("engram_rs: the tiered table's last write-back failed: {e}");
         }
@@ -144,6 +152,7 @@ impl HostTable {
                 path: path.to_path_buf(),
                 budget: dirty_bytes,
                 flushes: AtomicU64::new(0),
+                pid: std::process::id(),
             })
         } else {
             None

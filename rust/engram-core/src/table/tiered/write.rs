@@ -67,6 +67,8 @@ pub(crate) struct Writer {
     pub(crate) path: PathBuf,
     pub(crate) budget: usize,
     pub(crate) flushes: AtomicU64,
+    /// The process that opened the table: a forked child's copy never writes it back.
+    pub(crate) pid: u32,
 }
 
 /// Where one changed row's bytes are now.
@@ -176,6 +178,14 @@ impl Tiered {
         let Some(w) = &self.writer else {
             return Ok(());
         };
+        if w.pid != std::process::id() {
+            return Err(EngramError::Invalid(format!(
+                "this tiered table was opened writable by process {}: a forked child cannot \
+                 write its changes back (they are a copy of the parent's); open the file again \
+                 in the child once the parent has closed it",
+                w.pid
+            )));
+        }
         let mut d = self.dirty.write().unwrap_or_else(|e| e.into_inner());
         if d.is_empty() {
             return Ok(());
