@@ -37,7 +37,7 @@ pub fn temporary_path(target: &Path) -> PathBuf {
 }
 
 /// The directory `target` is created in (`.` for a bare file name).
-fn parent(target: &Path) -> &Path {
+pub(crate) fn parent(target: &Path) -> &Path {
     match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

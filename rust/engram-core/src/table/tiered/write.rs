@@ -18,7 +18,7 @@
 //! since the last completed flush, nothing else.
 
 use super::*;
-use crate::atomic::{sync_path, AtomicFile};
+use crate::atomic::{parent, sync_path, AtomicFile};
 use crate::checksum::Checksum;
 use std::collections::HashMap;
 use std::io::{BufWriter, Read, Seek, Write};
@@ -336,11 +336,7 @@ const HEAD: usize = 40;
 /// Removes a journal whose writes are in the table (synced), and syncs its directory.
 fn finish_journal(journal: &Path) -> Result<()> {
     std::fs::remove_file(journal).map_err(|e| EngramError::io(journal, e))?;
-    let dir = match journal.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    sync_path(dir)
+    sync_path(parent(journal))
 }
 
 /// Drops a file's clean pages from the page cache (advice: failures are ignored).
